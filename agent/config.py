@@ -1,0 +1,221 @@
+"""The one configuration object, built once from defaults, a TOML file,
+``JOULEWARD_*`` environment variables and command-line flags (in rising
+precedence). Nothing else in the agent reads the environment."""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_PORT = 9883
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key or flag."""
+
+
+@dataclass(frozen=True)
+class JobRule:
+    """Map processes to a job by command line, executable, user or cgroup."""
+
+    name: str
+    cmdline: str | None = None  # regular expression searched in the command line
+    exe: str | None = None  # regular expression matched against the executable path
+    user: str | None = None  # user name or numeric uid
+    cgroup: str | None = None  # regular expression searched in the cgroup path
+
+
+@dataclass(frozen=True)
+class Config:
+    interval_s: float = 1.0
+    listen: str = DEFAULT_LISTEN
+    state_dir: Path = Path("/var/lib/jouleward")
+    control_socket: Path | None = None  # default: <state_dir>/control.sock
+    sysfs: Path = Path("/sys")
+    procfs: Path = Path("/proc")
+    flush_interval_s: float = 5.0
+    # CPU power model, used where no RAPL or hwmon sensor measures the CPU.
+    cpu_tdp_w: float | None = None  # default: codecarbon's table, by CPU model
+    cpu_idle_w: float | None = None  # default: cpu_idle_fraction * TDP
+    cpu_max_w: float | None = None  # default: TDP
+    cpu_idle_fraction: float = 0.12
+    dram_model_w_per_gib: float = 0.375
+    # Static power per domain, when the operator knows it: {"cpu": 40.0}.
+    idle_power_w: Mapping[str, float] = field(default_factory=dict)
+    max_exported_jobs: int = 500
+    finished_job_retention_s: float = 300.0
+    # Zone counters recovered after a restart only if this much power could not
+    # have wrapped them while the agent was down.
+    max_zone_power_w: float = 1000.0
+    rules: tuple[JobRule, ...] = ()
+    systemd_unit_exclude: tuple[str, ...] = ("init.scope", "session-*.scope", "user@*.service")
+
+    @property
+    def control_socket_path(self) -> Path:
+        return self.control_socket or self.state_dir / "control.sock"
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d{1,5})", value.strip())
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise ConfigError(f"listen: expected host:port, got {value!r}")
+    return match.group(1) or "127.0.0.1", int(match.group(2))
+
+
+_FLOAT_KEYS = {
+    "interval_s": (0.05, 3600.0),
+    "flush_interval_s": (0.1, 86400.0),
+    "cpu_tdp_w": (0.1, 10000.0),
+    "cpu_idle_w": (0.0, 10000.0),
+    "cpu_max_w": (0.1, 10000.0),
+    "cpu_idle_fraction": (0.0, 1.0),
+    "dram_model_w_per_gib": (0.0, 100.0),
+    "finished_job_retention_s": (0.0, 86400.0 * 30),
+    "max_zone_power_w": (1.0, 1e6),
+}
+_PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs"}
+_ENV_PREFIX = "JOULEWARD_"
+
+
+def _coerce(key: str, value: Any, origin: str) -> Any:
+    where = f"{origin}{key}"
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        low, high = _FLOAT_KEYS[key]
+        if not low <= number <= high:
+            raise ConfigError(f"{where}: {number} is outside {low}..{high}")
+        return number
+    if key in _PATH_KEYS:
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise ConfigError(f"{where}: expected a path, got {value!r}")
+        return Path(value)
+    if key == "listen":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected host:port, got {value!r}")
+        try:
+            parse_listen(value)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}{exc}") from None
+        return value
+    if key == "max_exported_jobs":
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or number < 1:
+            raise ConfigError(f"{where}: expected an integer >= 1, got {value!r}")
+        return number
+    if key == "idle_power_w":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table of domain = watts")
+        out = {}
+        for domain, watts in value.items():
+            if isinstance(watts, bool) or not isinstance(watts, (int, float)) or watts < 0:
+                raise ConfigError(f"{where}.{domain}: expected watts >= 0, got {watts!r}")
+            out[str(domain)] = float(watts)
+        return out
+    if key == "rules":
+        return tuple(_parse_rule(i, rule, where) for i, rule in enumerate(value or []))
+    if key == "systemd_unit_exclude":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of unit name patterns")
+        return tuple(value)
+    raise ConfigError(f"{where}: unknown key")
+
+
+def _parse_rule(index: int, rule: Any, where: str) -> JobRule:
+    here = f"{where}[{index}]"
+    if not isinstance(rule, Mapping):
+        raise ConfigError(f"{here}: expected a table")
+    allowed = {f.name for f in fields(JobRule)}
+    unknown = set(rule) - allowed
+    if unknown:
+        raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}")
+    name = rule.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{here}.name: a rule needs a non-empty name")
+    matchers = {k: rule.get(k) for k in ("cmdline", "exe", "user", "cgroup") if rule.get(k) is not None}
+    if not matchers:
+        raise ConfigError(f"{here}: a rule needs at least one of cmdline, exe, user, cgroup")
+    for key, pattern in matchers.items():
+        if not isinstance(pattern, (str, int)):
+            raise ConfigError(f"{here}.{key}: expected a string")
+        if key != "user":
+            try:
+                re.compile(str(pattern))
+            except re.error as exc:
+                raise ConfigError(f"{here}.{key}: invalid regular expression: {exc}") from None
+    return JobRule(name=name, **{k: str(v) for k, v in matchers.items()})
+
+
+def _flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Accept both top-level keys and an ``[agent]`` table."""
+    flat = dict(data)
+    agent = flat.pop("agent", None)
+    if agent is not None:
+        if not isinstance(agent, Mapping):
+            raise ConfigError("[agent]: expected a table")
+        flat.update(agent)
+    return flat
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
+    return _flatten_toml(data)
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    known = {f.name for f in fields(Config)} - {"rules", "idle_power_w", "systemd_unit_exclude"}
+    out = {}
+    for name, value in environ.items():
+        if not name.startswith(_ENV_PREFIX):
+            continue
+        key = name[len(_ENV_PREFIX):].lower()
+        if key in known:
+            out[key] = value
+    return out
+
+
+def build(
+    file_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults < TOML file < environment < flags. Raises ConfigError."""
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if file_path is not None:
+        layers.append((f"{file_path}: ", load_file(file_path)))
+    layers.append(("environment JOULEWARD_", from_environ(os.environ if environ is None else environ)))
+    layers.append(("--", {k: v for k, v in (flags or {}).items() if v is not None}))
+    values: dict[str, Any] = {}
+    for origin, layer in layers:
+        for key, value in layer.items():
+            shown = key.replace("_", "-") if origin == "--" else key.upper() if origin.startswith("env") else key
+            try:
+                values[key] = _coerce(key, value, "")
+            except ConfigError as exc:
+                raise ConfigError(f"{origin}{shown}: {str(exc).split(': ', 1)[1]}") from None
+    config = replace(Config(), **values)
+    if config.cpu_idle_w is not None and config.cpu_max_w is not None and config.cpu_idle_w > config.cpu_max_w:
+        raise ConfigError("cpu_idle_w must not exceed cpu_max_w")
+    return config
