@@ -6,6 +6,7 @@ CPU-seconds, ``interval_s`` seconds of the monotonic clock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # Domains whose energy is attributed to jobs. Other domains (``platform`` from
 # RAPL psys, ``board`` from hwmon) are exported per node only: they overlap the
@@ -53,9 +54,12 @@ class TickContext:
     cpu_busy_s: float  # node-wide busy CPU-seconds in the interval
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ProcessKey:
-    """A process identity that survives pid reuse: pid plus its start time."""
+class ProcessKey(NamedTuple):
+    """A process identity that survives pid reuse: pid plus its start time.
+
+    A named tuple rather than a dataclass: the scan builds, hashes and compares
+    one per process per tick, and a tuple does all three in C.
+    """
 
     pid: int
     start_ticks: int  # field 22 of /proc/<pid>/stat, clock ticks since boot

@@ -104,7 +104,7 @@ def parse_stat(data: bytes) -> tuple[str, int, int, int, int] | None:
     close = data.rfind(b")")
     if close < 0:
         return None
-    fields = data[close + 2:].split()
+    fields = data[close + 2:].split(None, 22)  # fields past rss are never needed
     if len(fields) < 22:
         return None
     comm = data[data.find(b"(") + 1:close].decode("utf-8", "replace")
@@ -152,14 +152,21 @@ class ProcessScanner:
             names = os.listdir(procfs)
         except OSError:
             names = []
+        # os.open/os.read: a buffered file object per process costs more than the read itself.
+        os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
         for name in names:
             if not name.isdigit():
                 continue
             try:
-                with open(f"{procfs}/{name}/stat", "rb") as handle:
-                    parsed = parse_stat(handle.read())
+                fd = os_open(f"{procfs}/{name}/stat", rdonly)
             except OSError:
                 continue  # exited between listdir and open
+            try:
+                parsed = parse_stat(os_read(fd, 4096))
+            except OSError:
+                continue  # exited between open and read
+            finally:
+                os_close(fd)
             if parsed is None:
                 continue
             comm, ppid, cpu_ticks, start_ticks, rss_pages = parsed
