@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, field_validator
 from agent.daemon import Agent
 from agent.ledger import JobRecord
 from agent.workloads.registry import RegistrationError, UnknownJob
-from exporters.prometheus import SnapshotCollector, make_registry, render
+from exporters.prometheus import RenderCache
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -121,11 +121,11 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def _add_read_routes(app: FastAPI, agent: Agent) -> None:
-    registry = make_registry(SnapshotCollector(lambda: agent.snapshot))
+    cache = RenderCache(lambda: agent.snapshot)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}})
     def metrics() -> Response:
-        return Response(render(registry), media_type=PROMETHEUS_CONTENT_TYPE)
+        return Response(cache.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

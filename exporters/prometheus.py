@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import platform
 import re
+import threading
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -162,3 +163,25 @@ def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+class RenderCache:
+    """One text rendering per snapshot: every scrape between two ticks gets
+    the same bytes, and concurrent scrapes of a new snapshot wait for one
+    rendering instead of each doing their own."""
+
+    def __init__(self, get_snapshot: Callable[[], Snapshot],
+                 extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None) -> None:
+        self._get_snapshot = get_snapshot
+        self._lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._text = b""
+        self._registry = make_registry(SnapshotCollector(lambda: self._snapshot, extra))
+
+    def render(self) -> bytes:
+        snap = self._get_snapshot()
+        with self._lock:
+            if snap is not self._snapshot:
+                self._snapshot = snap
+                self._text = render(self._registry)
+            return self._text
