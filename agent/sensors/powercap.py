@@ -157,6 +157,7 @@ class PowercapSensor:
             delta_j = counter_delta(previous, raw, self._max_range[zone.zone_id]) / 1e6
             if raw < previous and delta_j > self._max_zone_power_w * max(ctx.interval_s, 1e-3) * 2:
                 delta_j = 0.0  # a reset (module reload), not a wraparound
+                self._status[zone.zone_id] = SensorStatus(SENSOR_NAME, zone.device, False, "counter reset")
             key = (zone.domain, zone.device)
             energy_by_device[key] = energy_by_device.get(key, 0.0) + delta_j
         return [
