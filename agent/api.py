@@ -7,9 +7,12 @@ import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.daemon import Agent
 from agent.ledger import JobRecord
@@ -17,8 +20,17 @@ from agent.workloads.registry import RegistrationError, UnknownJob
 from exporters.prometheus import RenderCache
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-_LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,62}$")
+# C0 and C1 control characters; the spaces are those JSON Schema's \s knows.
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_SPACE = r" \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_CONTROL_CHARS = re.compile(f"[{_CONTROL}]")
+_NOT_BLANK = re.compile(f"[^{_CONTROL}{_SPACE}]")
+# The published schema states the same rules the validators enforce, so that
+# a client (or a fuzzer) can tell a valid request from the schema alone.
+NAME_PATTERN = f"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*$"
+LABEL_VALUE_PATTERN = f"^[^{_CONTROL}]*$"
+LABEL_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,62}$"
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 MAX_NAME = 128
 MAX_LABEL_VALUE = 256
 MAX_LABELS = 32
@@ -26,7 +38,7 @@ MAX_PIDS = 4096
 
 
 def _check_text(value: str, what: str, limit: int) -> str:
-    if not value.strip():
+    if not _NOT_BLANK.search(value):
         raise ValueError(f"{what} must not be empty")
     if len(value) > limit:
         raise ValueError(f"{what} is longer than {limit} characters")
@@ -36,9 +48,12 @@ def _check_text(value: str, what: str, limit: int) -> str:
 
 
 class JobRegistration(BaseModel):
-    name: str = Field(description="Human name of the job, 1-128 printable characters")
+    name: str = Field(description="Human name of the job, 1-128 printable characters",
+                      json_schema_extra={"minLength": 1, "maxLength": MAX_NAME, "pattern": NAME_PATTERN})
     pids: Annotated[list[Annotated[int, Field(gt=0, lt=2**22)]], Field(min_length=1, max_length=MAX_PIDS)]
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict, json_schema_extra={
+        "maxProperties": MAX_LABELS, "propertyNames": {"pattern": LABEL_KEY_PATTERN},
+        "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_VALUE, "pattern": LABEL_VALUE_PATTERN}})
 
     @field_validator("name")
     @classmethod
@@ -51,7 +66,7 @@ class JobRegistration(BaseModel):
         if len(value) > MAX_LABELS:
             raise ValueError(f"at most {MAX_LABELS} labels")
         for key, text in value.items():
-            if not _LABEL_KEY.match(key):
+            if not _LABEL_KEY.fullmatch(key):
                 raise ValueError(f"label key {key!r} must match {_LABEL_KEY.pattern}")
             if len(text) > MAX_LABEL_VALUE or _CONTROL_CHARS.search(text):
                 raise ValueError(f"label {key!r}: at most {MAX_LABEL_VALUE} characters, no control characters")
@@ -165,14 +180,30 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         return job_out(record)
 
 
+# Validation errors are one message string (see _validation_message), not
+# FastAPI's default list, and a body that is not JSON is a 400: the schema
+# must say so.
+_INVALID: dict[int | str, dict[str, Any]] = {400: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            # Starlette lists only the first route's methods; a path served by
+            # two routes (GET and POST /v1/jobs) must list both.
+            methods = sorted({method for route in request.app.routes if isinstance(route, APIRoute)
+                              and route.path_regex.match(request.url.path) for method in route.methods})
+            return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(methods)})
+        return await http_exception_handler(request, exc)
+
 
 def create_read_app(agent: Agent) -> FastAPI:
-    app = FastAPI(title="jouleward", version="0.1.0")
+    app = FastAPI(title="jouleward", version="0.1.0", responses=_INVALID)
     _install_error_handlers(app)
     _add_read_routes(app, agent)
     return app
@@ -180,7 +211,7 @@ def create_read_app(agent: Agent) -> FastAPI:
 
 def create_control_app(agent: Agent) -> FastAPI:
     """Reads plus the control endpoints; served on the Unix socket only."""
-    app = FastAPI(title="jouleward control", version="0.1.0")
+    app = FastAPI(title="jouleward control", version="0.1.0", responses=_INVALID)
     _install_error_handlers(app)
     _add_read_routes(app, agent)
 
