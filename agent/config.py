@@ -130,6 +130,8 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             out[str(domain)] = float(watts)
         return out
     if key == "rules":
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected an array of tables")
         return tuple(_parse_rule(i, rule, where) for i, rule in enumerate(value or []))
     if key == "systemd_unit_exclude":
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -183,7 +185,10 @@ def load_file(path: Path) -> dict[str, Any]:
         data = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
-    return _flatten_toml(data)
+    try:
+        return _flatten_toml(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -213,11 +218,14 @@ def build(
     for origin, layer in layers:
         for key, value in layer.items():
             shown = FLAG_NAMES.get(key, key.replace("_", "-")) if origin == "--" else \
-                key.upper() if origin.startswith("env") else key
+                key.upper() if origin.startswith("env") else key if re.fullmatch(r"\w+", key) else repr(key)
             try:
                 values[key] = _coerce(key, value, "")
             except ConfigError as exc:
-                raise ConfigError(f"{origin}{shown}: {str(exc).split(': ', 1)[1]}") from None
+                # Keep what follows the key: "[0].cmdline: ...", ".cpu: ...", ": ...".
+                message = str(exc)
+                rest = message[len(key):] if key and message.startswith(key) else f": {message}"
+                raise ConfigError(f"{origin}{shown}{rest}") from None
     config = replace(Config(), **values)
     if config.cpu_idle_w is not None and config.cpu_max_w is not None and config.cpu_idle_w > config.cpu_max_w:
         raise ConfigError("cpu_idle_w must not exceed cpu_max_w")
