@@ -132,10 +132,13 @@ def tick_cost(workdir: Path, processes: int, jobs: int, reps: int) -> tuple[floa
             agent.register_job(f"bench-{i}", [sleepers.pids[i]], {"team": "bench"})
         for _ in range(3):
             agent.tick()
-        tick = cpu_per_call_s(agent.tick, reps)
-        floor = cpu_per_call_s(read_every_stat, reps)
+        # Interleaved, so that both see the same machine at the same moments.
+        ticks, floors = [], []
+        for _ in range(reps):
+            ticks.append(cpu_per_call_s(agent.tick, 1))
+            floors.append(cpu_per_call_s(read_every_stat, 1))
         agent.close()
-    return tick, floor
+    return statistics.median(ticks), statistics.median(floors)
 
 
 def scrape_cost(workdir: Path, jobs: int, reps: int) -> float:
