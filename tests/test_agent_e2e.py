@@ -55,7 +55,7 @@ def assert_conserved(samples):
 def test_three_to_one_burners_get_three_to_one_energy(tmp_path, rapl, processes, agents):
     agent = AgentProcess(tmp_path / "state", sysfs=tmp_path / "sys", interval_s=0.25)
     agents.append(agent)
-    heavy, light = start_burner(0.3), start_burner(0.1)
+    heavy, light = start_burner(0.24), start_burner(0.08)
     processes.extend([heavy, light])
     status, job_a = agent.control("POST", "/v1/jobs", {"name": "heavy", "pids": [heavy.pid], "labels": {"x": "1"}})
     assert status == 201, job_a
