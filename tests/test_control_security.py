@@ -3,6 +3,7 @@ second uid (``nobody``) in a forked child."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,12 +22,17 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching to a second
 
 @pytest.fixture
 def control_socket():
+    """A real agent (`jouleward run`) with its control socket."""
     # World-traversable directory: the second uid must reach the socket.
     base = Path(tempfile.mkdtemp(prefix="jw-ctl-"))
     base.chmod(0o755)
     socket_path = base / "control.sock"
-    agent = subprocess.Popen([sys.executable, "-m", "tests.support.control_agent", str(base / "state"),
-                              str(socket_path)], cwd=ROOT)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--state-dir", str(base / "state"),
+                              "--control-socket", str(socket_path), "--listen", f"127.0.0.1:{port}",
+                              "--interval", "0.2", "--log-level", "warning"], cwd=ROOT)
     deadline = time.monotonic() + 30
     while not socket_path.exists():
         assert agent.poll() is None, "agent exited"
