@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS job_energy (
 CREATE TABLE IF NOT EXISTS counters (
     zone_id TEXT PRIMARY KEY, raw_uj INTEGER NOT NULL, max_range_uj INTEGER NOT NULL,
     boot_id TEXT NOT NULL, monotonic_s REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS job_emissions (job_id TEXT PRIMARY KEY, emissions_g REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS node_emissions (id INTEGER PRIMARY KEY CHECK (id = 0), emissions_g REAL NOT NULL);
 """
 
 
@@ -53,6 +55,7 @@ class JobRecord:
     power_w: dict[str, float] = field(default_factory=dict)
     processes: int = 0
     registration: RegisteredJob | None = None
+    emissions_g: float = 0.0  # gCO2eq, each tick charged at the intensity in force during it
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,7 @@ class Ledger:
         self.idle_j: dict[str, float] = {}
         self.unattributed_j: dict[str, float] = {}
         self.jobs: dict[str, JobRecord] = {}
+        self.node_emissions_g = 0.0
         self._dirty_jobs: set[str] = set()
         self.last_flush_unix: float | None = None
         self.flush_errors = 0
@@ -132,6 +136,13 @@ class Ledger:
         # Finished jobs stay in SQLite; only running ones come back into memory.
         for row in db.execute("SELECT * FROM jobs WHERE finished_at IS NULL"):
             self.jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}))
+            self.jobs[row["id"]].emissions_g = self._saved_emissions_g(row["id"])
+        for row in db.execute("SELECT emissions_g FROM node_emissions"):
+            self.node_emissions_g = row["emissions_g"]
+
+    def _saved_emissions_g(self, job_id: str) -> float:
+        row = self._db.execute("SELECT emissions_g FROM job_emissions WHERE job_id = ?", (job_id,)).fetchone()
+        return row["emissions_g"] if row else 0.0
 
     @staticmethod
     def _record_from_row(row: sqlite3.Row, energy: dict[str, float]) -> JobRecord:
@@ -198,6 +209,22 @@ class Ledger:
                 else:
                     record.processes = 0
 
+    def job_energy_totals(self) -> dict[str, float]:
+        """Each in-memory job's energy over all domains, joules."""
+        with self._lock:
+            return {job_id: sum(record.energy_j.values()) for job_id, record in self.jobs.items()}
+
+    def book_emissions(self, jobs_g: dict[str, float], node_g: float) -> None:
+        """Add one tick's emissions to the jobs and the node (grams, never negative)."""
+        with self._lock:
+            if node_g > 0 and math.isfinite(node_g):
+                self.node_emissions_g += node_g
+            for job_id, grams in jobs_g.items():
+                record = self.jobs.get(job_id)
+                if record is not None and grams > 0 and math.isfinite(grams):
+                    record.emissions_g += grams
+                    self._dirty_jobs.add(job_id)
+
     def ensure_job(self, ref: JobRef, now_unix: float, labels: dict[str, str] | None = None,
                    registration: RegisteredJob | None = None) -> JobRecord:
         """The record for a job, created (or brought back from SQLite) if needed."""
@@ -221,7 +248,9 @@ class Ledger:
             return None
         energy = {r["domain"]: r["energy_j"] for r in
                   self._db.execute("SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (job_id,))}
-        return self._record_from_row(row, energy)
+        record = self._record_from_row(row, energy)
+        record.emissions_g = self._saved_emissions_g(job_id)
+        return record
 
     def add_unattributed(self, domain: str, energy_j: float) -> None:
         if energy_j > 0 and math.isfinite(energy_j):
@@ -270,6 +299,8 @@ class Ledger:
             "ON CONFLICT(job_id, domain) DO UPDATE SET energy_j=excluded.energy_j",
             [(ref.id, domain, energy) for domain, energy in record.energy_j.items()],
         )
+        self._db.execute("INSERT INTO job_emissions VALUES (?,?) ON CONFLICT(job_id) DO UPDATE SET "
+                         "emissions_g=excluded.emissions_g", (ref.id, record.emissions_g))
 
     def flush(self, counters: dict[str, tuple[int, int]] | None = None, boot_id: str = "",
               monotonic_s: float = 0.0) -> bool:
@@ -289,6 +320,8 @@ class Ledger:
                     [(d, self.idle_j.get(d, 0.0), self.unattributed_j.get(d, 0.0))
                      for d in set(self.idle_j) | set(self.unattributed_j)],
                 )
+                db.execute("INSERT INTO node_emissions VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
+                           "emissions_g=excluded.emissions_g", (self.node_emissions_g,))
                 for job_id in self._dirty_jobs:
                     record = self.jobs.get(job_id)
                     if record is not None:
@@ -335,6 +368,7 @@ class Ledger:
                     energy = {r["domain"]: r["energy_j"] for r in self._db.execute(
                         "SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (row["id"],))}
                     records[row["id"]] = self._record_from_row(row, energy)
+                    records[row["id"]].emissions_g = self._saved_emissions_g(row["id"])
         return sorted(records.values(), key=lambda r: r.last_seen, reverse=True)[:limit]
 
     def close(self) -> None:

@@ -166,3 +166,79 @@ def append_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
             writer.writerow(columns)
         for row in rows:
             writer.writerow([_cell(row.get(column)) for column in columns])
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    """Where and on what the jobs ran: the report's location and hardware columns."""
+
+    country_iso_code: str = ""
+    country_name: str = ""
+    region: str = ""
+    cloud_provider: str = ""
+    cloud_region: str = ""
+    os: str = ""
+    python_version: str = ""
+    cpu_model: str = ""
+    cpu_count: int | None = None
+    gpu_model: str = ""
+    gpu_count: int | None = None
+    ram_total_bytes: int | None = None
+
+
+def site_from_config(carbon: Any, procfs: Path = Path("/proc"), gpu_count: int | None = None) -> Site:
+    """The site a ``[carbon]`` table describes, with this host's CPU and memory."""
+    import platform
+
+    from agent.carbon import tables
+    from agent.sensors.cpu_model import read_cpu_identity, read_mem_total_gib
+
+    zone = None
+    if carbon.country or carbon.cloud_provider:
+        try:
+            zone = tables.lookup(carbon.country, carbon.region, carbon.cloud_provider, carbon.cloud_region)
+        except tables.CarbonTableError:
+            zone = None
+    cpu = read_cpu_identity(procfs)
+    ram_gib = read_mem_total_gib(procfs)
+    return Site(
+        country_iso_code=zone.country_iso_code if zone else carbon.country.upper(),
+        country_name=zone.country_name if zone else "",
+        region=zone.region if zone and not carbon.cloud_provider else "",
+        cloud_provider=carbon.cloud_provider,
+        cloud_region=carbon.cloud_region,
+        os=platform.platform(),
+        python_version=platform.python_version(),
+        cpu_model=cpu.model_name,
+        cpu_count=cpu.logical_cpus if cpu.model_name else None,
+        gpu_count=gpu_count,
+        ram_total_bytes=int(ram_gib * 1024**3) if ram_gib > 0 else None,
+    )
+
+
+def job_emissions(job: Mapping[str, Any], site: Site, pue: float, now_unix: float) -> JobEmissions:
+    """A report input from the agent's job JSON (``/v1/jobs/{id}``: energy_j, emissions_g, first_seen, ...)."""
+    end = job.get("finished_at")
+    duration = max((end if end is not None else now_unix) - float(job["first_seen"]), 0.0)
+    return JobEmissions(
+        job_id=str(job["id"]), job_name=str(job["name"]), duration_s=duration,
+        energy_j={str(k): float(v) for k, v in (job.get("energy_j") or {}).items()},
+        emissions_g=float(job.get("emissions_g") or 0.0), pue=pue, end_unix_s=end,
+        country_iso_code=site.country_iso_code, country_name=site.country_name, region=site.region,
+        cloud_provider=site.cloud_provider, cloud_region=site.cloud_region, os=site.os,
+        python_version=site.python_version, cpu_model=site.cpu_model, cpu_count=site.cpu_count,
+        gpu_model=site.gpu_model, gpu_count=site.gpu_count, ram_total_bytes=site.ram_total_bytes,
+    )
+
+
+FORMATS = ("csv", "json", "text")
+
+
+def render(rows: list[Mapping[str, Any]], fmt: str) -> str:
+    if fmt == "csv":
+        return to_csv(rows)
+    if fmt == "json":
+        return to_json(rows) + "\n"
+    if fmt == "text":
+        return "\n".join(to_text(row) for row in rows)
+    raise ReportError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
