@@ -96,7 +96,7 @@ def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[
         return [reader.get_json(f"/v1/jobs/{job_id}")] if job_id else reader.jobs()
     except AgentNotRunning:
         pass
-    from agent.api import job_out
+    from agent.api_models import job_out
     from agent.ledger import Ledger
 
     if not (config.state_dir / "ledger.sqlite3").is_file():
