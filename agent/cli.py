@@ -1,4 +1,4 @@
-"""Command line: ``jouleward run`` and ``jouleward doctor``.
+"""Command line: ``jouleward run``, ``doctor``, ``report``, ``jobs`` and ``top``.
 
 Every user error prints one message naming the flag or key and exits 2.
 """

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.carbon import tables
 from tests.support import REPO, AgentProcess, metric_sum, metric_values, start_burner, two_socket_server, wait_until
 from tests.test_carbon_report import codecarbon_columns
 
@@ -238,3 +239,20 @@ def test_top_in_a_real_terminal(tmp_path, rapl, processes, agents):
                    what="top to quit on q")
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_wrap_prints_emissions_and_appends_codecarbon_rows(tmp_path):
+    target = tmp_path / "emissions.csv"
+    for name in ("first", "second"):
+        result = cli("wrap", "--standalone", "--name", name, "--emissions-csv", str(target), "--",
+                     sys.executable, "-c", "sum(range(4_000_000))")
+        assert result.returncode == 0, result.stderr
+        assert "gCO2eq" in result.stderr
+    text = target.read_text()
+    assert text.count("timestamp,project_name") == 1
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["project_name"] for r in rows] == ["first", "second"]
+    for row in rows:
+        assert float(row["energy_consumed"]) > 0
+        # Measured in-process with the default zone: codecarbon's world average.
+        assert float(row["energy_consumed"]) * tables.world_average() / 1000.0 == pytest.approx(float(row["emissions"]), rel=1e-9)
