@@ -370,7 +370,7 @@ def render(name: str) -> str:
     for panel in model.panels:
         for piece in [panel, *(getattr(panel, "panels", None) or [])]:
             panel_id += 1
-            piece.id = panel_id
+            piece.id_val = panel_id
     return json.dumps(model, cls=JSONEncoder, sort_keys=True, indent=2) + "\n"
 
 
