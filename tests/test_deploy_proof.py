@@ -119,6 +119,8 @@ def stack(tmp_path_factory):
     socket_path = tmp / "control.sock"
     (tmp / "config.toml").write_text("[agent]\nflush_interval_s = 1.0\n")
     processes: list[subprocess.Popen] = []
+    control: httpx.Client | None = None
+    reporter: threading.Thread | None = None
     agent_log = open(tmp / "agent.log", "w")
     prom_log = open(tmp / "prometheus.log", "w")
     try:
@@ -136,12 +138,25 @@ def stack(tmp_path_factory):
 
         workers = {"train-a": burner(), "train-b": burner()}
         processes.extend(workers.values())
-        control = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://agent")
+        control = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://agent",
+                               timeout=10)
+        job_ids: list[str] = []
+        work_answers: list[int] = []
         for name, worker in workers.items():
             answer = control.post("/v1/jobs", json={"name": name, "pids": [worker.pid],
-                                                    "labels": {"team": "research"}}, timeout=10)
+                                                    "labels": {"team": "research"}})
             assert answer.status_code == 201, answer.text
-        control.close()
+            job_ids.append(answer.json()["id"])
+
+        def report_work() -> None:
+            # A training loop's progress: samples for one job, tokens for the other.
+            while not rapl.stop.wait(0.5):
+                for job_id, unit in zip(job_ids, ("samples", "tokens")):
+                    work_answers.append(control.post(f"/v1/jobs/{job_id}/work",
+                                                     json={"unit": unit, "count": 64}).status_code)
+
+        reporter = threading.Thread(target=report_work, daemon=True)
+        reporter.start()
 
         config = yaml.safe_load(SCRAPE_EXAMPLE.read_text())
         config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
@@ -167,10 +182,14 @@ def stack(tmp_path_factory):
                           instant("cluster_namespace_job_name:jouleward_job_power_watts:sum")} >= set(workers),
                  60, "the registered jobs in the recording rules")
         exposition = httpx.get(f"{agent_url}/metrics", timeout=5).text
-        yield {"prom": prom, "instant": instant, "exposition": exposition, "tmp": tmp}
+        yield {"prom": prom, "instant": instant, "exposition": exposition, "work_answers": work_answers}
         prom.close()
     finally:
         rapl.stop.set()
+        if reporter is not None:
+            reporter.join(timeout=5)
+        if control is not None:
+            control.close()
         for process in reversed(processes):
             stop(process)
         agent_log.close()
@@ -305,6 +324,11 @@ def test_every_rule_is_loaded_healthy_and_has_data(stack):
             empty.append(f"{name}: {signal_expr}")
     assert empty == []
     report(skipped)
+
+
+def test_work_units_are_accepted(stack):
+    assert len(stack["work_answers"]) >= 10
+    assert set(stack["work_answers"]) == {200}
 
 
 def test_no_alert_fires_on_a_healthy_host(stack):
