@@ -32,6 +32,7 @@ class JobView:
     first_seen: float
     last_seen: float
     finished_at: float | None
+    work_units: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_energy_j(self) -> float:
