@@ -2,7 +2,6 @@
 (register, finish) only on the Unix control socket. No arithmetic here."""
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated, Any
 
@@ -11,82 +10,16 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agent.api_models import ErrorOut, JobOut, job_out
+from agent.control_api import control_router, install_error_handler as install_control_error_handler
 from agent.daemon import Agent
-from agent.ledger import JobRecord
-from agent.workloads.registry import RegistrationError, UnknownJob
+from exporters import report
 from exporters.prometheus import RenderCache
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# C0 and C1 control characters; the spaces are those JSON Schema's \s knows.
-_CONTROL = r"\x00-\x1f\x7f-\x9f"
-_SPACE = r" \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
-_CONTROL_CHARS = re.compile(f"[{_CONTROL}]")
-_NOT_BLANK = re.compile(f"[^{_CONTROL}{_SPACE}]")
-# The published schema states the same rules the validators enforce, so that
-# a client (or a fuzzer) can tell a valid request from the schema alone.
-NAME_PATTERN = f"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*$"
-LABEL_VALUE_PATTERN = f"^[^{_CONTROL}]*$"
-LABEL_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,62}$"
-_LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
-MAX_NAME = 128
-MAX_LABEL_VALUE = 256
-MAX_LABELS = 32
-MAX_PIDS = 4096
-
-
-def _check_text(value: str, what: str, limit: int) -> str:
-    if not _NOT_BLANK.search(value):
-        raise ValueError(f"{what} must not be empty")
-    if len(value) > limit:
-        raise ValueError(f"{what} is longer than {limit} characters")
-    if _CONTROL_CHARS.search(value):
-        raise ValueError(f"{what} must not contain control characters")
-    return value
-
-
-class JobRegistration(BaseModel):
-    name: str = Field(description="Human name of the job, 1-128 printable characters",
-                      json_schema_extra={"minLength": 1, "maxLength": MAX_NAME, "pattern": NAME_PATTERN})
-    pids: Annotated[list[Annotated[int, Field(gt=0, lt=2**22)]], Field(min_length=1, max_length=MAX_PIDS)]
-    labels: dict[str, str] = Field(default_factory=dict, json_schema_extra={
-        "maxProperties": MAX_LABELS, "propertyNames": {"pattern": LABEL_KEY_PATTERN},
-        "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_VALUE, "pattern": LABEL_VALUE_PATTERN}})
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _check_text(value, "name", MAX_NAME)
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > MAX_LABELS:
-            raise ValueError(f"at most {MAX_LABELS} labels")
-        for key, text in value.items():
-            if not _LABEL_KEY.fullmatch(key):
-                raise ValueError(f"label key {key!r} must match {_LABEL_KEY.pattern}")
-            if len(text) > MAX_LABEL_VALUE or _CONTROL_CHARS.search(text):
-                raise ValueError(f"label {key!r}: at most {MAX_LABEL_VALUE} characters, no control characters")
-        return value
-
-
-class JobOut(BaseModel):
-    id: str
-    name: str
-    kind: str
-    namespace: str
-    labels: dict[str, str]
-    running: bool
-    energy_j: dict[str, float]
-    power_w: dict[str, float]
-    cpu_s: float
-    processes: int
-    first_seen: float
-    last_seen: float
-    finished_at: float | None
 
 
 class DeviceOut(BaseModel):
@@ -104,6 +37,15 @@ class SensorOut(BaseModel):
     reason: str
 
 
+class CarbonOut(BaseModel):
+    grams_per_kwh: float
+    zone: str
+    source: str
+    pue: float
+    emissions_g: float
+    provider_errors: int
+
+
 class NodeOut(BaseModel):
     timestamp: float
     cpu_utilization_ratio: float
@@ -112,26 +54,15 @@ class NodeOut(BaseModel):
     unattributed_j: dict[str, float]
     idle_power_w: dict[str, float]
     sensors: list[SensorOut]
-
-
-class ErrorOut(BaseModel):
-    detail: str
-
-
-def job_out(record: JobRecord) -> JobOut:
-    return JobOut(
-        id=record.ref.id, name=record.ref.name, kind=record.ref.kind, namespace=record.ref.namespace,
-        labels=dict(record.labels), running=record.finished_at is None, energy_j=dict(record.energy_j),
-        power_w=dict(record.power_w), cpu_s=record.cpu_s, processes=record.processes,
-        first_seen=record.first_seen, last_seen=record.last_seen, finished_at=record.finished_at,
-    )
+    carbon: CarbonOut | None = None
 
 
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(message if message.startswith(f"{where}:") or not where else f"{where}: {message}")
     return "; ".join(parts) or "invalid request"
 
 
@@ -166,6 +97,9 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
             idle_j=dict(snap.idle_j), unattributed_j=dict(snap.unattributed_j), idle_power_w=dict(snap.idle_power_w),
             sensors=[SensorOut(sensor=s.sensor, device=s.device, up=s.up, reason=s.reason)
                      for s in snap.health.sensors],
+            carbon=CarbonOut(grams_per_kwh=snap.carbon.grams_per_kwh, zone=snap.carbon.zone,
+                             source=snap.carbon.source, pue=snap.carbon.pue,
+                             emissions_g=snap.carbon.node_emissions_g, provider_errors=snap.carbon.provider_errors),
         )
 
     @app.get("/v1/jobs", response_model=list[JobOut])
@@ -178,6 +112,21 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         if record is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return job_out(record)
+
+    @app.get("/v1/jobs/{job_id}/report", response_class=Response, responses={404: {"model": ErrorOut}})
+    def job_report(job_id: str, format: str = "csv") -> Response:
+        """The job in codecarbon's emissions.csv format (csv, json or text)."""
+        if format not in report.FORMATS:
+            raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
+        record = agent.ledger.job(job_id)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        gpus = sum(1 for d in agent.snapshot.devices if d.domain == "gpu")
+        site = report.site_from_config(agent.config.carbon, agent.config.procfs, gpus)
+        row = report.report_row(report.job_emissions(job_out(record).model_dump(), site,
+                                                     agent.config.carbon.pue, time.time()))
+        media = {"csv": "text/csv", "json": "application/json", "text": "text/plain"}[format]
+        return Response(report.render([row], format), media_type=f"{media}; charset=utf-8")
 
 
 # Validation errors are one message string (see _validation_message), not
@@ -215,23 +164,7 @@ def create_control_app(agent: Agent) -> FastAPI:
     _install_error_handlers(app)
     _add_read_routes(app, agent)
 
-    @app.post("/v1/jobs", status_code=201, response_model=JobOut,
-              responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}})
-    def register(body: JobRegistration) -> JobOut:
-        try:
-            record = agent.register_job(body.name, list(dict.fromkeys(body.pids)), body.labels)
-        except RegistrationError as exc:
-            raise HTTPException(404, str(exc)) from None
-        return job_out(record)
-
-    @app.post("/v1/jobs/{job_id}/finish", response_model=JobOut,
-              responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
-    def finish(job_id: str) -> JobOut:
-        if agent.registered(job_id) is None:
-            raise HTTPException(404, f"no registered job {job_id!r}")
-        try:
-            return job_out(agent.finish_job(job_id))
-        except UnknownJob:
-            raise HTTPException(404, f"no registered job {job_id!r}") from None
-
+    # Register, finish and work units, with the caller's uid checked (agent.control).
+    install_control_error_handler(app)
+    app.include_router(control_router(agent))
     return app

@@ -31,9 +31,14 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS job_energy (
     job_id TEXT NOT NULL, domain TEXT NOT NULL, energy_j REAL NOT NULL,
     PRIMARY KEY (job_id, domain));
+CREATE TABLE IF NOT EXISTS job_work (
+    job_id TEXT NOT NULL, unit TEXT NOT NULL, count REAL NOT NULL,
+    PRIMARY KEY (job_id, unit));
 CREATE TABLE IF NOT EXISTS counters (
     zone_id TEXT PRIMARY KEY, raw_uj INTEGER NOT NULL, max_range_uj INTEGER NOT NULL,
     boot_id TEXT NOT NULL, monotonic_s REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS job_emissions (job_id TEXT PRIMARY KEY, emissions_g REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS node_emissions (id INTEGER PRIMARY KEY CHECK (id = 0), emissions_g REAL NOT NULL);
 """
 
 
@@ -53,6 +58,8 @@ class JobRecord:
     power_w: dict[str, float] = field(default_factory=dict)
     processes: int = 0
     registration: RegisteredJob | None = None
+    work_units: dict[str, float] = field(default_factory=dict)  # reported work, by unit
+    emissions_g: float = 0.0  # gCO2eq, each tick charged at the intensity in force during it
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,7 @@ class Ledger:
         self.idle_j: dict[str, float] = {}
         self.unattributed_j: dict[str, float] = {}
         self.jobs: dict[str, JobRecord] = {}
+        self.node_emissions_g = 0.0
         self._dirty_jobs: set[str] = set()
         self.last_flush_unix: float | None = None
         self.flush_errors = 0
@@ -131,10 +139,21 @@ class Ledger:
             energy.setdefault(row["job_id"], {})[row["domain"]] = row["energy_j"]
         # Finished jobs stay in SQLite; only running ones come back into memory.
         for row in db.execute("SELECT * FROM jobs WHERE finished_at IS NULL"):
-            self.jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}))
+            self.jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}), self._work_of(row["id"]))
+            self.jobs[row["id"]].emissions_g = self._saved_emissions_g(row["id"])
+        for row in db.execute("SELECT emissions_g FROM node_emissions"):
+            self.node_emissions_g = row["emissions_g"]
+
+    def _saved_emissions_g(self, job_id: str) -> float:
+        row = self._db.execute("SELECT emissions_g FROM job_emissions WHERE job_id = ?", (job_id,)).fetchone()
+        return row["emissions_g"] if row else 0.0
+
+    def _work_of(self, job_id: str) -> dict[str, float]:
+        return {r["unit"]: r["count"] for r in
+                self._db.execute("SELECT unit, count FROM job_work WHERE job_id = ?", (job_id,))}
 
     @staticmethod
-    def _record_from_row(row: sqlite3.Row, energy: dict[str, float]) -> JobRecord:
+    def _record_from_row(row: sqlite3.Row, energy: dict[str, float], work: dict[str, float]) -> JobRecord:
         return JobRecord(
             ref=JobRef(row["id"], row["name"], row["kind"], row["namespace"]),
             labels=json.loads(row["labels"]),
@@ -144,6 +163,7 @@ class Ledger:
             cpu_s=row["cpu_s"],
             energy_j=dict(energy),
             registration=_registration_from_row(row) if row["registration"] else None,
+            work_units=dict(work),
         )
 
     def saved_counters(self) -> dict[str, SavedCounter]:
@@ -198,6 +218,22 @@ class Ledger:
                 else:
                     record.processes = 0
 
+    def job_energy_totals(self) -> dict[str, float]:
+        """Each in-memory job's energy over all domains, joules."""
+        with self._lock:
+            return {job_id: sum(record.energy_j.values()) for job_id, record in self.jobs.items()}
+
+    def book_emissions(self, jobs_g: dict[str, float], node_g: float) -> None:
+        """Add one tick's emissions to the jobs and the node (grams, never negative)."""
+        with self._lock:
+            if node_g > 0 and math.isfinite(node_g):
+                self.node_emissions_g += node_g
+            for job_id, grams in jobs_g.items():
+                record = self.jobs.get(job_id)
+                if record is not None and grams > 0 and math.isfinite(grams):
+                    record.emissions_g += grams
+                    self._dirty_jobs.add(job_id)
+
     def ensure_job(self, ref: JobRef, now_unix: float, labels: dict[str, str] | None = None,
                    registration: RegisteredJob | None = None) -> JobRecord:
         """The record for a job, created (or brought back from SQLite) if needed."""
@@ -221,7 +257,19 @@ class Ledger:
             return None
         energy = {r["domain"]: r["energy_j"] for r in
                   self._db.execute("SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (job_id,))}
-        return self._record_from_row(row, energy)
+        record = self._record_from_row(row, energy, self._work_of(job_id))
+        record.emissions_g = self._saved_emissions_g(job_id)
+        return record
+
+    def add_work(self, job_id: str, unit: str, count: float) -> JobRecord | None:
+        """Add reported units of work (samples, tokens, ...); durable with the next flush."""
+        with self._lock:
+            record = self.jobs.get(job_id)
+            if record is None:
+                return None
+            record.work_units[unit] = record.work_units.get(unit, 0.0) + count
+            self._dirty_jobs.add(job_id)
+            return record
 
     def add_unattributed(self, domain: str, energy_j: float) -> None:
         if energy_j > 0 and math.isfinite(energy_j):
@@ -270,6 +318,13 @@ class Ledger:
             "ON CONFLICT(job_id, domain) DO UPDATE SET energy_j=excluded.energy_j",
             [(ref.id, domain, energy) for domain, energy in record.energy_j.items()],
         )
+        self._db.executemany(
+            "INSERT INTO job_work (job_id, unit, count) VALUES (?,?,?) "
+            "ON CONFLICT(job_id, unit) DO UPDATE SET count=excluded.count",
+            [(ref.id, unit, count) for unit, count in record.work_units.items()],
+        )
+        self._db.execute("INSERT INTO job_emissions VALUES (?,?) ON CONFLICT(job_id) DO UPDATE SET "
+                         "emissions_g=excluded.emissions_g", (ref.id, record.emissions_g))
 
     def flush(self, counters: dict[str, tuple[int, int]] | None = None, boot_id: str = "",
               monotonic_s: float = 0.0) -> bool:
@@ -289,6 +344,8 @@ class Ledger:
                     [(d, self.idle_j.get(d, 0.0), self.unattributed_j.get(d, 0.0))
                      for d in set(self.idle_j) | set(self.unattributed_j)],
                 )
+                db.execute("INSERT INTO node_emissions VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
+                           "emissions_g=excluded.emissions_g", (self.node_emissions_g,))
                 for job_id in self._dirty_jobs:
                     record = self.jobs.get(job_id)
                     if record is not None:
@@ -334,7 +391,8 @@ class Ledger:
                 if row["id"] not in records:
                     energy = {r["domain"]: r["energy_j"] for r in self._db.execute(
                         "SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (row["id"],))}
-                    records[row["id"]] = self._record_from_row(row, energy)
+                    records[row["id"]] = self._record_from_row(row, energy, self._work_of(row["id"]))
+                    records[row["id"]].emissions_g = self._saved_emissions_g(row["id"])
         return sorted(records.values(), key=lambda r: r.last_seen, reverse=True)[:limit]
 
     def close(self) -> None:

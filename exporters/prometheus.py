@@ -11,7 +11,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from agent import __version__
@@ -47,6 +47,7 @@ class SnapshotCollector:
         yield from self._node(snap)
         yield from self._jobs(snap)
         yield from self._health(snap)
+        yield from self._carbon(snap)
         for extra in self._extra:
             yield from extra(snap)
 
@@ -88,16 +89,23 @@ class SnapshotCollector:
         cpu = CounterMetricFamily("jouleward_job_cpu_seconds", "CPU time of the job's processes.", labels=JOB_LABELS)
         processes = GaugeMetricFamily("jouleward_job_processes", "Live processes of the job.", labels=JOB_LABELS)
         finished = GaugeMetricFamily("jouleward_job_finished", "1 once the job has ended.", labels=JOB_LABELS)
+        work = CounterMetricFamily("jouleward_job_work_units", "Units of work the job reported (samples, tokens, ...).",
+                                   labels=[*JOB_LABELS, "unit"])
         info_families: list[GaugeMetricFamily] = []
+        # Every job gets a series for every attributed domain the node measures,
+        # so a job that has used nothing yet still shows as 0, not as absent.
+        node_domains = {d.domain for d in snap.devices}
         for job in snap.jobs:
             labels = job_label_values(job)
             for domain in ATTRIBUTED_DOMAINS:
-                if domain in job.energy_j:
-                    energy.add_metric([*labels, domain], _safe(job.energy_j[domain]))
+                if domain in job.energy_j or domain in node_domains:
+                    energy.add_metric([*labels, domain], _safe(job.energy_j.get(domain, 0.0)))
                     power.add_metric([*labels, domain], _safe(job.power_w.get(domain, 0.0)))
             cpu.add_metric(labels, _safe(job.cpu_s))
             processes.add_metric(labels, float(job.processes))
             finished.add_metric(labels, 0.0 if job.finished_at is None else 1.0)
+            for unit, count in sorted(job.work_units.items()):
+                work.add_metric([*labels, unit], _safe(count))
             # One family per job: each job may carry its own label keys.
             extra = {}
             for key, value in sorted(job.labels.items()):
@@ -113,6 +121,7 @@ class SnapshotCollector:
         yield cpu
         yield processes
         yield finished
+        yield work
         if info_families:
             merged = GaugeMetricFamily("jouleward_job_info", "Job metadata; extra labels live here.")
             for family in info_families:
@@ -155,9 +164,31 @@ class SnapshotCollector:
         yield CounterMetricFamily("jouleward_ledger_errors", "Failed ledger flushes.", value=health.ledger_errors)
 
 
+    def _carbon(self, snap: Snapshot) -> Iterator[Metric]:
+        carbon = snap.carbon
+        jobs = CounterMetricFamily("jouleward_job_emissions_grams", "Emissions attributed to the job, gCO2eq, "
+                                   "each tick at the intensity in force then, PUE included.", labels=JOB_LABELS)
+        for job in snap.jobs:
+            jobs.add_metric(job_label_values(job), _safe(job.emissions_g))
+        yield jobs
+        yield CounterMetricFamily("jouleward_node_emissions_grams", "Emissions of the node's CPU, DRAM and GPU "
+                                  "energy, gCO2eq, PUE included.", value=_safe(carbon.node_emissions_g))
+        if carbon.source:
+            intensity = GaugeMetricFamily("jouleward_grid_carbon_intensity_grams_per_kwh",
+                                          "Grid carbon intensity in force over the last tick.", labels=["zone", "source"])
+            intensity.add_metric([carbon.zone, carbon.source], _safe(carbon.grams_per_kwh))
+            yield intensity
+        yield GaugeMetricFamily("jouleward_pue", "Power usage effectiveness applied to emissions.",
+                                value=_safe(carbon.pue))
+        yield CounterMetricFamily("jouleward_carbon_intensity_errors", "Failed polls of the carbon intensity "
+                                  "provider.", value=float(carbon.provider_errors))
+
+
 def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    # The agent's own CPU, memory and open files, for the node dashboard.
+    ProcessCollector(registry=registry)
     return registry
 
 
