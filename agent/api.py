@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from agent.api_models import ErrorOut, JobOut, job_out
 from agent.control_api import control_router, install_error_handler as install_control_error_handler
@@ -114,7 +114,8 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         return job_out(record)
 
     @app.get("/v1/jobs/{job_id}/report", response_class=Response, responses={404: {"model": ErrorOut}})
-    def job_report(job_id: str, format: str = "csv") -> Response:
+    def job_report(job_id: str, format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})]
+                   = "csv") -> Response:
         """The job in codecarbon's emissions.csv format (csv, json or text)."""
         if format not in report.FORMATS:
             raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
@@ -145,8 +146,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             # Starlette lists only the first route's methods; a path served by
             # two routes (GET and POST /v1/jobs) must list both.
-            methods = sorted({method for route in request.app.routes if isinstance(route, APIRoute)
-                              and route.path_regex.match(request.url.path) for method in route.methods})
+            methods = [method for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
+                       if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                              for route in request.app.routes)]
             return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(methods)})
         return await http_exception_handler(request, exc)
 

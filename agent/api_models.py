@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
 from agent.control import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
 from agent.ledger import JobRecord
@@ -19,12 +19,30 @@ def _delegate(check, *args: Any):
         raise ValueError(exc.message) from None
 
 
+# The schema states what agent.control enforces, so that a client (or a
+# fuzzer) can tell a valid request from the schema alone: the name is
+# stripped of whitespace, then 1-128 characters with no control characters.
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NAME_PATTERN = f"^[{_SPACE}]*[^{_CONTROL}{_SPACE}]([^{_CONTROL}]{{0,126}}[^{_CONTROL}{_SPACE}])?[{_SPACE}]*$"
+LABELS_SCHEMA = {"maxProperties": MAX_LABELS, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,62}$"},
+                 "additionalProperties": {"type": "string", "maxLength": 256, "pattern": f"^[^{_CONTROL}]*$"}}
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one number type: 4242.0 is the integer 4242 (strings stay refused)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 class JobRegistration(BaseModel):
-    name: str = Field(description="Human name of the job: 1-128 characters, no control characters")
-    pids: Annotated[list[Annotated[int, Field(strict=True, gt=0, lt=2**31)]], Field(min_length=1, max_length=MAX_PIDS)] | None \
+    name: str = Field(description="Human name of the job: 1-128 characters, no control characters",
+                      json_schema_extra={"pattern": NAME_PATTERN})
+    pids: Annotated[list[Annotated[int, Field(strict=True, gt=0, lt=2**31), BeforeValidator(_whole)]],
+                    Field(min_length=1, max_length=MAX_PIDS)] | None \
         = Field(None, description="Root processes of the job; their descendants join it. Default: the caller")
     labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS,
-                                   description="Extra metadata, exported on jouleward_job_info as label_<key>")
+                                   description="Extra metadata, exported on jouleward_job_info as label_<key>",
+                                   json_schema_extra=LABELS_SCHEMA)
 
     @field_validator("name")
     @classmethod
@@ -38,7 +56,8 @@ class JobRegistration(BaseModel):
 
 
 class WorkReport(BaseModel):
-    unit: str = Field(description="samples, tokens, requests, or a name matching [a-z][a-z0-9_]{0,31}")
+    unit: str = Field(description="samples, tokens, requests, or a name matching [a-z][a-z0-9_]{0,31}",
+                      json_schema_extra={"pattern": "^[a-z][a-z0-9_]{0,31}$"})
     count: float = Field(ge=0, le=1e15, description="units of work done since the last report")
 
     @field_validator("unit")

@@ -20,7 +20,7 @@ from agent.api import create_control_app
 from agent.config import Config, ConfigError, build
 from agent.daemon import Agent
 from exporters.prometheus import RenderCache
-from faultkit import ROOT, FakeProcfs, Powercap, boot_ticks, parse_exposition, value
+from tests.faultkit import ROOT, FakeProcfs, Powercap, boot_ticks, parse_exposition, value
 
 # -- configuration files and flags ---------------------------------------------------
 KEYS = [f.name for f in dataclasses.fields(Config)] + ["agent", "bogus", "interval", "rules"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import (CLK_TCK, AgentProcess, FakeProcfs, Powercap, boot_ticks, conservation_gap_j,
+from tests.faultkit import (CLK_TCK, AgentProcess, FakeProcfs, Powercap, boot_ticks, conservation_gap_j,
                       unprivileged_uid, value, write_atomic)
 
 PACKAGE = "intel-rapl:0"

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from agent.api import create_control_app
 from agent.config import Config
 from agent.daemon import Agent
-from faultkit import AgentProcess, Powercap
+from tests.faultkit import AgentProcess, Powercap
 
 @pytest.fixture(scope="module")
 def read_schema(tmp_path_factory):

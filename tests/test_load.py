@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from faultkit import AgentProcess, Powercap
+from tests.faultkit import AgentProcess, Powercap
 
 SCRAPERS = 50
 
