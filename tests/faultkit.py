@@ -231,6 +231,8 @@ class FakeProcfs:
         directory = self.root / str(pid)
         directory.mkdir(exist_ok=True)
         (directory / "cgroup").write_text("0::/\n")
+        uid = os.getuid()
+        (directory / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
         (directory / "cmdline").write_bytes(comm.encode() + b"\0")
         (directory / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in (env or {}).items()))
         self.set_cpu(pid, start_ticks, cpu_ticks, comm, ppid)
@@ -258,3 +260,20 @@ def conservation_gap_j(samples: Samples, domain: str) -> float:
     parts = (total("jouleward_idle_energy_joules_total") + total("jouleward_unattributed_energy_joules_total")
              + total("jouleward_job_energy_joules_total"))
     return abs(node - parts)
+
+
+def as_local_peer(app):
+    """The control app as the Unix socket serves it to this process: the
+    socket's protocol puts the peer's credentials into every request's state;
+    in process, this wrapper does the same for the test's own uid and pid."""
+    from agent.control import Caller
+    from agent.peercred_http import STATE_KEY
+
+    caller = Caller(uid=os.getuid(), pid=os.getpid(), via="unix")
+
+    async def with_peer(scope, receive, send):
+        if scope["type"] == "http":
+            scope = {**scope, "state": {**scope.get("state", {}), STATE_KEY: caller}}
+        await app(scope, receive, send)
+
+    return with_peer

@@ -20,7 +20,7 @@ from agent.api import create_control_app
 from agent.config import Config, ConfigError, build
 from agent.daemon import Agent
 from exporters.prometheus import RenderCache
-from tests.faultkit import ROOT, FakeProcfs, Powercap, boot_ticks, parse_exposition, value
+from tests.faultkit import ROOT, FakeProcfs, Powercap, as_local_peer, boot_ticks, parse_exposition, value
 
 # -- configuration files and flags ---------------------------------------------------
 KEYS = [f.name for f in dataclasses.fields(Config)] + ["agent", "bogus", "interval", "rules"]
@@ -121,15 +121,15 @@ def test_awkward_names_and_labels_survive_exposition(tmp_path):
     Powercap(tmp_path / "sys")
     agent = Agent(dataclasses.replace(Config(), procfs=procfs.root, sysfs=tmp_path / "sys",
                                       state_dir=tmp_path / "state"))
-    client = TestClient(create_control_app(agent))
+    client = TestClient(as_local_peer(create_control_app(agent)))
     registered = {}
     for name in AWKWARD:
         response = client.post("/v1/jobs", json={"name": name, "pids": [300], "labels": {"note": name}})
         assert response.status_code == 201, response.text
         registered[response.json()["id"]] = name
-    for bad in ("new\nline", "tab\there", "nul\x00", "c1\x85"):
+    for bad in ("new\nline", "tab\there", "nul\x00", "c1\x85inside"):
         response = client.post("/v1/jobs", json={"name": bad, "pids": [300]})
-        assert response.status_code == 422 and "control characters" in response.json()["detail"]
+        assert response.status_code == 422 and "control characters" in response.json()["detail"], response.text
     agent.tick()
     agent.tick()
     text = RenderCache(lambda: agent.snapshot).render()

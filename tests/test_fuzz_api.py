@@ -1,7 +1,8 @@
 """schemathesis against the agent's own OpenAPI schemas: the read API on a
 real agent's TCP listener, and the control API (the app the Unix socket
-serves) in process, with a real Agent behind it. No 5xx, and every response
-matches the schema the agent publishes."""
+serves) in process, with a real Agent behind it and the test's own
+credentials where the socket would supply the caller's. No 5xx, and every
+response matches the schema the agent publishes."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from agent.api import create_control_app
 from agent.config import Config
 from agent.daemon import Agent
-from tests.faultkit import AgentProcess, Powercap
+from tests.faultkit import AgentProcess, Powercap, as_local_peer
 
 @pytest.fixture(scope="module")
 def read_schema(tmp_path_factory):
@@ -36,7 +37,7 @@ def control_schema(tmp_path_factory):
     agent = Agent(config)
     agent.tick()
     agent.tick()
-    yield schemathesis.openapi.from_asgi("/openapi.json", create_control_app(agent))
+    yield schemathesis.openapi.from_asgi("/openapi.json", as_local_peer(create_control_app(agent)))
     agent.close()
 
 
