@@ -19,11 +19,18 @@ from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, Job
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
 from agent.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, DeviceView, DurationCounts, Health, JobView, Snapshot
+from agent.workloads.kubelet import KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
 from agent.workloads.resolve import JobResolver
 
 log = logging.getLogger("jouleward")
+
+
+def kubelet_settings(config: Config) -> KubeletSettings:
+    return KubeletSettings(url=config.kubelet_url, token_file=config.kubelet_token_file, ca_file=config.kubelet_ca_file,
+                           insecure_skip_verify=config.kubelet_insecure_skip_verify, poll_s=config.kubelet_poll_s,
+                           timeout_s=config.kubelet_timeout_s)
 
 
 def read_boot_id(config: Config) -> str:
@@ -77,7 +84,9 @@ class Agent:
         self.ledger = Ledger(config.state_dir)
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
-        self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude)
+        self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_enabled else None
+        self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude, pods=self.kubelet,
+                                    pod_job_labels=config.pod_job_labels)
         self.sensor_set = sensors or build_sensors(config)
         self.boot_id = read_boot_id(config)
         self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
@@ -126,6 +135,13 @@ class Agent:
                 self.ledger.node_energy_j[key] = self.ledger.node_energy_j.get(key, 0.0) + energy
                 self.ledger.add_unattributed(zone.domain, energy)
                 log.info("recovered %.1f J used by %s while the agent was down", energy, zone.device)
+
+    def start_pod_metadata(self) -> None:
+        """Start polling the kubelet and wait (bounded) for its first answer, so
+        pods already running resolve to their ML jobs from the first tick."""
+        if self.kubelet is not None:
+            self.kubelet.start()
+            self.kubelet.first_poll.wait(self.config.kubelet_timeout_s + 1.0)
 
     # -- control operations (called from the API) ----------------------------------
     def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobRecord:
@@ -219,12 +235,16 @@ class Agent:
             cpu[ref.id] = cpu.get(ref.id, 0.0) + process.cpu_s
             counts[ref.id] = counts.get(ref.id, 0) + 1
             refs[ref.id] = ref
+        info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
         for job_id, ref in refs.items():
             activity[job_id] = JobActivity(ref, cpu[job_id], counts[job_id])
-            if job_id not in self.ledger.jobs:
+            record = self.ledger.jobs.get(job_id)
+            if record is None:
                 registration = self.registry.get(job_id)
-                self.ledger.ensure_job(ref, now_unix, registration=registration)
+                self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id), registration=registration)
                 self.selection.admit(job_id)
+            elif record.ref != ref or (job_id in info and record.labels != info[job_id]):
+                self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id))
 
         if first_tick:
             self._recover_downtime()
@@ -294,13 +314,14 @@ class Agent:
         statuses = tuple(status for sensor in self.sensor_set.sensors for status in sensor.status())
         self.tick_durations = self.tick_durations.observe(duration_s)
         health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,
-                        flush_unix, flush_errors)
+                        flush_unix, flush_errors, kubelet=self.kubelet.health() if self.kubelet else None)
         return Snapshot(now_unix, interval_s, scan.node.utilization_ratio, devices, idle, unattributed,
                         idle_power, tuple(exported), health)
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:
         """Tick every ``interval_s`` on the monotonic clock until ``stop``."""
+        self.start_pod_metadata()
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -316,6 +337,8 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.kubelet is not None:
+            self.kubelet.stop()
 
     def close(self) -> None:
         """Final flush; safe to call once the loop has stopped."""

@@ -215,6 +215,8 @@ class Ledger:
             if record is None:
                 record = self._load_job(ref.id) or JobRecord(ref, dict(labels or {}), now_unix, now_unix)
                 self.jobs[ref.id] = record
+            elif record.ref != ref:
+                record.ref = ref  # a name learnt later (a Slurm job's, from its environment)
             if registration is not None:
                 record.registration = registration
                 record.labels = dict(registration.labels)

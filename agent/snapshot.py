@@ -6,8 +6,12 @@ readers never lock, never trigger a sample, and never see half a tick.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent.model import JobRef, SensorStatus
+
+if TYPE_CHECKING:
+    from agent.workloads.kubelet import KubeletHealth
 
 OVERFLOW_JOB = JobRef("_other", "_other", "overflow")
 
@@ -76,6 +80,7 @@ class Health:
     jobs_finished: int = 0
     ledger_flush_unix: float | None = None
     ledger_errors: int = 0
+    kubelet: KubeletHealth | None = None  # None when pod metadata is not configured
 
 
 @dataclass(frozen=True, slots=True)

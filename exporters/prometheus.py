@@ -160,6 +160,16 @@ class SnapshotCollector:
             yield GaugeMetricFamily("jouleward_ledger_flush_timestamp_seconds",
                                     "Unix time of the last durable flush.", value=health.ledger_flush_unix)
         yield CounterMetricFamily("jouleward_ledger_errors", "Failed ledger flushes.", value=health.ledger_errors)
+        kubelet = health.kubelet
+        if kubelet is not None:
+            yield GaugeMetricFamily("jouleward_kubelet_up", "1 when the last poll of the kubelet's /pods succeeded.",
+                                    value=1.0 if kubelet.up else 0.0)
+            yield GaugeMetricFamily("jouleward_kubelet_metadata_stale", "1 when pod metadata may be out of date.",
+                                    value=1.0 if kubelet.stale else 0.0)
+            yield CounterMetricFamily("jouleward_kubelet_errors", "Failed kubelet polls.", value=kubelet.errors_total)
+            yield GaugeMetricFamily("jouleward_kubelet_last_success_timestamp_seconds",
+                                    "Unix time of the last successful kubelet poll (0 before the first).",
+                                    value=_safe(kubelet.last_success_unix_s))
 
 
 def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
