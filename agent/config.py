@@ -147,7 +147,7 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             raise ConfigError(f"{where}: expected a list of label keys")
         for index, label in enumerate(value):
             if not isinstance(label, str) or not _K8S_LABEL_KEY.fullmatch(label):
-                raise ConfigError(f"{where}[{index}]: {label!r} is not a Kubernetes label key")
+                raise ConfigError(f"{where}: entry {index + 1}, {label!r}, is not a Kubernetes label key")
         return tuple(value)
     if key == "listen":
         if not isinstance(value, str):
