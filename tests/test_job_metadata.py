@@ -3,16 +3,19 @@ kubelet server on loopback, the real poller, and process facts read from
 fixture ``/proc/<pid>`` directories (the cgroup and environ files)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.model import ProcessKey
-from agent.workloads.kubelet import KubeletPoller, KubeletSettings
+from agent.snapshot import EMPTY_SNAPSHOT, Health
+from agent.workloads.kubelet import KubeletHealth, KubeletPoller, KubeletSettings
+from exporters.prometheus import SnapshotCollector, make_registry, render
 from agent.workloads.procfs import ProcessFacts, ScannedProcess
 from agent.workloads.registry import Registry
 from agent.workloads.resolve import JobResolver
-from tests.support import wait_until
+from tests.support import metric_sum, parse_metrics, wait_until
 from tests.support.kubelet_server import FakeKubelet, pod_item
 
 TOKEN = "pod-metadata-token"
@@ -155,3 +158,15 @@ def test_slurm_name_and_user_come_from_the_tasks_environment(procs, tmp_path):
     # One name per job id: a later task with a different SLURM_JOB_NAME does not rename the job.
     late = procs.add(f"{job_cgroup}/step_1/user/task_0", {**env, "SLURM_JOB_NAME": "renamed"})
     assert {j.name for j in resolver.resolve([stepd, task, late])} == {"bert-pretrain"}
+
+
+def test_kubelet_health_is_exported_from_the_snapshot_only_when_configured():
+    health = KubeletHealth(up=False, stale=True, errors_total=3, last_success_unix_s=1_700_000_123.5, pods=4)
+    snapshot = replace(EMPTY_SNAPSHOT, health=Health(ticks=7, kubelet=health))
+    samples = parse_metrics(render(make_registry(SnapshotCollector(lambda: snapshot))).decode())
+    assert metric_sum(samples, "jouleward_kubelet_up") == 0.0
+    assert metric_sum(samples, "jouleward_kubelet_metadata_stale") == 1.0
+    assert metric_sum(samples, "jouleward_kubelet_errors_total") == 3.0
+    assert metric_sum(samples, "jouleward_kubelet_last_success_timestamp_seconds") == 1_700_000_123.5
+    plain = parse_metrics(render(make_registry(SnapshotCollector(lambda: EMPTY_SNAPSHOT))).decode())
+    assert not [name for name, _, _ in plain if name.startswith("jouleward_kubelet_")]
