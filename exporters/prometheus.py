@@ -10,7 +10,7 @@ import platform
 import re
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from agent import __version__
@@ -175,6 +175,8 @@ class SnapshotCollector:
 def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    # The agent's own CPU, memory and open files, for the node dashboard.
+    ProcessCollector(registry=registry)
     return registry
 
 
