@@ -93,13 +93,12 @@ class Cgroups:
         """Start a process already inside the cgroup (it joins before exec), so
         the agent never sees it anywhere else."""
         procs_file = str(self.make(relative) / "cgroup.procs")
-
-        def join() -> None:
-            with open(procs_file, "w") as handle:
-                handle.write(str(os.getpid()))
-
-        proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, preexec_fn=join)
+        # The shell moves itself into the cgroup, then execs the command in place.
+        proc = subprocess.Popen(["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs_file, *args],
+                                env={**os.environ, **(env or {})})
         self.procs.append(proc)
+        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == args[0].encode(),
+                   timeout_s=10, what="the command to start in its cgroup")
         assert ProcessFacts(f"/proc/{proc.pid}").cgroup == self.path(relative)
         return proc
 
