@@ -98,7 +98,7 @@ def _shares(total_j: float, weights: list[float]) -> list[float]:
     whole = sum(weights)
     if whole <= 0 or not math.isfinite(whole):
         return [total_j / len(weights)] * len(weights)
-    return [total_j * w / whole for w in weights]
+    return [total_j * (w / whole) for w in weights]
 
 
 def split_gpu(
