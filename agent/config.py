@@ -83,6 +83,8 @@ _FLOAT_KEYS = {
 }
 _PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs"}
 _ENV_PREFIX = "JOULEWARD_"
+# Config keys whose command-line flag is spelled differently.
+FLAG_NAMES = {"interval_s": "interval"}
 
 
 def _coerce(key: str, value: Any, origin: str) -> Any:
@@ -210,7 +212,8 @@ def build(
     values: dict[str, Any] = {}
     for origin, layer in layers:
         for key, value in layer.items():
-            shown = key.replace("_", "-") if origin == "--" else key.upper() if origin.startswith("env") else key
+            shown = FLAG_NAMES.get(key, key.replace("_", "-")) if origin == "--" else \
+                key.upper() if origin.startswith("env") else key
             try:
                 values[key] = _coerce(key, value, "")
             except ConfigError as exc:

@@ -1,0 +1,206 @@
+"""HTTP API. Reads are served on the TCP listener; control endpoints
+(register, finish) only on the Unix control socket. No arithmetic here."""
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field, field_validator
+
+from agent.daemon import Agent
+from agent.ledger import JobRecord
+from agent.workloads.registry import RegistrationError, UnknownJob
+from exporters.prometheus import SnapshotCollector, make_registry, render
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+_LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,62}$")
+MAX_NAME = 128
+MAX_LABEL_VALUE = 256
+MAX_LABELS = 32
+MAX_PIDS = 4096
+
+
+def _check_text(value: str, what: str, limit: int) -> str:
+    if not value.strip():
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > limit:
+        raise ValueError(f"{what} is longer than {limit} characters")
+    if _CONTROL_CHARS.search(value):
+        raise ValueError(f"{what} must not contain control characters")
+    return value
+
+
+class JobRegistration(BaseModel):
+    name: str = Field(description="Human name of the job, 1-128 printable characters")
+    pids: Annotated[list[Annotated[int, Field(gt=0, lt=2**22)]], Field(min_length=1, max_length=MAX_PIDS)]
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_text(value, "name", MAX_NAME)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels")
+        for key, text in value.items():
+            if not _LABEL_KEY.match(key):
+                raise ValueError(f"label key {key!r} must match {_LABEL_KEY.pattern}")
+            if len(text) > MAX_LABEL_VALUE or _CONTROL_CHARS.search(text):
+                raise ValueError(f"label {key!r}: at most {MAX_LABEL_VALUE} characters, no control characters")
+        return value
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    namespace: str
+    labels: dict[str, str]
+    running: bool
+    energy_j: dict[str, float]
+    power_w: dict[str, float]
+    cpu_s: float
+    processes: int
+    first_seen: float
+    last_seen: float
+    finished_at: float | None
+
+
+class DeviceOut(BaseModel):
+    domain: str
+    device: str
+    source: str
+    energy_j: float
+    power_w: float
+
+
+class SensorOut(BaseModel):
+    sensor: str
+    device: str
+    up: bool
+    reason: str
+
+
+class NodeOut(BaseModel):
+    timestamp: float
+    cpu_utilization_ratio: float
+    devices: list[DeviceOut]
+    idle_j: dict[str, float]
+    unattributed_j: dict[str, float]
+    idle_power_w: dict[str, float]
+    sensors: list[SensorOut]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def job_out(record: JobRecord) -> JobOut:
+    return JobOut(
+        id=record.ref.id, name=record.ref.name, kind=record.ref.kind, namespace=record.ref.namespace,
+        labels=dict(record.labels), running=record.finished_at is None, energy_j=dict(record.energy_j),
+        power_w=dict(record.power_w), cpu_s=record.cpu_s, processes=record.processes,
+        first_seen=record.first_seen, last_seen=record.last_seen, finished_at=record.finished_at,
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def _add_read_routes(app: FastAPI, agent: Agent) -> None:
+    registry = make_registry(SnapshotCollector(lambda: agent.snapshot))
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}})
+    def metrics() -> Response:
+        return Response(render(registry), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"status": "ok", "ticks": agent.ticks}
+
+    @app.get("/readyz", responses={503: {"model": ErrorOut}})
+    def readyz() -> Any:
+        snap = agent.snapshot
+        age = time.time() - snap.timestamp_unix
+        ready = agent.ticks >= 2 and age < max(5 * agent.config.interval_s, 10.0)
+        if not ready:
+            return JSONResponse({"detail": "no complete sample yet" if agent.ticks < 2 else
+                                 f"last sample is {age:.0f} s old"}, status_code=503)
+        return {"status": "ready", "ticks": agent.ticks}
+
+    @app.get("/v1/node", response_model=NodeOut)
+    def node() -> NodeOut:
+        snap = agent.snapshot
+        return NodeOut(
+            timestamp=snap.timestamp_unix, cpu_utilization_ratio=snap.cpu_utilization_ratio,
+            devices=[DeviceOut(domain=d.domain, device=d.device, source=d.source, energy_j=d.energy_j,
+                               power_w=d.power_w) for d in snap.devices],
+            idle_j=dict(snap.idle_j), unattributed_j=dict(snap.unattributed_j), idle_power_w=dict(snap.idle_power_w),
+            sensors=[SensorOut(sensor=s.sensor, device=s.device, up=s.up, reason=s.reason)
+                     for s in snap.health.sensors],
+        )
+
+    @app.get("/v1/jobs", response_model=list[JobOut])
+    def jobs(limit: Annotated[int, Field(ge=1, le=10000)] = 1000) -> list[JobOut]:
+        return [job_out(record) for record in agent.ledger.all_jobs(limit)]
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
+    def job(job_id: str) -> JobOut:
+        record = agent.ledger.job(job_id)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        return job_out(record)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
+
+
+def create_read_app(agent: Agent) -> FastAPI:
+    app = FastAPI(title="jouleward", version="0.1.0")
+    _install_error_handlers(app)
+    _add_read_routes(app, agent)
+    return app
+
+
+def create_control_app(agent: Agent) -> FastAPI:
+    """Reads plus the control endpoints; served on the Unix socket only."""
+    app = FastAPI(title="jouleward control", version="0.1.0")
+    _install_error_handlers(app)
+    _add_read_routes(app, agent)
+
+    @app.post("/v1/jobs", status_code=201, response_model=JobOut,
+              responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}})
+    def register(body: JobRegistration) -> JobOut:
+        try:
+            record = agent.register_job(body.name, list(dict.fromkeys(body.pids)), body.labels)
+        except RegistrationError as exc:
+            raise HTTPException(404, str(exc)) from None
+        return job_out(record)
+
+    @app.post("/v1/jobs/{job_id}/finish", response_model=JobOut,
+              responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
+    def finish(job_id: str) -> JobOut:
+        if agent.registered(job_id) is None:
+            raise HTTPException(404, f"no registered job {job_id!r}")
+        try:
+            return job_out(agent.finish_job(job_id))
+        except UnknownJob:
+            raise HTTPException(404, f"no registered job {job_id!r}") from None
+
+    return app

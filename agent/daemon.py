@@ -1,0 +1,317 @@
+"""The sampling loop: sensors -> workloads -> attribution -> ledger -> snapshot.
+
+One ``Agent`` owns every stage. ``tick`` runs one sample; ``run`` repeats it on
+the monotonic clock until ``stop``. Everything readers need is published as an
+immutable ``Snapshot``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+from agent.attribution import IdlePowerEstimator, split_domain
+from agent.config import Config
+from agent.ledger import JobActivity, JobRecord, Ledger
+from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
+from agent.sensors import SensorSet, build_sensors
+from agent.sensors.counters import recoverable_downtime_energy_j
+from agent.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, DeviceView, DurationCounts, Health, JobView, Snapshot
+from agent.workloads.procfs import ProcessScanner, Scan
+from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
+from agent.workloads.resolve import JobResolver
+
+log = logging.getLogger("jouleward")
+
+
+def read_boot_id(config: Config) -> str:
+    try:
+        return (config.procfs / "sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class ExportSelection:
+    """Which jobs get series of their own. Admission is first come, first
+    served, and sticky: a job that went to the overflow stays there, so the
+    overflow counter never goes backwards."""
+
+    cap: int
+    exported: set[str] = field(default_factory=set)
+    overflow: set[str] = field(default_factory=set)
+    retired_overflow_j: dict[str, float] = field(default_factory=dict)
+    retired_overflow_cpu_s: float = 0.0
+
+    def admit(self, job_id: str) -> None:
+        if job_id in self.exported or job_id in self.overflow:
+            return
+        if len(self.exported) < self.cap:
+            self.exported.add(job_id)
+        else:
+            self.overflow.add(job_id)
+
+    def retire(self, record: JobRecord) -> None:
+        job_id = record.ref.id
+        self.exported.discard(job_id)
+        if job_id in self.overflow:
+            self.overflow.discard(job_id)
+            for domain, energy in record.energy_j.items():
+                self.retired_overflow_j[domain] = self.retired_overflow_j.get(domain, 0.0) + energy
+            self.retired_overflow_cpu_s += record.cpu_s
+
+
+def _job_view(record: JobRecord) -> JobView:
+    return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
+                   record.processes, record.first_seen, record.last_seen, record.finished_at)
+
+
+class Agent:
+    def __init__(self, config: Config, sensors: SensorSet | None = None) -> None:
+        self.config = config
+        self.ledger = Ledger(config.state_dir)
+        self.registry = Registry(config.procfs)
+        self.scanner = ProcessScanner(config.procfs)
+        self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude)
+        self.sensor_set = sensors or build_sensors(config)
+        self.boot_id = read_boot_id(config)
+        self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
+        self.selection = ExportSelection(config.max_exported_jobs)
+        self.snapshot: Snapshot = EMPTY_SNAPSHOT
+        self.ticks = 0
+        self.tick_durations = DurationCounts()
+        self.sensor_errors: dict[tuple[str, str], int] = {}
+        self._last_mono: float | None = None
+        self._last_flush_mono = time.monotonic()
+        self._stop = threading.Event()
+        self._tick_lock = threading.Lock()
+        self._resume_registrations()
+
+    # -- start-up --------------------------------------------------------------
+    def _resume_registrations(self) -> None:
+        """Registered jobs come back if one of their processes still runs
+        (same pid and start time); otherwise they are finished."""
+        for job in self.ledger.registered_jobs():
+            alive = [key for key in job.root_keys if read_process_key(self.config.procfs, key.pid) == key]
+            self.registry.restore(job)
+            if alive:
+                self.selection.admit(job.ref.id)
+            else:
+                self.ledger.mark_finished(job.ref.id, self.registry.finish(job.ref.id, reason="gone after restart"))
+        for job_id, record in self.ledger.jobs.items():
+            self.selection.admit(job_id)
+
+    def _recover_downtime(self) -> None:
+        """Book energy the RAPL counters show was used while the agent was down."""
+        powercap = self.sensor_set.powercap
+        if powercap is None:
+            return
+        saved = self.ledger.saved_counters()
+        now = time.monotonic()
+        zones = {zone.zone_id: zone for zone in powercap.zones}
+        for zone_id, (raw, max_range) in powercap.counter_state().items():
+            previous = saved.get(zone_id)
+            zone = zones.get(zone_id)
+            if previous is None or zone is None or not self.boot_id or previous.boot_id != self.boot_id:
+                continue
+            energy = recoverable_downtime_energy_j(previous.raw_uj, raw, max_range, now - previous.monotonic_s,
+                                                   self.config.max_zone_power_w)
+            if energy > 0:
+                key = (zone.domain, zone.device, "rapl")
+                self.ledger.node_energy_j[key] = self.ledger.node_energy_j.get(key, 0.0) + energy
+                self.ledger.add_unattributed(zone.domain, energy)
+                log.info("recovered %.1f J used by %s while the agent was down", energy, zone.device)
+
+    # -- control operations (called from the API) ----------------------------------
+    def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobRecord:
+        job = self.registry.register(name, pids, labels, owner_uid)
+        self.ledger.save_registration(job, time.time())
+        self.selection.admit(job.ref.id)
+        return self.ledger.job(job.ref.id)
+
+    def finish_job(self, job_id: str) -> JobRecord:
+        job = self.registry.finish(job_id)  # raises UnknownJob
+        self.ledger.mark_finished(job_id, job)
+        self.ledger.flush()
+        return self.ledger.job(job_id)
+
+    def registered(self, job_id: str) -> RegisteredJob | None:
+        return self.registry.get(job_id)
+
+    # -- the tick ------------------------------------------------------------------
+    def _idle_power_w(self, reading: DeviceEnergy, utilization: float) -> float:
+        if reading.idle_power_w is not None:
+            return reading.idle_power_w
+        estimator = self.estimators.setdefault((reading.domain, reading.device),
+                                               IdlePowerEstimator(prior_idle_fraction=self.config.cpu_idle_fraction))
+        estimator.observe(utilization, reading.power_w)
+        estimate = estimator.estimate_w()
+        return estimate if estimate is not None else 0.0
+
+    def _attribute(self, readings: list[DeviceEnergy], scan: Scan, job_cpu_s: dict[str, float],
+                   interval_s: float) -> tuple[list[DomainAttribution], dict[str, float]]:
+        measured: dict[str, float] = {}
+        idle_power: dict[str, float] = {}
+        for reading in readings:
+            if reading.domain not in ATTRIBUTED_DOMAINS or reading.domain == "gpu":
+                continue
+            utilization = scan.node.utilization_ratio if reading.utilization_ratio is None \
+                else reading.utilization_ratio
+            measured[reading.domain] = measured.get(reading.domain, 0.0) + reading.energy_j
+            idle_power[reading.domain] = idle_power.get(reading.domain, 0.0) + self._idle_power_w(reading, utilization)
+        for domain, watts in self.config.idle_power_w.items():
+            if domain in idle_power:
+                idle_power[domain] = watts
+        parts = [split_domain(domain, energy, idle_power[domain], interval_s, job_cpu_s, scan.node.busy_s)
+                 for domain, energy in sorted(measured.items())]
+        return parts, idle_power
+
+    def tick(self) -> Snapshot:
+        with self._tick_lock:
+            return self._tick()
+
+    def _tick(self) -> Snapshot:
+        started = time.monotonic()
+        scan = self.scanner.scan()
+        now_mono = time.monotonic()
+        interval_s = 0.0 if self._last_mono is None else now_mono - self._last_mono
+        ctx = TickContext(interval_s, scan.node.utilization_ratio, scan.node.busy_s)
+        readings: list[DeviceEnergy] = []
+        for sensor in self.sensor_set.sensors:
+            try:
+                readings.extend(sensor.sample(ctx))
+            except Exception as exc:  # a sensor must never stop the agent
+                log.warning("sensor %s failed: %s", sensor.name, exc)
+            for status in sensor.status():
+                if not status.up:
+                    key = (status.sensor, status.device)
+                    self.sensor_errors[key] = self.sensor_errors.get(key, 0) + 1
+        readings = [r for r in readings if math.isfinite(r.energy_j) and r.energy_j >= 0]
+        first_tick = self._last_mono is None
+        self._last_mono = now_mono
+
+        jobs = self.resolver.resolve(scan.processes)
+        self.resolver.forget(scan.exited)
+        live_keys = {p.key for p in scan.processes}
+        finished = self.registry.forget_exited([k for k in list(self.registry.keys) if k not in live_keys])
+        now_unix = time.time()
+        for job_id in finished:
+            self.ledger.mark_finished(job_id, self.registry.get(job_id))
+
+        activity: dict[str, JobActivity] = {}
+        cpu: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        refs: dict[str, JobRef] = {}
+        for process, ref in zip(scan.processes, jobs):
+            if ref is None:
+                continue
+            cpu[ref.id] = cpu.get(ref.id, 0.0) + process.cpu_s
+            counts[ref.id] = counts.get(ref.id, 0) + 1
+            refs[ref.id] = ref
+        for job_id, ref in refs.items():
+            activity[job_id] = JobActivity(ref, cpu[job_id], counts[job_id])
+            if job_id not in self.ledger.jobs:
+                registration = self.registry.get(job_id)
+                self.ledger.ensure_job(ref, now_unix, registration=registration)
+                self.selection.admit(job_id)
+
+        if first_tick:
+            self._recover_downtime()
+            parts, idle_power = [], {}
+        else:
+            parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
+            self.ledger.book_tick(now_unix, readings, parts, activity, interval_s)
+        self.ticks += 1
+        self._maybe_flush(now_mono)
+        self._retire(now_unix)
+        self.snapshot = self._build_snapshot(now_unix, interval_s, scan, idle_power, len(scan.processes),
+                                             time.monotonic() - started)
+        return self.snapshot
+
+    def _maybe_flush(self, now_mono: float, force: bool = False) -> None:
+        if force or now_mono - self._last_flush_mono >= self.config.flush_interval_s:
+            counters = self.sensor_set.powercap.counter_state() if self.sensor_set.powercap else {}
+            if not self.ledger.flush(counters, self.boot_id, time.monotonic()):
+                log.warning("ledger flush failed: %s", self.ledger.last_flush_error)
+            self._last_flush_mono = now_mono
+
+    def _retire(self, now_unix: float) -> None:
+        cutoff = now_unix - self.config.finished_job_retention_s
+        for job_id, record in list(self.ledger.jobs.items()):
+            if record.finished_at is not None and record.finished_at < cutoff:
+                self.selection.retire(record)
+        for job_id in self.ledger.evict_finished(cutoff):
+            self.registry.drop(job_id)
+
+    def _build_snapshot(self, now_unix: float, interval_s: float, scan: Scan, idle_power: dict[str, float],
+                        processes: int, duration_s: float) -> Snapshot:
+        ledger = self.ledger
+        with ledger._lock:
+            devices = tuple(
+                DeviceView(domain, device, source, energy, ledger.node_power_w.get((domain, device, source), 0.0))
+                for (domain, device, source), energy in sorted(ledger.node_energy_j.items())
+            )
+            exported: list[JobView] = []
+            overflow_energy = dict(self.selection.retired_overflow_j)
+            overflow_power: dict[str, float] = {}
+            overflow_cpu = self.selection.retired_overflow_cpu_s
+            overflow_processes = 0
+            running = finished = 0
+            for job_id, record in ledger.jobs.items():
+                if record.finished_at is None:
+                    running += 1
+                else:
+                    finished += 1
+                if job_id in self.selection.exported:
+                    exported.append(_job_view(record))
+                elif job_id in self.selection.overflow:
+                    for domain, energy in record.energy_j.items():
+                        overflow_energy[domain] = overflow_energy.get(domain, 0.0) + energy
+                    for domain, power in record.power_w.items():
+                        overflow_power[domain] = overflow_power.get(domain, 0.0) + power
+                    overflow_cpu += record.cpu_s
+                    overflow_processes += record.processes
+            if self.selection.overflow or self.selection.retired_overflow_j:
+                exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
+                                        overflow_processes, 0.0, now_unix, None))
+            idle = dict(ledger.idle_j)
+            unattributed = dict(ledger.unattributed_j)
+            flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors
+        statuses = tuple(status for sensor in self.sensor_set.sensors for status in sensor.status())
+        self.tick_durations = self.tick_durations.observe(duration_s)
+        health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,
+                        flush_unix, flush_errors)
+        return Snapshot(now_unix, interval_s, scan.node.utilization_ratio, devices, idle, unattributed,
+                        idle_power, tuple(exported), health)
+
+    # -- the loop ------------------------------------------------------------------
+    def run(self) -> None:
+        """Tick every ``interval_s`` on the monotonic clock until ``stop``."""
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("tick failed")
+            next_at += self.config.interval_s
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (suspend, overload): skip, do not burst
+                next_at = time.monotonic()
+                delay = 0
+            self._stop.wait(delay)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        """Final flush; safe to call once the loop has stopped."""
+        with self._tick_lock:
+            self._maybe_flush(time.monotonic(), force=True)
+            for sensor in self.sensor_set.sensors:
+                sensor.close()
+            self.ledger.close()
+
+
+__all__ = ["Agent", "UnknownJob"]

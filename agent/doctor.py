@@ -1,0 +1,96 @@
+"""``jouleward doctor``: which sensors this host offers, and exactly why not."""
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import Config
+from agent.sensors.cpu_model import build_cpu_model, read_cpu_identity
+from agent.sensors.hwmon import discover as discover_hwmon
+from agent.sensors.powercap import discover as discover_powercap
+
+
+@dataclass(frozen=True)
+class Finding:
+    sensor: str
+    usable: bool
+    measured: bool  # a measurement, not a model
+    detail: str
+
+
+def _is_virtual_machine(config: Config) -> bool:
+    try:
+        if " hypervisor" in (config.procfs / "cpuinfo").read_text(errors="replace"):
+            return True
+    except OSError:
+        pass
+    return False
+
+
+def _powercap_findings(config: Config) -> list[Finding]:
+    root = config.sysfs / "class" / "powercap"
+    if not root.is_dir():
+        if _is_virtual_machine(config):
+            why = "no powercap interface: this is a virtual machine, and hypervisors do not expose RAPL"
+        elif not (config.sysfs / "module" / "intel_rapl_common").exists():
+            why = "no powercap interface: the intel_rapl_common kernel module is not loaded (modprobe intel_rapl_msr)"
+        else:
+            why = f"no powercap interface under {root}"
+        return [Finding("powercap", False, True, why)]
+    zones, problems = discover_powercap(config.sysfs)
+    findings = [Finding("powercap", False, True, f"{p.zone_id}: {p.reason}") for p in problems]
+    if not zones:
+        findings.append(Finding("powercap", False, True, f"no RAPL zones with an energy counter under {root}"))
+    for zone in zones:
+        role = f"{zone.domain}/{zone.device}" if zone.domain else f"{zone.device} (inside its package, not added)"
+        try:
+            with open(zone.path / "energy_uj", "rb") as handle:
+                value = int(handle.read().strip())
+            findings.append(Finding("powercap", bool(zone.domain), True, f"{zone.zone_id} {role}: energy_uj={value}"))
+        except PermissionError:
+            findings.append(Finding("powercap", False, True, f"{zone.zone_id} {role}: permission denied reading "
+                                    "energy_uj (root-only since Linux 5.10: run as root or grant read access)"))
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.errno != errno.EINVAL else "malformed value"
+            findings.append(Finding("powercap", False, True, f"{zone.zone_id} {role}: {reason}"))
+    return findings
+
+
+def _hwmon_findings(config: Config) -> list[Finding]:
+    channels = discover_hwmon(config.sysfs)
+    if not channels:
+        return [Finding("hwmon", False, True, "no power or energy channels under class/hwmon")]
+    return [Finding("hwmon", True, True, f"{c.chip} {c.label}: {c.kind} channel, domain {c.domain}")
+            for c in channels]
+
+
+def examine(config: Config) -> list[Finding]:
+    findings = _powercap_findings(config) + _hwmon_findings(config)
+    measured_cpu = any(f.usable and f.measured and ("cpu/" in f.detail or "domain cpu" in f.detail)
+                       for f in findings)
+    model = build_cpu_model(read_cpu_identity(config.procfs), config.cpu_tdp_w, config.cpu_idle_w,
+                            config.cpu_max_w, config.cpu_idle_fraction)
+    if measured_cpu:
+        findings.append(Finding("cpu_model", False, False, "not needed: the CPU is measured"))
+    else:
+        findings.append(Finding("cpu_model", True, False, f"CPU estimated from utilisation: idle {model.idle_w:.1f} W,"
+                                f" max {model.max_w:.1f} W (TDP from {model.tdp_source})"))
+    return findings
+
+
+def report(findings: list[Finding]) -> tuple[str, int]:
+    """The text to print and the exit code: 0 when something measures energy,
+    1 when only the utilisation model is available."""
+    lines = []
+    for finding in findings:
+        mark = "ok " if finding.usable else "-- "
+        lines.append(f"{mark}{finding.sensor:10} {finding.detail}")
+    measured = any(f.usable and f.measured for f in findings)
+    lines.append("")
+    lines.append("energy is measured" if measured else
+                 "no energy counters: the agent runs on the utilisation model (source=\"model\")")
+    return "\n".join(lines), 0 if measured else 1
+
+
+__all__ = ["examine", "report", "Finding", "Path"]

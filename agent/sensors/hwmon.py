@@ -1,0 +1,135 @@
+"""Power and energy channels under ``<sysfs>/class/hwmon``.
+
+Arm servers (Grace), boards with INA power monitors and some AMD platforms
+report CPU or board power here. Energy channels (``energyN_input``, µJ) are
+counters; power channels (``powerN_input`` or ``powerN_average``, µW) are
+integrated over the tick with the trapezoid rule. Channels that describe a
+domain RAPL already measures are skipped by the caller.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.model import DeviceEnergy, SensorStatus, TickContext
+from agent.sensors.counters import EnergyCounter
+
+SENSOR_NAME = "hwmon"
+_CHANNEL = re.compile(r"^(?P<kind>power|energy)(?P<index>\d+)_(?P<attr>input|average)$")
+_CPU_WORDS = ("cpu", "package", "socket", "grace", "soc", "core")
+_DRAM_WORDS = ("dram", "mem", "ddr")
+_GPU_WORDS = ("gpu",)
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    chip: str  # hwmon chip name, e.g. "grace", "ina3221"
+    path: Path  # the *_input / *_average file
+    kind: str  # power or energy
+    label: str
+    domain: str  # cpu, dram, board
+    device: str
+
+
+def _read(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return handle.read().decode("ascii", "replace").strip()
+
+
+def classify(chip: str, label: str) -> str:
+    text = f"{chip} {label}".lower()
+    if any(word in text for word in _GPU_WORDS):
+        return "gpu"
+    if any(word in text for word in _DRAM_WORDS):
+        return "dram"
+    if any(word in text for word in _CPU_WORDS):
+        return "cpu"
+    return "board"
+
+
+def discover(sysfs: Path) -> list[Channel]:
+    root = sysfs / "class" / "hwmon"
+    try:
+        chips = sorted(root.iterdir())
+    except OSError:
+        return []
+    channels: list[Channel] = []
+    for chip_dir in chips:
+        try:
+            chip = _read(chip_dir / "name")
+        except OSError:
+            continue
+        by_label: dict[str, Channel] = {}
+        for entry in sorted(chip_dir.iterdir()):
+            match = _CHANNEL.match(entry.name)
+            if not match:
+                continue
+            kind, index = match.group("kind"), match.group("index")
+            try:
+                label = _read(chip_dir / f"{kind}{index}_label")
+            except OSError:
+                label = f"{kind}{index}"
+            domain = classify(chip, label)
+            if domain == "gpu":
+                continue  # GPUs are read through NVML
+            device = re.sub(r"[^a-z0-9]+", "-", f"{chip}-{label}".lower()).strip("-")
+            channel = Channel(chip, entry, kind, label, domain, device)
+            existing = by_label.get(label)
+            # One figure per labelled channel: an energy counter beats a power
+            # reading, and an instantaneous power beats an average.
+            if existing is None or (existing.kind == "power" and kind == "energy") or (
+                existing.kind == kind == "power" and match.group("attr") == "input"
+            ):
+                by_label[label] = channel
+        channels.extend(by_label.values())
+    return channels
+
+
+class HwmonSensor:
+    name = SENSOR_NAME
+
+    def __init__(self, sysfs: Path, skip_domains: frozenset[str] = frozenset()) -> None:
+        self.channels = [c for c in discover(sysfs) if c.domain not in skip_domains]
+        self._counters = {c.path: EnergyCounter() for c in self.channels if c.kind == "energy"}
+        self._last_power_w: dict[Path, float] = {}
+        self._status: dict[Path, SensorStatus] = {}
+
+    @property
+    def available(self) -> bool:
+        return bool(self.channels)
+
+    def sample(self, ctx: TickContext) -> list[DeviceEnergy]:
+        out: list[DeviceEnergy] = []
+        for channel in self.channels:
+            try:
+                raw = int(_read(channel.path))
+            except (OSError, ValueError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable value"
+                self._status[channel.path] = SensorStatus(SENSOR_NAME, channel.device, False, reason)
+                if channel.path in self._counters:
+                    self._counters[channel.path].last_uj = None
+                self._last_power_w.pop(channel.path, None)
+                continue
+            self._status[channel.path] = SensorStatus(SENSOR_NAME, channel.device, True)
+            if channel.kind == "energy":
+                counter = self._counters[channel.path]
+                first = counter.last_uj is None
+                energy_j = counter.advance(raw)
+                source = "hwmon"
+            else:
+                power_w = raw / 1e6
+                previous = self._last_power_w.get(channel.path)
+                self._last_power_w[channel.path] = power_w
+                first = previous is None
+                energy_j = 0.0 if first else (previous + power_w) / 2 * ctx.interval_s
+                source = "hwmon_power"
+            if not first:
+                out.append(DeviceEnergy(channel.domain, channel.device, source, max(energy_j, 0.0), ctx.interval_s))
+        return out
+
+    def status(self) -> list[SensorStatus]:
+        return list(self._status.values())
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,178 @@
+"""RAPL energy counters through the Linux powercap sysfs interface.
+
+Zones live under ``<sysfs>/class/powercap`` as ``intel-rapl:N`` (a socket's
+package, or psys), ``intel-rapl:N:M`` (its dram, core, uncore sub-zones) and
+``intel-rapl-mmio:N`` (the same package again through MMIO). AMD exposes the
+same layout. Core and uncore are inside the package, so they are read by
+``jouleward doctor`` but never added to a domain; an mmio zone that repeats a
+package is dropped; psys covers more than the package and goes to its own
+``platform`` domain.
+"""
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.model import DeviceEnergy, SensorStatus, TickContext
+from agent.sensors.counters import counter_delta
+
+_ZONE_DIR = re.compile(r"^(?P<control>[a-z][a-z-]*):(?P<path>\d+(?::\d+)*)$")
+_NESTED_NAMES = {"core", "uncore"}
+SENSOR_NAME = "powercap"
+
+
+@dataclass(frozen=True, slots=True)
+class Zone:
+    zone_id: str  # directory name, e.g. intel-rapl:0:2
+    path: Path
+    name: str  # contents of the name file, e.g. package-0, dram, psys
+    domain: str  # cpu, dram, platform; "" for zones inside another one
+    device: str  # package-0, dram-0, psys-0
+    mmio: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneProblem:
+    zone_id: str
+    reason: str
+
+
+def _read_text(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return handle.read().decode("ascii", "replace").strip()
+
+
+def _zone_dirs(root: Path) -> dict[str, Path]:
+    """Every zone directory, flat (as in /sys/class/powercap) or nested."""
+    found: dict[str, Path] = {}
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(directory.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if _ZONE_DIR.match(entry.name) and entry.name not in found and entry.is_dir():
+                found[entry.name] = entry
+                stack.append(entry)
+    return found
+
+
+def _socket_index(zone_id: str) -> str:
+    return _ZONE_DIR.match(zone_id).group("path").split(":")[0]
+
+
+def discover(sysfs: Path) -> tuple[list[Zone], list[ZoneProblem]]:
+    """Find the zones to read under ``<sysfs>/class/powercap``."""
+    root = sysfs / "class" / "powercap"
+    zones: list[Zone] = []
+    problems: list[ZoneProblem] = []
+    for zone_id, path in sorted(_zone_dirs(root).items()):
+        if not (path / "energy_uj").exists():
+            continue  # the control-type directory itself, or a zone without a counter
+        try:
+            name = _read_text(path / "name")
+        except OSError as exc:
+            problems.append(ZoneProblem(zone_id, f"cannot read name: {exc.strerror}"))
+            continue
+        control = _ZONE_DIR.match(zone_id).group("control")
+        depth = zone_id.count(":")
+        socket = _socket_index(zone_id)
+        if name in _NESTED_NAMES:
+            domain, device = "", f"{name}-{socket}"
+        elif name.startswith("dram"):
+            domain, device = "dram", f"dram-{socket}"
+        elif name.startswith("psys"):
+            domain, device = "platform", f"psys-{socket}"
+        elif name.startswith("package") or depth == 1:
+            domain, device = "cpu", name if name.startswith("package-") else f"package-{socket}"
+        else:
+            domain, device = "", f"{name}-{socket}"
+        zones.append(Zone(zone_id, path, name, domain, device, control.endswith("-mmio")))
+    regular_devices = {(z.domain, z.device) for z in zones if not z.mmio}
+    kept = [z for z in zones if not (z.mmio and (z.domain, z.device) in regular_devices)]
+    return kept, problems
+
+
+def _describe_error(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied reading energy_uj (root-only since Linux 5.10)"
+    if exc.errno == errno.ENOENT:
+        return "zone disappeared"
+    return f"read failed: {exc.strerror or exc}"
+
+
+class PowercapSensor:
+    """Reads every counted zone once per tick and returns per-device energy."""
+
+    name = SENSOR_NAME
+
+    def __init__(self, sysfs: Path, max_zone_power_w: float = 1000.0) -> None:
+        self._sysfs = sysfs
+        self._max_zone_power_w = max_zone_power_w
+        self.zones, self._problems = discover(sysfs)
+        self._counted = [z for z in self.zones if z.domain]
+        self._max_range: dict[str, int] = {}
+        self._last_uj: dict[str, int] = {}
+        self._status: dict[str, SensorStatus] = {}
+        for zone in self._counted:
+            try:
+                self._max_range[zone.zone_id] = int(_read_text(zone.path / "max_energy_range_uj"))
+            except (OSError, ValueError):
+                self._max_range[zone.zone_id] = 0
+        for problem in self._problems:
+            self._status[problem.zone_id] = SensorStatus(SENSOR_NAME, problem.zone_id, False, problem.reason)
+
+    @property
+    def available(self) -> bool:
+        return bool(self._counted)
+
+    def read_raw(self) -> dict[str, int | OSError | ValueError]:
+        """Raw ``energy_uj`` per counted zone, or the error that reading raised."""
+        return {zone.zone_id: self.read_raw_zone(zone) for zone in self._counted}
+
+    def counter_state(self) -> dict[str, tuple[int, int]]:
+        """Last good raw reading and range per zone, for the ledger."""
+        return {zid: (raw, self._max_range.get(zid, 0)) for zid, raw in self._last_uj.items()}
+
+    def sample(self, ctx: TickContext) -> list[DeviceEnergy]:
+        energy_by_device: dict[tuple[str, str], float] = {}
+        for zone in self._counted:
+            raw = self.read_raw_zone(zone)
+            if isinstance(raw, Exception):
+                reason = _describe_error(raw) if isinstance(raw, OSError) else "energy_uj is not an integer"
+                self._status[zone.zone_id] = SensorStatus(SENSOR_NAME, zone.device, False, reason)
+                # Forget the baseline: when the zone comes back its counter may
+                # have been reset, and guessing a wraparound would invent energy.
+                self._last_uj.pop(zone.zone_id, None)
+                continue
+            self._status[zone.zone_id] = SensorStatus(SENSOR_NAME, zone.device, True)
+            previous = self._last_uj.get(zone.zone_id)
+            self._last_uj[zone.zone_id] = raw
+            if previous is None:
+                continue
+            delta_j = counter_delta(previous, raw, self._max_range[zone.zone_id]) / 1e6
+            if raw < previous and delta_j > self._max_zone_power_w * max(ctx.interval_s, 1e-3) * 2:
+                delta_j = 0.0  # a reset (module reload), not a wraparound
+            key = (zone.domain, zone.device)
+            energy_by_device[key] = energy_by_device.get(key, 0.0) + delta_j
+        return [
+            DeviceEnergy(domain, device, "rapl", energy_j, ctx.interval_s)
+            for (domain, device), energy_j in sorted(energy_by_device.items())
+        ]
+
+    @staticmethod
+    def read_raw_zone(zone: Zone) -> int | OSError | ValueError:
+        try:
+            return int(_read_text(zone.path / "energy_uj"))
+        except (OSError, ValueError) as exc:
+            return exc
+
+    def status(self) -> list[SensorStatus]:
+        return list(self._status.values())
+
+    def close(self) -> None:
+        pass

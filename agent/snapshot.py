@@ -1,0 +1,96 @@
+"""The immutable view of one tick that exporters and the API read.
+
+The sampler builds a new Snapshot after every tick and swaps a reference:
+readers never lock, never trigger a sample, and never see half a tick.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.model import JobRef, SensorStatus
+
+OVERFLOW_JOB = JobRef("_other", "_other", "overflow")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    domain: str
+    device: str
+    source: str
+    energy_j: float
+    power_w: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    ref: JobRef
+    labels: dict[str, str]
+    energy_j: dict[str, float]
+    power_w: dict[str, float]
+    cpu_s: float
+    processes: int
+    first_seen: float
+    last_seen: float
+    finished_at: float | None
+
+    @property
+    def total_energy_j(self) -> float:
+        return sum(self.energy_j.values())
+
+    @property
+    def total_power_w(self) -> float:
+        return sum(self.power_w.values())
+
+
+TICK_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass(frozen=True, slots=True)
+class DurationCounts:
+    """Tick durations per bucket (upper bounds in seconds; the last is +Inf)."""
+
+    counts: tuple[int, ...] = (0,) * (len(TICK_DURATION_BUCKETS_S) + 1)
+    sum_s: float = 0.0
+
+    def observe(self, seconds: float) -> "DurationCounts":
+        index = next((i for i, bound in enumerate(TICK_DURATION_BUCKETS_S) if seconds <= bound),
+                     len(TICK_DURATION_BUCKETS_S))
+        counts = list(self.counts)
+        counts[index] += 1
+        return DurationCounts(tuple(counts), self.sum_s + seconds)
+
+    def buckets(self) -> list[tuple[str, int]]:
+        return list(zip([*map(str, TICK_DURATION_BUCKETS_S), "+Inf"], self.counts))
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    ticks: int = 0
+    last_tick_duration_s: float = 0.0
+    tick_durations: DurationCounts = DurationCounts()
+    sensors: tuple[SensorStatus, ...] = ()
+    sensor_errors: dict[tuple[str, str], int] = field(default_factory=dict)
+    processes: int = 0
+    jobs_running: int = 0
+    jobs_finished: int = 0
+    ledger_flush_unix: float | None = None
+    ledger_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    timestamp_unix: float
+    interval_s: float
+    cpu_utilization_ratio: float
+    devices: tuple[DeviceView, ...]
+    idle_j: dict[str, float]
+    unattributed_j: dict[str, float]
+    idle_power_w: dict[str, float]
+    jobs: tuple[JobView, ...]  # exported jobs, the overflow aggregate last
+    health: Health
+
+    def job(self, job_id: str) -> JobView | None:
+        return next((job for job in self.jobs if job.ref.id == job_id), None)
+
+
+EMPTY_SNAPSHOT = Snapshot(0.0, 0.0, 0.0, (), {}, {}, {}, (), Health())

@@ -1,0 +1,186 @@
+"""The per-tick process scan: the agent's hot path.
+
+Each tick reads ``/proc/stat`` once and ``/proc/<pid>/stat`` once per
+process, nothing else. What does not change during a process's life (its
+cgroup, command line, owner, environment labels) is read at most once per
+(pid, start time), and only when the job resolver asks for it.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from agent.model import ProcessKey
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+# Environment variables the resolver cares about; the rest of environ is not kept.
+ENV_LABELS = ("JOULEWARD_JOB", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_USER")
+
+
+class ProcessFacts:
+    """Static facts about one process, each read from procfs on first use."""
+
+    __slots__ = ("_dir", "__dict__")
+
+    def __init__(self, proc_dir: str) -> None:
+        self._dir = proc_dir
+
+    def _read(self, name: str) -> bytes:
+        try:
+            with open(f"{self._dir}/{name}", "rb") as handle:
+                return handle.read()
+        except OSError:
+            return b""
+
+    @cached_property
+    def cgroup(self) -> str:
+        """The process's cgroup path: the unified (v2) one, else the deepest v1 one."""
+        best = ""
+        for line in self._read("cgroup").decode("utf-8", "replace").splitlines():
+            path = line.split(":", 2)[-1]
+            if line.startswith("0::") and path != "/":
+                return path
+            if len(path) > len(best):
+                best = path
+        return best
+
+    @cached_property
+    def cmdline(self) -> str:
+        return self._read("cmdline").rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+
+    @cached_property
+    def exe(self) -> str:
+        try:
+            return os.readlink(f"{self._dir}/exe")
+        except OSError:
+            return ""
+
+    @cached_property
+    def uid(self) -> int:
+        try:
+            return os.stat(self._dir).st_uid
+        except OSError:
+            return -1
+
+    @cached_property
+    def env_labels(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for entry in self._read("environ").split(b"\0"):
+            name, sep, value = entry.partition(b"=")
+            if sep and name.decode("ascii", "replace") in ENV_LABELS:
+                found[name.decode()] = value.decode("utf-8", "replace")
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCpu:
+    busy_s: float  # busy CPU-seconds across all CPUs since the previous scan
+    utilization_ratio: float  # busy share of all CPU time, 0..1
+
+
+@dataclass(slots=True)
+class ScannedProcess:
+    key: ProcessKey
+    ppid: int
+    comm: str
+    cpu_s: float  # CPU time used since the previous scan
+    rss_bytes: int
+    facts: ProcessFacts
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    processes: list[ScannedProcess]
+    node: NodeCpu
+    exited: list[ProcessKey]
+
+
+def parse_stat(data: bytes) -> tuple[str, int, int, int, int] | None:
+    """(comm, ppid, cpu_ticks, start_ticks, rss_pages) from /proc/<pid>/stat."""
+    close = data.rfind(b")")
+    if close < 0:
+        return None
+    fields = data[close + 2:].split()
+    if len(fields) < 22:
+        return None
+    comm = data[data.find(b"(") + 1:close].decode("utf-8", "replace")
+    return comm, int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]), int(fields[21])
+
+
+def parse_proc_stat_cpu(data: bytes) -> tuple[int, int]:
+    """(busy, total) clock ticks from the aggregate ``cpu`` line of /proc/stat."""
+    line = data.split(b"\n", 1)[0].split()
+    values = [int(v) for v in line[1:9]] + [0] * max(0, 8 - len(line[1:9]))
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+class ProcessScanner:
+    def __init__(self, procfs: Path) -> None:
+        self._procfs = str(procfs)
+        self._facts: dict[ProcessKey, ProcessFacts] = {}
+        self._last_cpu_ticks: dict[ProcessKey, int] = {}
+        self._last_node: tuple[int, int] | None = None
+        self._last_scan_boot_ticks: float | None = None
+
+    def _node_cpu(self) -> NodeCpu:
+        try:
+            with open(f"{self._procfs}/stat", "rb") as handle:
+                busy, total = parse_proc_stat_cpu(handle.read(4096))
+        except (OSError, ValueError, IndexError):
+            return NodeCpu(0.0, 0.0)
+        previous, self._last_node = self._last_node, (busy, total)
+        if previous is None:
+            return NodeCpu(0.0, 0.0)
+        d_busy, d_total = max(busy - previous[0], 0), max(total - previous[1], 0)
+        return NodeCpu(d_busy / CLK_TCK, d_busy / d_total if d_total else 0.0)
+
+    def scan(self) -> Scan:
+        procfs = self._procfs
+        now_boot_ticks = time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK
+        since = self._last_scan_boot_ticks
+        last_cpu = self._last_cpu_ticks
+        facts = self._facts
+        seen: dict[ProcessKey, int] = {}
+        processes: list[ScannedProcess] = []
+        try:
+            names = os.listdir(procfs)
+        except OSError:
+            names = []
+        for name in names:
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"{procfs}/{name}/stat", "rb") as handle:
+                    parsed = parse_stat(handle.read())
+            except OSError:
+                continue  # exited between listdir and open
+            if parsed is None:
+                continue
+            comm, ppid, cpu_ticks, start_ticks, rss_pages = parsed
+            key = ProcessKey(int(name), start_ticks)
+            previous = last_cpu.get(key)
+            if previous is not None:
+                used = cpu_ticks - previous
+            elif since is not None and start_ticks >= since:
+                used = cpu_ticks  # born during this interval: all its CPU time is new
+            else:
+                used = 0  # already running when the agent first saw it
+            seen[key] = cpu_ticks
+            process_facts = facts.get(key)
+            if process_facts is None:
+                process_facts = facts[key] = ProcessFacts(f"{procfs}/{name}")
+            processes.append(
+                ScannedProcess(key, ppid, comm, max(used, 0) / CLK_TCK, rss_pages * PAGE_SIZE, process_facts)
+            )
+        exited = [key for key in last_cpu if key not in seen]
+        for key in exited:
+            facts.pop(key, None)
+        self._last_cpu_ticks = seen
+        self._last_scan_boot_ticks = now_boot_ticks
+        return Scan(processes, self._node_cpu(), exited)

@@ -1,0 +1,178 @@
+"""Which job does a process belong to? First match wins:
+
+1. registered through the control API (a process tree, later children included);
+2. a Kubernetes pod, from the cgroup path (kubepods with containerd, CRI-O or docker);
+3. a Slurm job, from the cgroup path (``/slurm/uid_N/job_M`` or ``slurmstepd.scope/job_M``);
+4. a systemd service or scope, from the cgroup path (sessions and init excluded);
+5. the ``JOULEWARD_JOB=<name>`` label in the process environment;
+6. a configured rule on command line, executable, user or cgroup.
+
+Anything else belongs to the host: its energy is unattributed.
+"""
+from __future__ import annotations
+
+import fnmatch
+import pwd
+import re
+from dataclasses import dataclass
+
+from agent.config import JobRule
+from agent.model import JobRef, ProcessKey
+from agent.workloads.procfs import ProcessFacts, ScannedProcess
+from agent.workloads.registry import Registry
+
+_POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+_CONTAINER_ID = re.compile(r"(?:cri-containerd-|crio-|docker-|containerd-|libpod-)?([0-9a-f]{64})(?:\.scope)?$")
+_SLURM_JOB = re.compile(r"/job_(\d+)(?:/|$)")
+_SYSTEMD_UNIT = re.compile(r"([^/]+\.(?:service|scope))$")
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupJob:
+    ref: JobRef
+    container_id: str = ""
+
+
+def job_from_cgroup(path: str, unit_exclude: tuple[str, ...] = ()) -> CgroupJob | None:
+    """Pure: a pod, Slurm job or systemd unit from a cgroup path."""
+    if not path or path == "/":
+        return None
+    if "kubepods" in path:
+        match = _POD_UID.search(path)
+        if match:
+            uid = match.group(1).replace("_", "-")
+            container = _CONTAINER_ID.search(path.rstrip("/"))
+            return CgroupJob(JobRef(f"pod-{uid}", uid, "pod"), container.group(1) if container else "")
+    if "slurm" in path:
+        match = _SLURM_JOB.search(path)
+        if match:
+            job_id = match.group(1)
+            return CgroupJob(JobRef(f"slurm-{job_id}", job_id, "slurm"))
+    for component in reversed(path.strip("/").split("/")):
+        match = _SYSTEMD_UNIT.match(component)
+        if match:
+            unit = match.group(1)
+            if any(fnmatch.fnmatchcase(unit, pattern) for pattern in unit_exclude):
+                return None
+            return CgroupJob(JobRef(f"systemd-{unit}", unit, "systemd"))
+    return None
+
+
+def _user_matches(wanted: str, uid: int) -> bool:
+    if wanted.isdigit():
+        return int(wanted) == uid
+    try:
+        return pwd.getpwnam(wanted).pw_uid == uid
+    except KeyError:
+        return False
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    rule: JobRule
+    cmdline: re.Pattern | None
+    exe: re.Pattern | None
+    cgroup: re.Pattern | None
+
+    @classmethod
+    def of(cls, rule: JobRule) -> "CompiledRule":
+        return cls(
+            rule,
+            re.compile(rule.cmdline) if rule.cmdline else None,
+            re.compile(rule.exe) if rule.exe else None,
+            re.compile(rule.cgroup) if rule.cgroup else None,
+        )
+
+    def matches(self, facts: ProcessFacts) -> bool:
+        """Every matcher the rule names must match."""
+        if self.cmdline and not self.cmdline.search(facts.cmdline):
+            return False
+        if self.exe and not self.exe.search(facts.exe):
+            return False
+        if self.cgroup and not self.cgroup.search(facts.cgroup):
+            return False
+        if self.rule.user and not _user_matches(self.rule.user, facts.uid):
+            return False
+        return True
+
+
+class JobResolver:
+    """Maps scanned processes to jobs, caching the answer per process key.
+
+    Registered membership is checked every tick (cheap dict lookups); the
+    cgroup, environment and rule chain runs once per process.
+    """
+
+    def __init__(self, registry: Registry, rules: tuple[JobRule, ...] = (),
+                 unit_exclude: tuple[str, ...] = ()) -> None:
+        self.registry = registry
+        self._rules = [CompiledRule.of(rule) for rule in rules]
+        self._unit_exclude = unit_exclude
+        self._static: dict[ProcessKey, JobRef | None] = {}
+        self._generation_seen = -1
+
+    def _static_job(self, facts: ProcessFacts) -> JobRef | None:
+        found = job_from_cgroup(facts.cgroup, self._unit_exclude)
+        if found:
+            return found.ref
+        label = facts.env_labels.get("JOULEWARD_JOB", "").strip()
+        if label:
+            return JobRef(f"env-{label}", label, "env")
+        for rule in self._rules:
+            if rule.matches(facts):
+                return JobRef(f"rule-{rule.rule.name}", rule.rule.name, "rule")
+        return None
+
+    def resolve(self, processes: list[ScannedProcess]) -> list[JobRef | None]:
+        """The job of each process, in order; None for host processes."""
+        registry = self.registry
+        rescan_tree = registry.generation != self._generation_seen
+        by_pid = {p.key.pid: p for p in processes}
+        registered: dict[ProcessKey, str | None] = {}
+
+        def registered_job(process: ScannedProcess) -> str | None:
+            # Walk up the parent chain iteratively: deep trees must not recurse.
+            chain: list[ScannedProcess] = []
+            current = process
+            job_id = None
+            while True:
+                if current.key in registered:
+                    job_id = registered[current.key]
+                    break
+                job_id = registry.job_of(current.key)
+                if job_id is not None:
+                    break
+                if not rescan_tree and current is not process and current.key in self._static:
+                    break  # known, and roots have not changed since it was last checked
+                chain.append(current)
+                parent = by_pid.get(current.ppid)
+                # A parent starts before its child; anything else is a reused pid.
+                if parent is None or parent.key == current.key or parent.key.start_ticks > current.key.start_ticks:
+                    break
+                current = parent
+            for member in chain:
+                registered[member.key] = job_id
+                if job_id is not None:
+                    registry.adopt(member.key, job_id)
+            return job_id
+
+        jobs: list[JobRef | None] = []
+        for process in processes:
+            job_id = registry.job_of(process.key)
+            if job_id is None and (rescan_tree or process.key not in self._static):
+                job_id = registered_job(process)
+            if job_id is not None:
+                job = registry.get(job_id)
+                if job is not None:
+                    jobs.append(job.ref)
+                    continue
+            static = self._static.get(process.key, ...)
+            if static is ...:
+                static = self._static[process.key] = self._static_job(process.facts)
+            jobs.append(static)
+        self._generation_seen = registry.generation
+        return jobs
+
+    def forget(self, exited: list[ProcessKey]) -> None:
+        for key in exited:
+            self._static.pop(key, None)

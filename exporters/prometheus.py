@@ -1,0 +1,164 @@
+"""Prometheus exposition over the latest snapshot.
+
+The collector only reads the snapshot the sampler published: a scrape never
+triggers a sample, and concurrent scrapes cost one text rendering each.
+"""
+from __future__ import annotations
+
+import math
+import platform
+import re
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from agent import __version__
+from agent.model import ATTRIBUTED_DOMAINS
+from agent.snapshot import JobView, Snapshot
+
+JOB_LABELS = ["job_id", "job_name", "job_kind", "namespace"]
+_LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _safe(value: float) -> float:
+    """Never export NaN, infinity or a negative energy or power."""
+    return value if math.isfinite(value) and value > 0 else 0.0
+
+
+def job_label_values(job: JobView) -> list[str]:
+    return [job.ref.id, job.ref.name, job.ref.kind, job.ref.namespace]
+
+
+def info_label_name(key: str) -> str:
+    name = "label_" + _LABEL_NAME.sub("_", key)
+    return name
+
+
+class SnapshotCollector:
+    def __init__(self, get_snapshot: Callable[[], Snapshot],
+                 extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None) -> None:
+        self._get_snapshot = get_snapshot
+        self._extra = extra or []
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._get_snapshot()
+        yield from self._node(snap)
+        yield from self._jobs(snap)
+        yield from self._health(snap)
+        for extra in self._extra:
+            yield from extra(snap)
+
+    def _node(self, snap: Snapshot) -> Iterator[Metric]:
+        energy = CounterMetricFamily("jouleward_node_energy_joules",
+                                     "Energy the device used, cumulative.", labels=["domain", "device", "source"])
+        power = GaugeMetricFamily("jouleward_node_power_watts",
+                                  "Average device power over the last tick.", labels=["domain", "device", "source"])
+        for device in snap.devices:
+            labels = [device.domain, device.device, device.source]
+            energy.add_metric(labels, _safe(device.energy_j))
+            power.add_metric(labels, _safe(device.power_w))
+        yield energy
+        yield power
+        yield GaugeMetricFamily("jouleward_node_cpu_utilization_ratio",
+                                "Busy share of all CPUs over the last tick.", value=_safe(snap.cpu_utilization_ratio))
+        domains = sorted(set(snap.idle_j) | set(snap.unattributed_j))
+        idle = CounterMetricFamily("jouleward_idle_energy_joules", "Static energy not charged to any job.",
+                                   labels=["domain"])
+        unattributed = CounterMetricFamily(
+            "jouleward_unattributed_energy_joules", "Active energy of host processes and the kernel, and energy "
+            "recovered after a restart.", labels=["domain"])
+        for domain in domains:
+            idle.add_metric([domain], _safe(snap.idle_j.get(domain, 0.0)))
+            unattributed.add_metric([domain], _safe(snap.unattributed_j.get(domain, 0.0)))
+        yield idle
+        yield unattributed
+        idle_power = GaugeMetricFamily("jouleward_idle_power_watts",
+                                       "Static power in force per domain (configured or estimated).", labels=["domain"])
+        for domain, watts in sorted(snap.idle_power_w.items()):
+            idle_power.add_metric([domain], _safe(watts))
+        yield idle_power
+
+    def _jobs(self, snap: Snapshot) -> Iterator[Metric]:
+        energy = CounterMetricFamily("jouleward_job_energy_joules", "Energy attributed to the job.",
+                                     labels=[*JOB_LABELS, "domain"])
+        power = GaugeMetricFamily("jouleward_job_power_watts", "Power attributed to the job over the last tick.",
+                                  labels=[*JOB_LABELS, "domain"])
+        cpu = CounterMetricFamily("jouleward_job_cpu_seconds", "CPU time of the job's processes.", labels=JOB_LABELS)
+        processes = GaugeMetricFamily("jouleward_job_processes", "Live processes of the job.", labels=JOB_LABELS)
+        finished = GaugeMetricFamily("jouleward_job_finished", "1 once the job has ended.", labels=JOB_LABELS)
+        info_families: list[GaugeMetricFamily] = []
+        for job in snap.jobs:
+            labels = job_label_values(job)
+            for domain in ATTRIBUTED_DOMAINS:
+                if domain in job.energy_j:
+                    energy.add_metric([*labels, domain], _safe(job.energy_j[domain]))
+                    power.add_metric([*labels, domain], _safe(job.power_w.get(domain, 0.0)))
+            cpu.add_metric(labels, _safe(job.cpu_s))
+            processes.add_metric(labels, float(job.processes))
+            finished.add_metric(labels, 0.0 if job.finished_at is None else 1.0)
+            # One family per job: each job may carry its own label keys.
+            extra = {}
+            for key, value in sorted(job.labels.items()):
+                name = info_label_name(key)
+                if name not in extra and name not in JOB_LABELS:
+                    extra[name] = value
+            info = GaugeMetricFamily("jouleward_job_info", "Job metadata; extra labels live here.",
+                                     labels=[*JOB_LABELS, *extra])
+            info.add_metric([*labels, *extra.values()], 1.0)
+            info_families.append(info)
+        yield energy
+        yield power
+        yield cpu
+        yield processes
+        yield finished
+        if info_families:
+            merged = GaugeMetricFamily("jouleward_job_info", "Job metadata; extra labels live here.")
+            for family in info_families:
+                merged.samples.extend(family.samples)
+            yield merged
+
+    def _health(self, snap: Snapshot) -> Iterator[Metric]:
+        health = snap.health
+        build = GaugeMetricFamily("jouleward_build_info", "Agent version.", labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        yield build
+        cumulative, running = [], 0
+        for bound, count in health.tick_durations.buckets():
+            running += count
+            cumulative.append((bound, running))
+        yield HistogramMetricFamily("jouleward_sample_duration_seconds", "Wall time of one sampling tick.",
+                                    buckets=cumulative, sum_value=health.tick_durations.sum_s)
+        yield CounterMetricFamily("jouleward_ticks", "Sampling ticks completed.", value=health.ticks)
+        up = GaugeMetricFamily("jouleward_sensor_up", "1 when the device read cleanly on the last tick.",
+                               labels=["sensor", "device"])
+        seen = set()
+        for status in health.sensors:
+            key = (status.sensor, status.device)
+            if key not in seen:
+                seen.add(key)
+                up.add_metric(list(key), 1.0 if status.up else 0.0)
+        yield up
+        errors = CounterMetricFamily("jouleward_sensor_errors", "Failed device reads.", labels=["sensor", "device"])
+        for key in sorted(seen | set(health.sensor_errors)):
+            errors.add_metric(list(key), float(health.sensor_errors.get(key, 0)))
+        yield errors
+        yield GaugeMetricFamily("jouleward_processes", "Processes seen in the last scan.", value=health.processes)
+        jobs = GaugeMetricFamily("jouleward_jobs", "Jobs known to the agent.", labels=["state"])
+        jobs.add_metric(["running"], float(health.jobs_running))
+        jobs.add_metric(["finished"], float(health.jobs_finished))
+        yield jobs
+        if health.ledger_flush_unix is not None:
+            yield GaugeMetricFamily("jouleward_ledger_flush_timestamp_seconds",
+                                    "Unix time of the last durable flush.", value=health.ledger_flush_unix)
+        yield CounterMetricFamily("jouleward_ledger_errors", "Failed ledger flushes.", value=health.ledger_errors)
+
+
+def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
