@@ -53,6 +53,12 @@ class Config:
     max_zone_power_w: float = 1000.0
     rules: tuple[JobRule, ...] = ()
     systemd_unit_exclude: tuple[str, ...] = ("init.scope", "session-*.scope", "user@*.service")
+    # NVIDIA GPUs through NVML. Visible devices as in CUDA_VISIBLE_DEVICES
+    # (NVML indices or UUIDs; None: all, and CUDA_VISIBLE_DEVICES if set).
+    gpu_enabled: bool = True
+    gpu_visible_devices: str | None = None
+    gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
+    gpu_idle_power_w: float | None = None  # per GPU; default: estimated
 
     @property
     def control_socket_path(self) -> Path:
@@ -80,6 +86,8 @@ _FLOAT_KEYS = {
     "dram_model_w_per_gib": (0.0, 100.0),
     "finished_job_retention_s": (0.0, 86400.0 * 30),
     "max_zone_power_w": (1.0, 1e6),
+    "gpu_power_sample_interval_s": (0.01, 10.0),
+    "gpu_idle_power_w": (0.0, 5000.0),
 }
 _PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs"}
 _ENV_PREFIX = "JOULEWARD_"
@@ -104,6 +112,16 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if not isinstance(value, (str, Path)) or not str(value):
             raise ConfigError(f"{where}: expected a path, got {value!r}")
         return Path(value)
+    if key == "gpu_enabled":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if key == "gpu_visible_devices":
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a list like \"0,1\" or GPU UUIDs, got {value!r}")
+        return str(value)
     if key == "listen":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected host:port, got {value!r}")
@@ -195,6 +213,9 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(_ENV_PREFIX):].lower()
         if key in known:
             out[key] = value
+    # The operator's CUDA device restriction applies to the agent's view too.
+    if "gpu_visible_devices" not in out and "CUDA_VISIBLE_DEVICES" in environ:
+        out["gpu_visible_devices"] = environ["CUDA_VISIBLE_DEVICES"]
     return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from agent.attribution import IdlePowerEstimator, split_domain
 from agent.config import Config
+from agent.gpu_attribution import GpuIdleTracker
 from agent.ledger import JobActivity, JobRecord, Ledger
 from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
 from agent.sensors import SensorSet, build_sensors
@@ -44,6 +45,7 @@ class ExportSelection:
     overflow: set[str] = field(default_factory=set)
     retired_overflow_j: dict[str, float] = field(default_factory=dict)
     retired_overflow_cpu_s: float = 0.0
+    retired_overflow_gpu_idle_j: float = 0.0
 
     def admit(self, job_id: str) -> None:
         if job_id in self.exported or job_id in self.overflow:
@@ -61,11 +63,12 @@ class ExportSelection:
             for domain, energy in record.energy_j.items():
                 self.retired_overflow_j[domain] = self.retired_overflow_j.get(domain, 0.0) + energy
             self.retired_overflow_cpu_s += record.cpu_s
+            self.retired_overflow_gpu_idle_j += record.gpu_idle_j
 
 
 def _job_view(record: JobRecord) -> JobView:
     return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
-                   record.processes, record.first_seen, record.last_seen, record.finished_at)
+                   record.processes, record.first_seen, record.last_seen, record.finished_at, record.gpu_idle_j)
 
 
 class Agent:
@@ -78,6 +81,7 @@ class Agent:
         self.sensor_set = sensors or build_sensors(config)
         self.boot_id = read_boot_id(config)
         self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
+        self.gpu_idle = GpuIdleTracker(configured_w=config.gpu_idle_power_w)
         self.selection = ExportSelection(config.max_exported_jobs)
         self.snapshot: Snapshot = EMPTY_SNAPSHOT
         self.ticks = 0
@@ -168,6 +172,19 @@ class Agent:
                  for domain, energy in sorted(measured.items())]
         return parts, idle_power
 
+    def _attribute_gpus(self, readings: list[DeviceEnergy], scan: Scan, jobs: list[JobRef | None],
+                        parts: list[DomainAttribution], idle_power: dict[str, float]) -> dict[str, float]:
+        """Append the GPU domain's split to ``parts``; return allocated-idle joules per job."""
+        gpus = [r for r in readings if r.domain == "gpu"]
+        if not gpus:
+            return {}
+        nvml = self.sensor_set.nvml
+        job_of = {process.key.pid: ref.id if ref else None for process, ref in zip(scan.processes, jobs)}
+        result, idle_w = self.gpu_idle.attribute(gpus, nvml.views() if nvml else {}, job_of)
+        parts.append(result.total)
+        idle_power["gpu"] = sum(w for w in idle_w.values() if w is not None)
+        return result.allocated_idle_j
+
     def tick(self) -> Snapshot:
         with self._tick_lock:
             return self._tick()
@@ -222,7 +239,8 @@ class Agent:
             parts, idle_power = [], {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
-            self.ledger.book_tick(now_unix, readings, parts, activity, interval_s)
+            gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
+            self.ledger.book_tick(now_unix, readings, parts, activity, interval_s, gpu_idle_j)
         self.ticks += 1
         self._maybe_flush(now_mono)
         self._retire(now_unix)
@@ -257,6 +275,7 @@ class Agent:
             overflow_energy = dict(self.selection.retired_overflow_j)
             overflow_power: dict[str, float] = {}
             overflow_cpu = self.selection.retired_overflow_cpu_s
+            overflow_gpu_idle = self.selection.retired_overflow_gpu_idle_j
             overflow_processes = 0
             running = finished = 0
             for job_id, record in ledger.jobs.items():
@@ -273,9 +292,10 @@ class Agent:
                         overflow_power[domain] = overflow_power.get(domain, 0.0) + power
                     overflow_cpu += record.cpu_s
                     overflow_processes += record.processes
+                    overflow_gpu_idle += record.gpu_idle_j
             if self.selection.overflow or self.selection.retired_overflow_j:
                 exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
-                                        overflow_processes, 0.0, now_unix, None))
+                                        overflow_processes, 0.0, now_unix, None, overflow_gpu_idle))
             idle = dict(ledger.idle_j)
             unattributed = dict(ledger.unattributed_j)
             flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors
@@ -283,8 +303,10 @@ class Agent:
         self.tick_durations = self.tick_durations.observe(duration_s)
         health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,
                         flush_unix, flush_errors)
+        nvml = self.sensor_set.nvml
+        gpus = tuple(sorted(nvml.views().values(), key=lambda v: v.index)) if nvml else ()
         return Snapshot(now_unix, interval_s, scan.node.utilization_ratio, devices, idle, unattributed,
-                        idle_power, tuple(exported), health)
+                        idle_power, tuple(exported), health, gpus)
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:

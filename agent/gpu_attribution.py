@@ -163,3 +163,36 @@ def attribute_gpus(
         jobs_j=jobs,
     )
     return GpuAttribution(total=total, allocated_idle_j=allocated, devices=splits)
+
+
+@dataclass
+class GpuIdleTracker:
+    """Carries each GPU's idle observations from tick to tick.
+
+    State only (no I/O, no clock): the daemon owns one and feeds it every
+    tick's readings; the arithmetic stays in the pure functions above.
+    """
+
+    configured_w: float | None = None
+    seen: dict[str, IdleObservations] = field(default_factory=dict)
+
+    def attribute(
+        self,
+        energies: list[DeviceEnergy],
+        views: Mapping[str, GpuDeviceView],
+        job_of: Mapping[int, str | None],
+    ) -> tuple[GpuAttribution, dict[str, float | None]]:
+        """Split this tick; also return the idle power in force per GPU."""
+        idle: dict[str, float | None] = {}
+        for reading in energies:
+            if reading.domain != "gpu":
+                continue
+            view = views.get(reading.device)
+            # A GPU whose process list is unknown may be held: it says nothing
+            # about the unheld idle power.
+            held = view is None or not view.processes_known or bool(view.processes)
+            seen = observe_idle(self.seen.get(reading.device, IdleObservations()), reading.power_w,
+                                reading.utilization_ratio, held)
+            self.seen[reading.device] = seen
+            idle[reading.device] = estimated_idle_power_w(seen, self.configured_w)
+        return attribute_gpus(energies, views, idle, job_of), idle

@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
+# job_energy row that holds a job's allocated-but-idle GPU energy.
+GPU_IDLE_ROW = "gpu_idle"
+
+
 class LedgerError(RuntimeError):
     pass
 
@@ -53,6 +57,7 @@ class JobRecord:
     power_w: dict[str, float] = field(default_factory=dict)
     processes: int = 0
     registration: RegisteredJob | None = None
+    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +140,10 @@ class Ledger:
 
     @staticmethod
     def _record_from_row(row: sqlite3.Row, energy: dict[str, float]) -> JobRecord:
+        energy = dict(energy)
+        gpu_idle_j = energy.pop(GPU_IDLE_ROW, 0.0)
         return JobRecord(
+            gpu_idle_j=gpu_idle_j,
             ref=JobRef(row["id"], row["name"], row["kind"], row["namespace"]),
             labels=json.loads(row["labels"]),
             first_seen=row["first_seen"],
@@ -164,8 +172,13 @@ class Ledger:
         parts: list[DomainAttribution],
         activity: dict[str, JobActivity],
         interval_s: float,
+        gpu_idle_j: dict[str, float] | None = None,
     ) -> None:
         with self._lock:
+            for job_id, energy_j in (gpu_idle_j or {}).items():
+                record = self.jobs.get(job_id)
+                if record is not None:
+                    record.gpu_idle_j += energy_j
             self.node_power_w = {}
             for reading in devices:
                 key = (reading.domain, reading.device, reading.source)
@@ -268,7 +281,8 @@ class Ledger:
         self._db.executemany(
             "INSERT INTO job_energy (job_id, domain, energy_j) VALUES (?,?,?) "
             "ON CONFLICT(job_id, domain) DO UPDATE SET energy_j=excluded.energy_j",
-            [(ref.id, domain, energy) for domain, energy in record.energy_j.items()],
+            [(ref.id, domain, energy) for domain, energy in record.energy_j.items()]
+            + ([(ref.id, GPU_IDLE_ROW, record.gpu_idle_j)] if record.gpu_idle_j > 0 else []),
         )
 
     def flush(self, counters: dict[str, tuple[int, int]] | None = None, boot_id: str = "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.gpu_model import GpuDeviceView
 from agent.model import JobRef, SensorStatus
 
 OVERFLOW_JOB = JobRef("_other", "_other", "overflow")
@@ -32,6 +33,7 @@ class JobView:
     first_seen: float
     last_seen: float
     finished_at: float | None
+    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
     @property
     def total_energy_j(self) -> float:
@@ -88,6 +90,7 @@ class Snapshot:
     idle_power_w: dict[str, float]
     jobs: tuple[JobView, ...]  # exported jobs, the overflow aggregate last
     health: Health
+    gpus: tuple[GpuDeviceView, ...] = ()  # what NVML showed on the last tick
 
     def job(self, job_id: str) -> JobView | None:
         return next((job for job in self.jobs if job.ref.id == job_id), None)

@@ -236,6 +236,6 @@ def test_missing_library_is_a_clear_doctor_line():
     if ctypes.util.find_library("nvidia-ml"):
         pytest.skip("a real NVML library is installed here")
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "LD_PRELOAD")}
-    result = _run_child("from agent.sensors.nvml import doctor_lines; print(doctor_lines())", env)
+    result = _run_child("from agent.sensors.nvml import diagnose; print(diagnose())", env)
     assert result.returncode == 0, result.stderr
-    assert "NVML did not initialise" in result.stdout and "Not Found" in result.stdout
+    assert result.stdout.startswith("[(False, 'NVML did not initialise: NVML Shared Library Not Found')]")

@@ -303,26 +303,30 @@ class NvmlSensor:
         with self._lock:
             return [SensorStatus(self.name, g.label, g.up, g.reason) for g in self._gpus]
 
-    def describe(self) -> list[str]:
-        """Human lines for ``jouleward doctor``."""
-        lines = [f"NVML driver {self.driver_version}, {len(self._gpus)} GPU(s) visible"]
+    def diagnose(self) -> list[tuple[bool, str]]:
+        """(usable, detail) per GPU, for ``jouleward doctor``."""
+        found: list[tuple[bool, str]] = []
         for gpu in self._gpus:
             if gpu.handle is None:
-                lines.append(f"{gpu.label}: down: {gpu.reason}")
+                found.append((False, f"{gpu.label}: {gpu.reason}"))
                 continue
             try:
                 pynvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle)
-                source = "energy counter (nvml_energy)"
+                source = "energy counter (source nvml_energy)"
             except pynvml.NVMLError_NotSupported:
-                source = f"power sampled every {self._interval_s:g} s (nvml_power)"
+                source = f"no energy counter: power sampled every {self._interval_s:g} s (source nvml_power)"
             except pynvml.NVMLError as exc:
-                lines.append(f"{gpu.label} {gpu.name} {gpu.uuid}: down: {_reason(exc)}")
+                found.append((False, f"{gpu.label} {gpu.name} {gpu.uuid}: {_reason(exc)}"))
                 continue
-            mig = _optional(lambda: pynvml.nvmlDeviceGetMigMode(gpu.handle)[0])
-            lines.append(
-                f"{gpu.label} {gpu.name} {gpu.uuid}: {source}, MIG {'on' if mig else 'off'}"
-            )
-        return lines
+            try:
+                mig = _optional(lambda: pynvml.nvmlDeviceGetMigMode(gpu.handle)[0])
+                per_process = self._process_sm(gpu) is not None
+            except pynvml.NVMLError as exc:
+                found.append((False, f"{gpu.label} {gpu.name} {gpu.uuid}: {_reason(exc)}"))
+                continue
+            split = "per-process SM utilisation" if per_process else "no per-process utilisation: split by memory"
+            found.append((True, f"{gpu.label} {gpu.name} {gpu.uuid}: {source}, MIG {'on' if mig else 'off'}, {split}"))
+        return found
 
     def close(self) -> None:
         self._stop.set()
@@ -355,13 +359,14 @@ def _optional(read: Callable[[], object]):
     return value
 
 
-def doctor_lines(visible_devices: str | None = None) -> list[str]:
-    """What NVML offers here, or why it cannot be used."""
+def diagnose(visible_devices: str | None = None, power_sample_interval_s: float = 0.1) -> list[tuple[bool, str]]:
+    """(usable, detail) lines saying what NVML offers here, or why it cannot be used."""
     try:
-        sensor = NvmlSensor(visible_devices=visible_devices)
+        sensor = NvmlSensor(visible_devices, power_sample_interval_s)
     except NvmlUnavailable as exc:
-        return [f"GPU: {exc}"]
+        return [(False, str(exc))]
     try:
-        return [f"GPU: {line}" for line in sensor.describe()]
+        lines = sensor.diagnose()
+        return [(True, f"NVML driver {sensor.driver_version}, {len(lines)} GPU(s) visible")] + lines
     finally:
         sensor.close()
