@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, field_validator
 
+from agent.control_api import control_router, install_error_handler as install_control_error_handler
 from agent.daemon import Agent
 from agent.ledger import JobRecord
 from agent.workloads.registry import RegistrationError, UnknownJob
@@ -184,23 +185,7 @@ def create_control_app(agent: Agent) -> FastAPI:
     _install_error_handlers(app)
     _add_read_routes(app, agent)
 
-    @app.post("/v1/jobs", status_code=201, response_model=JobOut,
-              responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}})
-    def register(body: JobRegistration) -> JobOut:
-        try:
-            record = agent.register_job(body.name, list(dict.fromkeys(body.pids)), body.labels)
-        except RegistrationError as exc:
-            raise HTTPException(404, str(exc)) from None
-        return job_out(record)
-
-    @app.post("/v1/jobs/{job_id}/finish", response_model=JobOut,
-              responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut}})
-    def finish(job_id: str) -> JobOut:
-        if agent.registered(job_id) is None:
-            raise HTTPException(404, f"no registered job {job_id!r}")
-        try:
-            return job_out(agent.finish_job(job_id))
-        except UnknownJob:
-            raise HTTPException(404, f"no registered job {job_id!r}") from None
-
+    # Register, finish and work units, with the caller's uid checked (agent.control).
+    install_control_error_handler(app)
+    app.include_router(control_router(agent, agent.work_units))
     return app

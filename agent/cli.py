@@ -80,6 +80,11 @@ COMMANDS = {"run": _run, "doctor": _doctor}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["wrap"]:  # its own parser: everything after -- belongs to the command
+        from agent.wrap import main as wrap_main
+
+        return wrap_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from agent.attribution import IdlePowerEstimator, split_domain
 from agent.config import Config
+from agent.control_api import WorkUnits
 from agent.gpu_attribution import GpuIdleTracker
 from agent.ledger import JobActivity, JobRecord, Ledger
 from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
@@ -76,6 +77,7 @@ class Agent:
         self.config = config
         self.ledger = Ledger(config.state_dir)
         self.registry = Registry(config.procfs)
+        self.work_units = WorkUnits()  # reported through the control API
         self.scanner = ProcessScanner(config.procfs)
         self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude)
         self.sensor_set = sensors or build_sensors(config)

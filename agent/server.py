@@ -15,6 +15,7 @@ import uvicorn
 from agent.api import create_control_app, create_read_app
 from agent.config import Config
 from agent.daemon import Agent
+from agent.peercred_http import PeerCredH11Protocol
 
 log = logging.getLogger("jouleward")
 
@@ -55,7 +56,7 @@ def serve(config: Config, stop: threading.Event | None = None) -> None:
         uvicorn.Server(uvicorn.Config(create_read_app(agent), host=host, port=port, log_level="warning",
                                       access_log=False, lifespan="off")),
         uvicorn.Server(uvicorn.Config(create_control_app(agent), uds=str(socket_path), log_level="warning",
-                                      access_log=False, lifespan="off")),
+                                      access_log=False, lifespan="off", http=PeerCredH11Protocol)),
     ]
 
     async def run_servers() -> None:

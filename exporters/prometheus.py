@@ -90,11 +90,14 @@ class SnapshotCollector:
         processes = GaugeMetricFamily("jouleward_job_processes", "Live processes of the job.", labels=JOB_LABELS)
         finished = GaugeMetricFamily("jouleward_job_finished", "1 once the job has ended.", labels=JOB_LABELS)
         info_families: list[GaugeMetricFamily] = []
+        # Every job gets a series for every attributed domain the node measures,
+        # so a job that has used nothing yet still shows as 0, not as absent.
+        node_domains = {d.domain for d in snap.devices}
         for job in snap.jobs:
             labels = job_label_values(job)
             for domain in ATTRIBUTED_DOMAINS:
-                if domain in job.energy_j:
-                    energy.add_metric([*labels, domain], _safe(job.energy_j[domain]))
+                if domain in job.energy_j or domain in node_domains:
+                    energy.add_metric([*labels, domain], _safe(job.energy_j.get(domain, 0.0)))
                     power.add_metric([*labels, domain], _safe(job.power_w.get(domain, 0.0)))
             cpu.add_metric(labels, _safe(job.cpu_s))
             processes.add_metric(labels, float(job.processes))
