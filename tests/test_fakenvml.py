@@ -4,8 +4,8 @@ import time
 import pynvml
 import pytest
 
-from fakenvml.build import FakeDevice, FakeProcess
-from fakenvml.fixtures import fake_nvml, fake_nvml_library  # noqa: F401  (fixtures)
+from tests.fakenvml.build import FakeDevice, FakeProcess
+from tests.fakenvml.fixtures import fake_nvml, fake_nvml_library  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build
+from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_IDLE_W = 50.0

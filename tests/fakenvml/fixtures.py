@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fakenvml.build import BuildError, FakeState, build, preload
+from tests.fakenvml.build import BuildError, FakeState, build, preload
 
 _loaded: Path | None = None
 
