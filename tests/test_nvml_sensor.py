@@ -86,6 +86,22 @@ def test_two_processes_at_3_to_1_sm_share_split_active_energy_3_to_1(fake_nvml, 
     assert {p.pid: p.used_memory_bytes for p in view.processes} == {a: 4 * 2**30, b: 4 * 2**30}
 
 
+def test_a_tick_too_soon_for_new_samples_keeps_the_last_split(fake_nvml, sensor_factory):
+    fake_nvml.state.devices = [FakeDevice(0, "GPU-q", epoch_s=time.monotonic())]
+    fake_nvml.state.processes = [FakeProcess(0, 10, mem=1, sm=75), FakeProcess(0, 11, mem=1, sm=25)]
+    fake_nvml.write()
+    sensor = sensor_factory()
+    sensor.sample(CTX)
+    sensor.sample(CTX)  # within the same 100 ms sample period of the fake: no new samples
+    assert {p.pid: p.sm_utilization_pct for p in sensor.views()["gpu-0"].processes} == {10: 75.0, 11: 25.0}
+    fake_nvml.state.processes = [FakeProcess(0, 10, mem=1), FakeProcess(0, 11, mem=1)]  # nothing runs now
+    fake_nvml.write()
+    time.sleep(1.3)
+    sensor.sample(CTX)
+    view = sensor.views()["gpu-0"]
+    assert [p.sm_utilization_pct for p in view.processes] == [0.0, 0.0] and view.split_method == "memory"
+
+
 def _truth_j(device: FakeDevice, t0: float, t1: float) -> float:
     w = 2 * math.pi / device.wave_period_s
 

@@ -21,6 +21,10 @@ from agent.model import DeviceEnergy, SensorStatus, TickContext
 
 SOURCE_ENERGY = "nvml_energy"
 SOURCE_POWER = "nvml_power"
+# NVML adds per-process samples every ~1/6 s. A tick that finds none newer
+# than the last it saw, within this long of it, came too soon after the
+# previous one: the previous weights still describe the GPU.
+SAMPLE_HOLD_US = 1_000_000
 # Older bindings name the version-mismatch error differently or not at all.
 _MISMATCH = tuple(
     cls for cls in (getattr(pynvml, "NVMLLibraryMismatchError", None), pynvml.NVMLError_FunctionNotFound) if cls
@@ -95,6 +99,7 @@ class _Gpu:
     last_energy_t: float = 0.0
     integral: _PowerIntegral = field(default_factory=_PowerIntegral)
     last_seen_us: int = 0  # newest per-process utilisation sample consumed
+    last_sm: dict[int, float] = field(default_factory=dict)
     up: bool = True
     reason: str = ""
 
@@ -113,12 +118,14 @@ class NvmlSensor:
         visible_devices: str | None = None,
         power_sample_interval_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         try:
             pynvml.nvmlInit()
         except pynvml.NVMLError as exc:
             raise NvmlUnavailable(f"NVML did not initialise: {_reason(exc)}") from None
         self._clock = clock
+        self._wall_clock = wall_clock
         self._interval_s = power_sample_interval_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -281,7 +288,9 @@ class NvmlSensor:
         try:
             samples = pynvml.nvmlDeviceGetProcessUtilization(gpu.handle, gpu.last_seen_us)
         except pynvml.NVMLError_NotFound:
-            return {}  # no new samples: nothing ran on the GPU
+            if gpu.last_sm and self._wall_clock() * 1e6 - gpu.last_seen_us < SAMPLE_HOLD_US:
+                return dict(gpu.last_sm)
+            return {}  # no new samples for a while: nothing ran on the GPU
         except pynvml.NVMLError_GpuIsLost:
             raise
         except pynvml.NVMLError:
@@ -291,7 +300,8 @@ class NvmlSensor:
             if s.smUtil <= 100:  # drivers mark missing values with large sentinels
                 per_pid[int(s.pid)].append(float(s.smUtil))
             gpu.last_seen_us = max(gpu.last_seen_us, int(s.timeStamp))
-        return {pid: sum(v) / len(v) for pid, v in per_pid.items()}
+        gpu.last_sm = {pid: sum(v) / len(v) for pid, v in per_pid.items()}
+        return dict(gpu.last_sm)
 
     # -- reporting ----------------------------------------------------------
 
