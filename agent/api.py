@@ -2,77 +2,20 @@
 (register, finish) only on the Unix control socket. No arithmetic here."""
 from __future__ import annotations
 
-import re
 import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
+from agent.api_models import ErrorOut, JobOut, job_out
 from agent.control_api import control_router, install_error_handler as install_control_error_handler
 from agent.daemon import Agent
-from agent.ledger import JobRecord
-from agent.workloads.registry import RegistrationError, UnknownJob
 from exporters.prometheus import SnapshotCollector, make_registry, render
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-_LABEL_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]{0,62}$")
-MAX_NAME = 128
-MAX_LABEL_VALUE = 256
-MAX_LABELS = 32
-MAX_PIDS = 4096
-
-
-def _check_text(value: str, what: str, limit: int) -> str:
-    if not value.strip():
-        raise ValueError(f"{what} must not be empty")
-    if len(value) > limit:
-        raise ValueError(f"{what} is longer than {limit} characters")
-    if _CONTROL_CHARS.search(value):
-        raise ValueError(f"{what} must not contain control characters")
-    return value
-
-
-class JobRegistration(BaseModel):
-    name: str = Field(description="Human name of the job, 1-128 printable characters")
-    pids: Annotated[list[Annotated[int, Field(gt=0, lt=2**22)]], Field(min_length=1, max_length=MAX_PIDS)]
-    labels: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return _check_text(value, "name", MAX_NAME)
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > MAX_LABELS:
-            raise ValueError(f"at most {MAX_LABELS} labels")
-        for key, text in value.items():
-            if not _LABEL_KEY.match(key):
-                raise ValueError(f"label key {key!r} must match {_LABEL_KEY.pattern}")
-            if len(text) > MAX_LABEL_VALUE or _CONTROL_CHARS.search(text):
-                raise ValueError(f"label {key!r}: at most {MAX_LABEL_VALUE} characters, no control characters")
-        return value
-
-
-class JobOut(BaseModel):
-    id: str
-    name: str
-    kind: str
-    namespace: str
-    labels: dict[str, str]
-    running: bool
-    energy_j: dict[str, float]
-    power_w: dict[str, float]
-    cpu_s: float
-    processes: int
-    first_seen: float
-    last_seen: float
-    finished_at: float | None
 
 
 class DeviceOut(BaseModel):
@@ -100,24 +43,12 @@ class NodeOut(BaseModel):
     sensors: list[SensorOut]
 
 
-class ErrorOut(BaseModel):
-    detail: str
-
-
-def job_out(record: JobRecord) -> JobOut:
-    return JobOut(
-        id=record.ref.id, name=record.ref.name, kind=record.ref.kind, namespace=record.ref.namespace,
-        labels=dict(record.labels), running=record.finished_at is None, energy_j=dict(record.energy_j),
-        power_w=dict(record.power_w), cpu_s=record.cpu_s, processes=record.processes,
-        first_seen=record.first_seen, last_seen=record.last_seen, finished_at=record.finished_at,
-    )
-
-
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(message if message.startswith(f"{where}:") or not where else f"{where}: {message}")
     return "; ".join(parts) or "invalid request"
 
 
@@ -187,5 +118,5 @@ def create_control_app(agent: Agent) -> FastAPI:
 
     # Register, finish and work units, with the caller's uid checked (agent.control).
     install_control_error_handler(app)
-    app.include_router(control_router(agent, agent.work_units))
+    app.include_router(control_router(agent))
     return app

@@ -6,44 +6,19 @@ Every decision about who may do what is in ``agent.control``.
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agent.control import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok, \
-    validate_job_name, validate_labels, validate_work
+from agent.api_models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
+from agent.control import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok
 from agent.peercred_http import peer_of
 from agent.workloads.registry import RegistrationError, UnknownJob
 
-MAX_PIDS = 64
-
-
-class WorkUnits:
-    """Work done per job and unit, as reported; only ever grows."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, dict[str, float]] = {}
-
-    def add(self, job_id: str, unit: str, count: float) -> dict[str, float]:
-        with self._lock:
-            units = self._counts.setdefault(job_id, {})
-            units[unit] = units.get(unit, 0.0) + count
-            return dict(units)
-
-    def of(self, job_id: str) -> dict[str, float]:
-        with self._lock:
-            return dict(self._counts.get(job_id, {}))
-
-    def all(self) -> dict[str, dict[str, float]]:
-        with self._lock:
-            return {job: dict(units) for job, units in self._counts.items()}
-
-    def drop(self, job_id: str) -> None:
-        with self._lock:
-            self._counts.pop(job_id, None)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (401, 403, 404, 422)
+}
 
 
 def caller_of(request: Request, tcp_token: str | None) -> Caller:
@@ -55,54 +30,25 @@ def caller_of(request: Request, tcp_token: str | None) -> Caller:
     raise ControlError(401, "control requests need the Unix control socket or a valid bearer token")
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except Exception:
-        raise ControlError(400, "body: expected a JSON object") from None
-    if not isinstance(body, dict):
-        raise ControlError(400, "body: expected a JSON object")
-    return body
-
-
-def _job_answer(agent: Any, work: WorkUnits, job_id: str) -> dict[str, Any]:
-    record = agent.ledger.job(job_id)
-    registration = agent.registered(job_id)
-    ref = record.ref if record is not None else registration.ref
-    return {
-        "id": ref.id,
-        "name": ref.name,
-        "kind": ref.kind,
-        "labels": dict(registration.labels) if registration else {},
-        "energy_j": dict(record.energy_j) if record else {},
-        "cpu_s": record.cpu_s if record else 0.0,
-        "work_units": work.of(job_id),
-        "finished": bool(registration and registration.finished_at is not None),
-    }
-
-
-def control_router(agent: Any, work: WorkUnits, tcp_token: str | None = None) -> APIRouter:
-    """``agent`` is ``agent.daemon.Agent`` (register_job, finish_job, registered, ledger)."""
+def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
+    """``agent`` is ``agent.daemon.Agent`` (register_job, finish_job, add_work, registered, ledger)."""
     router = APIRouter()
     procfs = agent.config.procfs
 
-    @router.post("/v1/jobs", status_code=201)
-    async def register(request: Request) -> dict[str, Any]:
+    @router.post("/v1/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
+    def register(body: JobRegistration, request: Request) -> JobOut:
         caller = caller_of(request, tcp_token)
-        body = await _json_object(request)
-        name = validate_job_name(body.get("name"))
-        labels = validate_labels(body.get("labels"))
-        pids = body.get("pids", [caller.pid] if caller.pid else None)
-        if not isinstance(pids, list) or not pids or len(pids) > MAX_PIDS:
-            raise ControlError(422, f"pids: expected a list of 1..{MAX_PIDS} process ids")
+        pids = list(dict.fromkeys(body.pids)) if body.pids else ([caller.pid] if caller.pid else [])
+        if not pids:
+            raise ControlError(422, "pids: a TCP caller must name the processes")
         for pid in pids:
             authorize_register(caller, pid, procfs)
         owner = caller.uid if caller.uid is not None else 0
         try:
-            record = agent.register_job(name, pids, labels, owner_uid=owner)
+            record = agent.register_job(body.name, pids, body.labels, owner_uid=owner)
         except RegistrationError as exc:
             raise ControlError(404, str(exc)) from None
-        return _job_answer(agent, work, record.ref.id)
+        return job_out(record)
 
     def _owned(caller: Caller, job_id: str) -> None:
         registration = agent.registered(job_id)
@@ -110,23 +56,21 @@ def control_router(agent: Any, work: WorkUnits, tcp_token: str | None = None) ->
             raise ControlError(404, f"no registered job {job_id!r}")
         authorize_job_change(caller, registration.owner_uid)
 
-    @router.post("/v1/jobs/{job_id}/finish")
-    async def finish(job_id: str, request: Request) -> dict[str, Any]:
-        caller = caller_of(request, tcp_token)
-        _owned(caller, job_id)
+    @router.post("/v1/jobs/{job_id}/finish", response_model=JobOut, responses=ERRORS)
+    def finish(job_id: str, request: Request) -> JobOut:
+        _owned(caller_of(request, tcp_token), job_id)
         try:
-            agent.finish_job(job_id)
+            return job_out(agent.finish_job(job_id))
         except UnknownJob:
             raise ControlError(404, f"no registered job {job_id!r}") from None
-        return _job_answer(agent, work, job_id)
 
-    @router.post("/v1/jobs/{job_id}/work")
-    async def add_work(job_id: str, request: Request) -> dict[str, Any]:
-        caller = caller_of(request, tcp_token)
-        _owned(caller, job_id)
-        body = await _json_object(request)
-        unit, count = validate_work(body.get("unit"), body.get("count"))
-        return {"id": job_id, "work_units": work.add(job_id, unit, count)}
+    @router.post("/v1/jobs/{job_id}/work", response_model=JobOut, responses=ERRORS)
+    def add_work(job_id: str, body: WorkReport, request: Request) -> JobOut:
+        _owned(caller_of(request, tcp_token), job_id)
+        try:
+            return job_out(agent.add_work(job_id, body.unit, body.count))
+        except UnknownJob:
+            raise ControlError(404, f"job {job_id!r} has ended and left memory; it takes no more work") from None
 
     return router
 
@@ -136,10 +80,3 @@ def install_error_handler(app: FastAPI) -> None:
     async def _control_error(_request: Request, exc: ControlError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
-
-
-def control_app(agent: Any, work: WorkUnits, tcp_token: str | None = None) -> FastAPI:
-    app = FastAPI(title="jouleward control", docs_url=None, redoc_url=None, openapi_url=None)
-    install_error_handler(app)
-    app.include_router(control_router(agent, work, tcp_token))
-    return app

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from agent.attribution import IdlePowerEstimator, split_domain
 from agent.config import Config
-from agent.control_api import WorkUnits
 from agent.gpu_attribution import GpuIdleTracker
 from agent.ledger import JobActivity, JobRecord, Ledger
 from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
@@ -46,6 +45,7 @@ class ExportSelection:
     overflow: set[str] = field(default_factory=set)
     retired_overflow_j: dict[str, float] = field(default_factory=dict)
     retired_overflow_cpu_s: float = 0.0
+    retired_overflow_work: dict[str, float] = field(default_factory=dict)
     retired_overflow_gpu_idle_j: float = 0.0
 
     def admit(self, job_id: str) -> None:
@@ -64,12 +64,15 @@ class ExportSelection:
             for domain, energy in record.energy_j.items():
                 self.retired_overflow_j[domain] = self.retired_overflow_j.get(domain, 0.0) + energy
             self.retired_overflow_cpu_s += record.cpu_s
+            for unit, count in record.work_units.items():
+                self.retired_overflow_work[unit] = self.retired_overflow_work.get(unit, 0.0) + count
             self.retired_overflow_gpu_idle_j += record.gpu_idle_j
 
 
 def _job_view(record: JobRecord) -> JobView:
     return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
-                   record.processes, record.first_seen, record.last_seen, record.finished_at, record.gpu_idle_j)
+                   record.processes, record.first_seen, record.last_seen, record.finished_at, dict(record.work_units),
+                   gpu_idle_j=record.gpu_idle_j)
 
 
 class Agent:
@@ -77,7 +80,6 @@ class Agent:
         self.config = config
         self.ledger = Ledger(config.state_dir)
         self.registry = Registry(config.procfs)
-        self.work_units = WorkUnits()  # reported through the control API
         self.scanner = ProcessScanner(config.procfs)
         self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude)
         self.sensor_set = sensors or build_sensors(config)
@@ -142,6 +144,12 @@ class Agent:
         self.ledger.mark_finished(job_id, job)
         self.ledger.flush()
         return self.ledger.job(job_id)
+
+    def add_work(self, job_id: str, unit: str, count: float) -> JobRecord:
+        record = self.ledger.add_work(job_id, unit, count)
+        if record is None:
+            raise UnknownJob(job_id)
+        return record
 
     def registered(self, job_id: str) -> RegisteredJob | None:
         return self.registry.get(job_id)
@@ -279,6 +287,7 @@ class Agent:
             overflow_cpu = self.selection.retired_overflow_cpu_s
             overflow_gpu_idle = self.selection.retired_overflow_gpu_idle_j
             overflow_processes = 0
+            overflow_work = dict(self.selection.retired_overflow_work)
             running = finished = 0
             for job_id, record in ledger.jobs.items():
                 if record.finished_at is None:
@@ -294,10 +303,13 @@ class Agent:
                         overflow_power[domain] = overflow_power.get(domain, 0.0) + power
                     overflow_cpu += record.cpu_s
                     overflow_processes += record.processes
+                    for unit, count in record.work_units.items():
+                        overflow_work[unit] = overflow_work.get(unit, 0.0) + count
                     overflow_gpu_idle += record.gpu_idle_j
             if self.selection.overflow or self.selection.retired_overflow_j:
                 exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
-                                        overflow_processes, 0.0, now_unix, None, overflow_gpu_idle))
+                                        overflow_processes, 0.0, now_unix, None, overflow_work,
+                                        gpu_idle_j=overflow_gpu_idle))
             idle = dict(ledger.idle_j)
             unattributed = dict(ledger.unattributed_j)
             flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors

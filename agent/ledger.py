@@ -31,6 +31,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS job_energy (
     job_id TEXT NOT NULL, domain TEXT NOT NULL, energy_j REAL NOT NULL,
     PRIMARY KEY (job_id, domain));
+CREATE TABLE IF NOT EXISTS job_work (
+    job_id TEXT NOT NULL, unit TEXT NOT NULL, count REAL NOT NULL,
+    PRIMARY KEY (job_id, unit));
 CREATE TABLE IF NOT EXISTS counters (
     zone_id TEXT PRIMARY KEY, raw_uj INTEGER NOT NULL, max_range_uj INTEGER NOT NULL,
     boot_id TEXT NOT NULL, monotonic_s REAL NOT NULL);
@@ -57,6 +60,7 @@ class JobRecord:
     power_w: dict[str, float] = field(default_factory=dict)
     processes: int = 0
     registration: RegisteredJob | None = None
+    work_units: dict[str, float] = field(default_factory=dict)  # reported work, by unit
     gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
 
@@ -136,10 +140,14 @@ class Ledger:
             energy.setdefault(row["job_id"], {})[row["domain"]] = row["energy_j"]
         # Finished jobs stay in SQLite; only running ones come back into memory.
         for row in db.execute("SELECT * FROM jobs WHERE finished_at IS NULL"):
-            self.jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}))
+            self.jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}), self._work_of(row["id"]))
+
+    def _work_of(self, job_id: str) -> dict[str, float]:
+        return {r["unit"]: r["count"] for r in
+                self._db.execute("SELECT unit, count FROM job_work WHERE job_id = ?", (job_id,))}
 
     @staticmethod
-    def _record_from_row(row: sqlite3.Row, energy: dict[str, float]) -> JobRecord:
+    def _record_from_row(row: sqlite3.Row, energy: dict[str, float], work: dict[str, float]) -> JobRecord:
         energy = dict(energy)
         gpu_idle_j = energy.pop(GPU_IDLE_ROW, 0.0)
         return JobRecord(
@@ -152,6 +160,7 @@ class Ledger:
             cpu_s=row["cpu_s"],
             energy_j=dict(energy),
             registration=_registration_from_row(row) if row["registration"] else None,
+            work_units=dict(work),
         )
 
     def saved_counters(self) -> dict[str, SavedCounter]:
@@ -234,7 +243,17 @@ class Ledger:
             return None
         energy = {r["domain"]: r["energy_j"] for r in
                   self._db.execute("SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (job_id,))}
-        return self._record_from_row(row, energy)
+        return self._record_from_row(row, energy, self._work_of(job_id))
+
+    def add_work(self, job_id: str, unit: str, count: float) -> JobRecord | None:
+        """Add reported units of work (samples, tokens, ...); durable with the next flush."""
+        with self._lock:
+            record = self.jobs.get(job_id)
+            if record is None:
+                return None
+            record.work_units[unit] = record.work_units.get(unit, 0.0) + count
+            self._dirty_jobs.add(job_id)
+            return record
 
     def add_unattributed(self, domain: str, energy_j: float) -> None:
         if energy_j > 0 and math.isfinite(energy_j):
@@ -283,6 +302,11 @@ class Ledger:
             "ON CONFLICT(job_id, domain) DO UPDATE SET energy_j=excluded.energy_j",
             [(ref.id, domain, energy) for domain, energy in record.energy_j.items()]
             + ([(ref.id, GPU_IDLE_ROW, record.gpu_idle_j)] if record.gpu_idle_j > 0 else []),
+        )
+        self._db.executemany(
+            "INSERT INTO job_work (job_id, unit, count) VALUES (?,?,?) "
+            "ON CONFLICT(job_id, unit) DO UPDATE SET count=excluded.count",
+            [(ref.id, unit, count) for unit, count in record.work_units.items()],
         )
 
     def flush(self, counters: dict[str, tuple[int, int]] | None = None, boot_id: str = "",
@@ -348,7 +372,7 @@ class Ledger:
                 if row["id"] not in records:
                     energy = {r["domain"]: r["energy_j"] for r in self._db.execute(
                         "SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (row["id"],))}
-                    records[row["id"]] = self._record_from_row(row, energy)
+                    records[row["id"]] = self._record_from_row(row, energy, self._work_of(row["id"]))
         return sorted(records.values(), key=lambda r: r.last_seen, reverse=True)[:limit]
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ class JobView:
     first_seen: float
     last_seen: float
     finished_at: float | None
+    work_units: dict[str, float] = field(default_factory=dict)
     gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
     @property

@@ -10,7 +10,7 @@ import platform
 import re
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from agent import __version__
@@ -89,6 +89,8 @@ class SnapshotCollector:
         cpu = CounterMetricFamily("jouleward_job_cpu_seconds", "CPU time of the job's processes.", labels=JOB_LABELS)
         processes = GaugeMetricFamily("jouleward_job_processes", "Live processes of the job.", labels=JOB_LABELS)
         finished = GaugeMetricFamily("jouleward_job_finished", "1 once the job has ended.", labels=JOB_LABELS)
+        work = CounterMetricFamily("jouleward_job_work_units", "Units of work the job reported (samples, tokens, ...).",
+                                   labels=[*JOB_LABELS, "unit"])
         info_families: list[GaugeMetricFamily] = []
         # Every job gets a series for every attributed domain the node measures,
         # so a job that has used nothing yet still shows as 0, not as absent.
@@ -102,6 +104,8 @@ class SnapshotCollector:
             cpu.add_metric(labels, _safe(job.cpu_s))
             processes.add_metric(labels, float(job.processes))
             finished.add_metric(labels, 0.0 if job.finished_at is None else 1.0)
+            for unit, count in sorted(job.work_units.items()):
+                work.add_metric([*labels, unit], _safe(count))
             # One family per job: each job may carry its own label keys.
             extra = {}
             for key, value in sorted(job.labels.items()):
@@ -117,6 +121,7 @@ class SnapshotCollector:
         yield cpu
         yield processes
         yield finished
+        yield work
         if info_families:
             merged = GaugeMetricFamily("jouleward_job_info", "Job metadata; extra labels live here.")
             for family in info_families:
@@ -162,6 +167,8 @@ class SnapshotCollector:
 def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    # The agent's own CPU, memory and open files, for the node dashboard.
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -174,7 +174,7 @@ def test_control_api_rejects_bad_input_with_clear_4xx(tmp_path, agents):
         ({"name": "x" * 200, "pids": [1]}, 422, "longer than"),
         ({"name": "x", "pids": []}, 422, "pids"),
         ({"name": "x", "pids": ["one"]}, 422, "pids"),
-        ({"name": "x", "pids": [1], "labels": {"bad key!": "v"}}, 422, "label key"),
+        ({"name": "x", "pids": [1], "labels": {"bad key!": "v"}}, 422, "labels: key"),
         ("{not json", 422, ""),
     ]
     for body, code, message in cases:

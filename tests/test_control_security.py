@@ -102,13 +102,13 @@ def test_second_uid_cannot_register_or_finish_the_first_uids_processes(control_s
         mine = as_uid(NOBODY, own_job)
         assert mine["job"]["name"] == "nobody-eval"
         assert mine["work"]["work_units"] == {"samples": 128.0}
-        assert mine["done"]["finished"] is True
+        assert mine["done"]["running"] is False
 
         # Root may do anything: register nobody's process, finish root's job.
         assert client.register("ops", [nobody_sleep.pid])["name"] == "ops"
         assert client.add_work(root_job["id"], "tokens", 1000)["work_units"] == {"tokens": 1000.0}
         assert client.add_work(root_job["id"], "tokens", 234)["work_units"] == {"tokens": 1234.0}
-        assert client.finish(root_job["id"])["finished"] is True
+        assert client.finish(root_job["id"])["running"] is False
     finally:
         for proc in (root_sleep, nobody_sleep):
             proc.kill()
@@ -126,7 +126,7 @@ def test_second_uid_cannot_register_or_finish_the_first_uids_processes(control_s
         ({"name": "ok", "pids": [1], "labels": {"k": "a\nb"}}, 422, "control characters"),
         ({"name": "ok", "pids": []}, 422, "pids"),
         ({"name": "ok", "pids": [2**22 + 12345]}, 404, "no such process"),
-        ({"name": "ok", "pids": ["1"]}, 422, "positive integer"),
+        ({"name": "ok", "pids": ["1"]}, 422, "valid integer"),
     ],
 )
 def test_invalid_registrations_get_a_clear_4xx(control_socket, body, status, fragment):

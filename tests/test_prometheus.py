@@ -28,7 +28,7 @@ def agent_with_jobs(tmp_path, processes, agents):
     processes.append(sleeper)
     status, job = agent.control("POST", "/v1/jobs", {
         "name": 'quote " back \\ slash ünï', "pids": [sleeper.pid],
-        "labels": {"team": "vision", "run.id": "42", "pod/name": 'a"b'}})
+        "labels": {"team": "vision", "run_id": "42", "pod_name": 'a"b'}})
     assert status == 201, job
     for _ in range(3):
         tree.zones["intel-rapl:0"].add_j(20)

@@ -1,0 +1,78 @@
+"""Request and response bodies of the HTTP API (the OpenAPI schema)."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, field_validator
+
+from agent.control import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
+from agent.ledger import JobRecord
+
+MAX_PIDS = 64
+
+
+def _delegate(check, *args: Any):
+    """Run a framework-free validator from agent.control inside pydantic."""
+    try:
+        return check(*args)
+    except ControlError as exc:
+        raise ValueError(exc.message) from None
+
+
+class JobRegistration(BaseModel):
+    name: str = Field(description="Human name of the job: 1-128 characters, no control characters")
+    pids: Annotated[list[Annotated[int, Field(strict=True, gt=0, lt=2**31)]], Field(min_length=1, max_length=MAX_PIDS)] | None \
+        = Field(None, description="Root processes of the job; their descendants join it. Default: the caller")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS,
+                                   description="Extra metadata, exported on jouleward_job_info as label_<key>")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _delegate(validate_job_name, value)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        return _delegate(validate_labels, value)
+
+
+class WorkReport(BaseModel):
+    unit: str = Field(description="samples, tokens, requests, or a name matching [a-z][a-z0-9_]{0,31}")
+    count: float = Field(ge=0, le=1e15, description="units of work done since the last report")
+
+    @field_validator("unit")
+    @classmethod
+    def _unit(cls, value: str) -> str:
+        return _delegate(validate_work, value, 0)[0]
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    namespace: str
+    labels: dict[str, str]
+    running: bool
+    energy_j: dict[str, float]
+    power_w: dict[str, float]
+    cpu_s: float
+    processes: int
+    work_units: dict[str, float]
+    first_seen: float
+    last_seen: float
+    finished_at: float | None
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+def job_out(record: JobRecord) -> JobOut:
+    return JobOut(
+        id=record.ref.id, name=record.ref.name, kind=record.ref.kind, namespace=record.ref.namespace,
+        labels=dict(record.labels), running=record.finished_at is None, energy_j=dict(record.energy_j),
+        power_w=dict(record.power_w), cpu_s=record.cpu_s, processes=record.processes,
+        work_units=dict(record.work_units), first_seen=record.first_seen, last_seen=record.last_seen,
+        finished_at=record.finished_at,
+    )

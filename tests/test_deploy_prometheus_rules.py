@@ -1,0 +1,87 @@
+"""promtool checks the rules and runs their unit tests, which cover every
+recording rule and every alert, firing and staying quiet."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROM = ROOT / "deploy" / "prometheus"
+RULES = PROM / "jouleward-rules.yml"
+UNIT_TESTS = PROM / "tests" / "jouleward-rules.test.yml"
+PROMTOOL = shutil.which("promtool")
+
+pytestmark = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=120)
+
+
+def all_rules() -> list[dict]:
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+def test_rules_check():
+    done = promtool("check", "rules", str(RULES))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(all_rules())} rules found" in done.stdout
+
+
+def test_rule_unit_tests_pass():
+    done = promtool("test", "rules", str(UNIT_TESTS))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout
+
+
+def test_every_alert_is_tested_firing_and_quiet():
+    cases = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
+    checks = [check for case in cases for check in case.get("alert_rule_test", [])]
+    for alert in (rule["alert"] for rule in all_rules() if "alert" in rule):
+        mine = [check for check in checks if check["alertname"] == alert]
+        assert any(check["exp_alerts"] for check in mine), f"{alert} is never shown firing"
+        assert any(not check["exp_alerts"] for check in mine), f"{alert} is never shown quiet"
+
+
+def test_every_recording_rule_is_tested():
+    cases = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
+    tested = {check["expr"] for case in cases for check in case.get("promql_expr_test", [])}
+    assert {rule["record"] for rule in all_rules() if "record" in rule} <= tested
+
+
+def test_no_rule_writes_a_job_label():
+    for rule in all_rules():
+        assert "job" not in rule.get("labels", {})
+        for grouping in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", rule["expr"]):
+            assert "job" not in [label.strip() for label in grouping.split(",")], rule["expr"]
+
+
+@pytest.mark.parametrize("old, new", [
+    ("> 3.6e8", "> 3.6e9"),  # energy budget ten times higher: the firing case goes quiet
+    ("> 400", "> 40"),  # intensity threshold below the clean zone: the quiet case fires
+    ("for: 10m", "for: 1m"),  # sensor alert without patience: fires too early
+])
+def test_unit_tests_catch_a_changed_rule(tmp_path, old, new):
+    text = RULES.read_text()
+    assert old in text
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "jouleward-rules.yml").write_text(text.replace(old, new, 1))
+    shutil.copy(UNIT_TESTS, tmp_path / "tests" / UNIT_TESTS.name)
+    done = promtool("test", "rules", str(tmp_path / "tests" / UNIT_TESTS.name))
+    assert done.returncode != 0
+
+
+def test_example_scrape_config_is_valid(tmp_path):
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    config["rule_files"] = [str(RULES)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    done = promtool("check", "config", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "jouleward"
