@@ -1,6 +1,7 @@
 """The running agent with the fake NVML library: GPU energy per device and
 per job on /metrics, conservation, allocated idle, a GPU lost mid-run."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,9 +24,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
+def metrics_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
+        return response.read().decode()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = metrics_text(port)
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -155,6 +160,13 @@ def test_gpu_energy_per_job_conservation_idle_and_lost_gpu(gpu_agent):
     assert metrics[("jouleward_gpu_power_limit_watts", (("gpu", "gpu-0"),))] == 400.0
     assert metrics[("jouleward_idle_power_watts", (("domain", "gpu"),))] == pytest.approx(3 * GPU_IDLE_W)
     assert pick(metrics, "jouleward_sensor_up", sensor="nvml") == {"gpu-0": 1.0, "gpu-1": 1.0, "gpu-2": 1.0}
+
+    promtool = shutil.which("promtool")
+    if promtool:
+        text = metrics_text(port)
+        assert "jouleward_job_gpu_idle_energy_joules_total{" in text and "jouleward_gpu_info{" in text
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
 
     # gpu-2 falls off the bus: the agent keeps serving, the others keep counting.
     state.devices[2].lost = 1
