@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from agent.api_models import ErrorOut, JobOut, job_out
 from agent.control_api import control_router, install_error_handler as install_control_error_handler
 from agent.daemon import Agent
+from exporters import report
 from exporters.prometheus import SnapshotCollector, make_registry, render
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -33,6 +34,15 @@ class SensorOut(BaseModel):
     reason: str
 
 
+class CarbonOut(BaseModel):
+    grams_per_kwh: float
+    zone: str
+    source: str
+    pue: float
+    emissions_g: float
+    provider_errors: int
+
+
 class NodeOut(BaseModel):
     timestamp: float
     cpu_utilization_ratio: float
@@ -41,6 +51,7 @@ class NodeOut(BaseModel):
     unattributed_j: dict[str, float]
     idle_power_w: dict[str, float]
     sensors: list[SensorOut]
+    carbon: CarbonOut | None = None
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -83,6 +94,9 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
             idle_j=dict(snap.idle_j), unattributed_j=dict(snap.unattributed_j), idle_power_w=dict(snap.idle_power_w),
             sensors=[SensorOut(sensor=s.sensor, device=s.device, up=s.up, reason=s.reason)
                      for s in snap.health.sensors],
+            carbon=CarbonOut(grams_per_kwh=snap.carbon.grams_per_kwh, zone=snap.carbon.zone,
+                             source=snap.carbon.source, pue=snap.carbon.pue,
+                             emissions_g=snap.carbon.node_emissions_g, provider_errors=snap.carbon.provider_errors),
         )
 
     @app.get("/v1/jobs", response_model=list[JobOut])
@@ -95,6 +109,21 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         if record is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return job_out(record)
+
+    @app.get("/v1/jobs/{job_id}/report", response_class=Response, responses={404: {"model": ErrorOut}})
+    def job_report(job_id: str, format: str = "csv") -> Response:
+        """The job in codecarbon's emissions.csv format (csv, json or text)."""
+        if format not in report.FORMATS:
+            raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
+        record = agent.ledger.job(job_id)
+        if record is None:
+            raise HTTPException(404, f"no job {job_id!r}")
+        gpus = sum(1 for d in agent.snapshot.devices if d.domain == "gpu")
+        site = report.site_from_config(agent.config.carbon, agent.config.procfs, gpus)
+        row = report.report_row(report.job_emissions(job_out(record).model_dump(), site,
+                                                     agent.config.carbon.pue, time.time()))
+        media = {"csv": "text/csv", "json": "application/json", "text": "text/plain"}[format]
+        return Response(report.render([row], format), media_type=f"{media}; charset=utf-8")
 
 
 def _install_error_handlers(app: FastAPI) -> None:

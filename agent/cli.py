@@ -1,10 +1,11 @@
-"""Command line: ``jouleward run`` and ``jouleward doctor``.
+"""Command line: ``jouleward run``, ``doctor``, ``report``, ``jobs`` and ``top``.
 
 Every user error prints one message naming the flag or key and exits 2.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -43,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     doctor = commands.add_parser("doctor", help="which sensors this host offers, and why not")
     _add_agent_flags(doctor)
+    report = commands.add_parser("report", help="a job's energy and emissions in codecarbon's emissions.csv format")
+    report.add_argument("job_id", metavar="JOB", help="job id, as `jouleward jobs` lists it")
+    report.add_argument("--format", default="text", choices=["csv", "json", "text"])
+    report.add_argument("--append", type=Path, metavar="emissions.csv", help="also append the row to this CSV file")
+    _add_agent_flags(report)
+    jobs = commands.add_parser("jobs", help="jobs the agent knows, with energy and emissions")
+    _add_agent_flags(jobs)
+    top = commands.add_parser("top", help="live view of the running agent (q quits)")
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit (also when not a terminal)")
+    _add_agent_flags(top)
     return parser
 
 
@@ -76,7 +87,90 @@ def _doctor(args: argparse.Namespace) -> int:
     return code
 
 
-COMMANDS = {"run": _run, "doctor": _doctor}
+def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[str, Any]]:
+    """The running agent's answer, or the state directory's ledger when no agent runs."""
+    from agent.reader import AgentNotRunning, AgentReader
+
+    reader = AgentReader(config.listen)
+    try:
+        return [reader.get_json(f"/v1/jobs/{job_id}")] if job_id else reader.jobs()
+    except AgentNotRunning:
+        pass
+    from agent.api_models import job_out
+    from agent.ledger import Ledger
+
+    if not (config.state_dir / "ledger.sqlite3").is_file():
+        raise ConfigError(f"no agent answers at {config.listen} and no ledger in {config.state_dir} (--state-dir)")
+    ledger = Ledger(config.state_dir)
+    try:
+        records = [ledger.job(job_id)] if job_id else ledger.all_jobs()
+    finally:
+        ledger.close()
+    if job_id and records[0] is None:
+        raise ConfigError(f"no job {job_id!r} in {config.state_dir}")
+    return [job_out(r).model_dump() for r in records if r is not None]
+
+
+def _report(args: argparse.Namespace) -> int:
+    import time
+
+    from agent.reader import AgentAnswer, AgentNotRunning, AgentReader
+    from exporters import report
+
+    config = config_from_args(args)
+    try:
+        rows = json.loads(AgentReader(config.listen).report(args.job_id, "json"))
+    except AgentNotRunning:
+        jobs = _jobs_from_agent_or_ledger(config, args.job_id)
+        site = report.site_from_config(config.carbon, config.procfs)
+        rows = [report.report_row(report.job_emissions(jobs[0], site, config.carbon.pue, time.time()))]
+    except AgentAnswer as exc:
+        print(f"jouleward: error: {exc.detail}", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(report.render(rows, args.format))
+    if args.append is not None:
+        try:
+            report.append_csv(args.append, rows)
+        except (report.ReportError, OSError) as exc:
+            print(f"jouleward: error: --append: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    return 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from agent.reader import AgentAnswer
+    from agent.top import energy_text
+
+    try:
+        jobs = _jobs_from_agent_or_ledger(config_from_args(args), None)
+    except AgentAnswer as exc:
+        print(f"jouleward: error: {exc.detail}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{'JOB ID':<28}{'NAME':<24}{'KIND':<11}{'STATE':<10}{'ENERGY':>12}{'CO2 g':>12}")
+    for job in jobs:
+        print(f"{job['id']:<28}{job['name']:<24}{job['kind']:<11}{'running' if job['running'] else 'finished':<10}"
+              f"{energy_text(sum(job['energy_j'].values())):>12}{job.get('emissions_g', 0.0):12.3f}")
+    return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from agent.reader import AgentAnswer, AgentNotRunning, AgentReader
+    from agent.top import run_curses, snapshot
+
+    config = config_from_args(args)
+    reader = AgentReader(config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)))
+    if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
+        try:
+            sys.stdout.write(snapshot(reader))
+        except (AgentNotRunning, AgentAnswer) as exc:
+            print(f"jouleward: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
+    run_curses(reader, interval_s=1.0)
+    return 0
+
+
+COMMANDS = {"run": _run, "doctor": _doctor, "report": _report, "jobs": _jobs, "top": _top}
 
 
 def main(argv: list[str] | None = None) -> int:

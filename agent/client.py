@@ -124,6 +124,7 @@ class JobSummary:
     energy_j: dict[str, float] = field(default_factory=dict)  # by domain
     work_units: dict[str, float] = field(default_factory=dict)  # by unit
     sources: dict[str, str] = field(default_factory=dict)  # domain -> how it was measured
+    emissions_g: float | None = None  # gCO2eq, PUE included; None when the agent did not say
 
     @property
     def total_energy_j(self) -> float:
@@ -144,6 +145,7 @@ class JobSummary:
             "average_power_w": round(self.average_power_w, 6),
             "work_units": dict(sorted(self.work_units.items())),
             "sources": dict(sorted(self.sources.items())),
+            "emissions_g": None if self.emissions_g is None else round(self.emissions_g, 9),
         }
 
 
@@ -220,7 +222,7 @@ class Job:
         else:
             totals = self._meter.stop()
             self.summary = JobSummary(self.name, self.job_id, "standalone", duration, totals.energy_j,
-                                      dict(self._work), totals.sources)
+                                      dict(self._work), totals.sources, totals.emissions_g)
         return self.summary
 
     def abandon(self) -> None:
@@ -269,6 +271,7 @@ def summary_from_agent(
         energy_j={str(k): float(v) for k, v in energy.items()},
         work_units={str(k): float(v) for k, v in work.items()},
         sources={str(k): str(v) for k, v in sources.items()},
+        emissions_g=float(answer["emissions_g"]) if isinstance(answer.get("emissions_g"), (int, float)) else None,
     )
 
 

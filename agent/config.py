@@ -30,6 +30,25 @@ class JobRule:
 
 
 @dataclass(frozen=True)
+class CarbonConfig:
+    """The ``[carbon]`` table: where grid intensity comes from, and the PUE."""
+
+    provider: str = "world"  # world, static, zone, csv, http
+    intensity_g_per_kwh: float | None = None  # static; also the http fallback
+    country: str = ""  # ISO 3166 alpha-3, for zone; also the http fallback
+    region: str = ""  # US state, Canadian or Chinese province, Nordic bidding zone
+    cloud_provider: str = ""
+    cloud_region: str = ""
+    csv_path: Path | None = None
+    url: str = ""  # Electricity Maps compatible API base
+    zone: str = ""  # the API's zone name
+    token: str = ""
+    timeout_s: float = 5.0
+    poll_s: float = 300.0
+    pue: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     interval_s: float = 1.0
     listen: str = DEFAULT_LISTEN
@@ -53,6 +72,7 @@ class Config:
     max_zone_power_w: float = 1000.0
     rules: tuple[JobRule, ...] = ()
     systemd_unit_exclude: tuple[str, ...] = ("init.scope", "session-*.scope", "user@*.service")
+    carbon: CarbonConfig = field(default_factory=CarbonConfig)
     # NVIDIA GPUs through NVML. Visible devices as in CUDA_VISIBLE_DEVICES
     # (NVML indices or UUIDs; None: all, and CUDA_VISIBLE_DEVICES if set).
     gpu_enabled: bool = True
@@ -153,7 +173,55 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: expected a list of unit name patterns")
         return tuple(value)
+    if key == "carbon":
+        return _parse_carbon(value, where)
     raise ConfigError(f"{where}: unknown key")
+
+
+_CARBON_PROVIDERS = ("world", "static", "zone", "csv", "http")
+_CARBON_FLOATS = {"intensity_g_per_kwh": (0.0, 3000.0), "timeout_s": (0.1, 120.0), "poll_s": (1.0, 86400.0), "pue": (1.0, 5.0)}
+
+
+def _parse_carbon(table: Any, where: str) -> CarbonConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    allowed = {f.name for f in fields(CarbonConfig)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        here = f"{where}.{key}"
+        if key not in allowed:
+            raise ConfigError(f"{here}: unknown key")
+        if key in _CARBON_FLOATS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{here}: expected a number, got {value!r}")
+            low, high = _CARBON_FLOATS[key]
+            if not low <= value <= high:
+                raise ConfigError(f"{here}: {value} is outside {low}..{high}")
+            values[key] = float(value)
+        elif key == "csv_path":
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{here}: expected a path, got {value!r}")
+            values[key] = Path(value)
+        elif not isinstance(value, str):
+            raise ConfigError(f"{here}: expected a string, got {value!r}")
+        else:
+            values[key] = value.strip()
+    carbon = CarbonConfig(**values)
+    if carbon.provider not in _CARBON_PROVIDERS:
+        raise ConfigError(f"{where}.provider: expected one of {', '.join(_CARBON_PROVIDERS)}, got {carbon.provider!r}")
+    needs = {
+        "static": ("intensity_g_per_kwh",),
+        "csv": ("csv_path",),
+        "http": ("url", "zone"),
+    }.get(carbon.provider, ())
+    for key in needs:
+        if getattr(carbon, key) in (None, ""):
+            raise ConfigError(f"{where}.{key}: required by provider = {carbon.provider!r}")
+    if carbon.provider == "zone" and not (carbon.country or carbon.cloud_provider):
+        raise ConfigError(f"{where}.country: provider = 'zone' needs country (or cloud_provider and cloud_region)")
+    if carbon.url and not carbon.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url: expected an http:// or https:// address, got {carbon.url!r}")
+    return carbon
 
 
 def _parse_rule(index: int, rule: Any, where: str) -> JobRule:
@@ -205,7 +273,7 @@ def load_file(path: Path) -> dict[str, Any]:
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
-    known = {f.name for f in fields(Config)} - {"rules", "idle_power_w", "systemd_unit_exclude"}
+    known = {f.name for f in fields(Config)} - {"rules", "idle_power_w", "systemd_unit_exclude", "carbon"}
     out = {}
     for name, value in environ.items():
         if not name.startswith(_ENV_PREFIX):
@@ -238,7 +306,8 @@ def build(
             try:
                 values[key] = _coerce(key, value, "")
             except ConfigError as exc:
-                raise ConfigError(f"{origin}{shown}: {str(exc).split(': ', 1)[1]}") from None
+                # Keep what follows the key itself, so a nested key ([carbon] pue) stays named.
+                raise ConfigError(f"{origin}{shown}{str(exc)[len(key):]}") from None
     config = replace(Config(), **values)
     if config.cpu_idle_w is not None and config.cpu_max_w is not None and config.cpu_idle_w > config.cpu_max_w:
         raise ConfigError("cpu_idle_w must not exceed cpu_max_w")

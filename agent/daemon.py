@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass, field
 
 from agent.attribution import IdlePowerEstimator, split_domain
+from agent.carbon import emissions, intensity
 from agent.config import Config
 from agent.gpu_attribution import GpuIdleTracker
 from agent.ledger import JobActivity, JobRecord, Ledger
 from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
-from agent.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, DeviceView, DurationCounts, Health, JobView, Snapshot
+from agent.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, CarbonView, DeviceView, DurationCounts, Health, JobView, Snapshot
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
 from agent.workloads.resolve import JobResolver
@@ -46,6 +47,7 @@ class ExportSelection:
     retired_overflow_j: dict[str, float] = field(default_factory=dict)
     retired_overflow_cpu_s: float = 0.0
     retired_overflow_work: dict[str, float] = field(default_factory=dict)
+    retired_overflow_g: float = 0.0
     retired_overflow_gpu_idle_j: float = 0.0
 
     def admit(self, job_id: str) -> None:
@@ -66,18 +68,21 @@ class ExportSelection:
             self.retired_overflow_cpu_s += record.cpu_s
             for unit, count in record.work_units.items():
                 self.retired_overflow_work[unit] = self.retired_overflow_work.get(unit, 0.0) + count
+            self.retired_overflow_g += record.emissions_g
             self.retired_overflow_gpu_idle_j += record.gpu_idle_j
 
 
 def _job_view(record: JobRecord) -> JobView:
     return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
                    record.processes, record.first_seen, record.last_seen, record.finished_at, dict(record.work_units),
-                   gpu_idle_j=record.gpu_idle_j)
+                   emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j)
 
 
 class Agent:
     def __init__(self, config: Config, sensors: SensorSet | None = None) -> None:
         self.config = config
+        self.intensity = intensity.from_config(config.carbon)  # raises ConfigError
+        self.carbon_now = self.intensity.at(time.time())
         self.ledger = Ledger(config.state_dir)
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
@@ -250,13 +255,25 @@ class Agent:
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
             gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
+            energy_before = self.ledger.job_energy_totals()
             self.ledger.book_tick(now_unix, readings, parts, activity, interval_s, gpu_idle_j)
+            self._charge_emissions(now_unix, interval_s, readings, energy_before)
         self.ticks += 1
         self._maybe_flush(now_mono)
         self._retire(now_unix)
         self.snapshot = self._build_snapshot(now_unix, interval_s, scan, idle_power, len(scan.processes),
                                              time.monotonic() - started)
         return self.snapshot
+
+    def _charge_emissions(self, now_unix: float, interval_s: float, readings: list[DeviceEnergy],
+                          energy_before: dict[str, float]) -> None:
+        """Charge this tick's energy (whatever booked it) at the intensity in force during the tick."""
+        self.carbon_now = self.intensity.at(emissions.interval_midpoint_s(now_unix, interval_s))
+        jobs_j = emissions.energy_added_j(energy_before, self.ledger.job_energy_totals())
+        # Platform and board channels overlap the attributed domains: counting them would double the node.
+        node_j = sum(r.energy_j for r in readings if r.domain in ATTRIBUTED_DOMAINS)
+        g_per_kwh, pue = self.carbon_now.grams_per_kwh, self.config.carbon.pue
+        self.ledger.book_emissions(emissions.tick_grams(jobs_j, g_per_kwh, pue), emissions.grams(node_j, g_per_kwh, pue))
 
     def _maybe_flush(self, now_mono: float, force: bool = False) -> None:
         if force or now_mono - self._last_flush_mono >= self.config.flush_interval_s:
@@ -285,6 +302,7 @@ class Agent:
             overflow_energy = dict(self.selection.retired_overflow_j)
             overflow_power: dict[str, float] = {}
             overflow_cpu = self.selection.retired_overflow_cpu_s
+            overflow_g = self.selection.retired_overflow_g
             overflow_gpu_idle = self.selection.retired_overflow_gpu_idle_j
             overflow_processes = 0
             overflow_work = dict(self.selection.retired_overflow_work)
@@ -302,25 +320,30 @@ class Agent:
                     for domain, power in record.power_w.items():
                         overflow_power[domain] = overflow_power.get(domain, 0.0) + power
                     overflow_cpu += record.cpu_s
+                    overflow_g += record.emissions_g
                     overflow_processes += record.processes
                     for unit, count in record.work_units.items():
                         overflow_work[unit] = overflow_work.get(unit, 0.0) + count
                     overflow_gpu_idle += record.gpu_idle_j
             if self.selection.overflow or self.selection.retired_overflow_j:
                 exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
-                                        overflow_processes, 0.0, now_unix, None, overflow_work,
+                                        overflow_processes, 0.0, now_unix, None, overflow_work, emissions_g=overflow_g,
                                         gpu_idle_j=overflow_gpu_idle))
             idle = dict(ledger.idle_j)
             unattributed = dict(ledger.unattributed_j)
             flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors
+            node_g = ledger.node_emissions_g
         statuses = tuple(status for sensor in self.sensor_set.sensors for status in sensor.status())
         self.tick_durations = self.tick_durations.observe(duration_s)
         health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,
                         flush_unix, flush_errors)
         nvml = self.sensor_set.nvml
         gpus = tuple(sorted(nvml.views().values(), key=lambda v: v.index)) if nvml else ()
+        now = self.carbon_now
+        carbon = CarbonView(now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g,
+                            self.intensity.errors_total)
         return Snapshot(now_unix, interval_s, scan.node.utilization_ratio, devices, idle, unattributed,
-                        idle_power, tuple(exported), health, gpus)
+                        idle_power, tuple(exported), health, carbon=carbon, gpus=gpus)
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:
@@ -347,6 +370,7 @@ class Agent:
             self._maybe_flush(time.monotonic(), force=True)
             for sensor in self.sensor_set.sensors:
                 sensor.close()
+            self.intensity.close()
             self.ledger.close()
 
 

@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS job_work (
 CREATE TABLE IF NOT EXISTS counters (
     zone_id TEXT PRIMARY KEY, raw_uj INTEGER NOT NULL, max_range_uj INTEGER NOT NULL,
     boot_id TEXT NOT NULL, monotonic_s REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS job_emissions (job_id TEXT PRIMARY KEY, emissions_g REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS node_emissions (id INTEGER PRIMARY KEY CHECK (id = 0), emissions_g REAL NOT NULL);
 """
 
 
@@ -61,6 +63,7 @@ class JobRecord:
     processes: int = 0
     registration: RegisteredJob | None = None
     work_units: dict[str, float] = field(default_factory=dict)  # reported work, by unit
+    emissions_g: float = 0.0  # gCO2eq, each tick charged at the intensity in force during it
     gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
 
@@ -121,6 +124,7 @@ class Ledger:
         self.idle_j: dict[str, float] = {}
         self.unattributed_j: dict[str, float] = {}
         self.jobs: dict[str, JobRecord] = {}
+        self.node_emissions_g = 0.0
         self._dirty_jobs: set[str] = set()
         self.last_flush_unix: float | None = None
         self.flush_errors = 0
@@ -141,6 +145,13 @@ class Ledger:
         # Finished jobs stay in SQLite; only running ones come back into memory.
         for row in db.execute("SELECT * FROM jobs WHERE finished_at IS NULL"):
             self.jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}), self._work_of(row["id"]))
+            self.jobs[row["id"]].emissions_g = self._saved_emissions_g(row["id"])
+        for row in db.execute("SELECT emissions_g FROM node_emissions"):
+            self.node_emissions_g = row["emissions_g"]
+
+    def _saved_emissions_g(self, job_id: str) -> float:
+        row = self._db.execute("SELECT emissions_g FROM job_emissions WHERE job_id = ?", (job_id,)).fetchone()
+        return row["emissions_g"] if row else 0.0
 
     def _work_of(self, job_id: str) -> dict[str, float]:
         return {r["unit"]: r["count"] for r in
@@ -220,6 +231,22 @@ class Ledger:
                 else:
                     record.processes = 0
 
+    def job_energy_totals(self) -> dict[str, float]:
+        """Each in-memory job's energy over all domains, joules."""
+        with self._lock:
+            return {job_id: sum(record.energy_j.values()) for job_id, record in self.jobs.items()}
+
+    def book_emissions(self, jobs_g: dict[str, float], node_g: float) -> None:
+        """Add one tick's emissions to the jobs and the node (grams, never negative)."""
+        with self._lock:
+            if node_g > 0 and math.isfinite(node_g):
+                self.node_emissions_g += node_g
+            for job_id, grams in jobs_g.items():
+                record = self.jobs.get(job_id)
+                if record is not None and grams > 0 and math.isfinite(grams):
+                    record.emissions_g += grams
+                    self._dirty_jobs.add(job_id)
+
     def ensure_job(self, ref: JobRef, now_unix: float, labels: dict[str, str] | None = None,
                    registration: RegisteredJob | None = None) -> JobRecord:
         """The record for a job, created (or brought back from SQLite) if needed."""
@@ -243,7 +270,9 @@ class Ledger:
             return None
         energy = {r["domain"]: r["energy_j"] for r in
                   self._db.execute("SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (job_id,))}
-        return self._record_from_row(row, energy, self._work_of(job_id))
+        record = self._record_from_row(row, energy, self._work_of(job_id))
+        record.emissions_g = self._saved_emissions_g(job_id)
+        return record
 
     def add_work(self, job_id: str, unit: str, count: float) -> JobRecord | None:
         """Add reported units of work (samples, tokens, ...); durable with the next flush."""
@@ -308,6 +337,8 @@ class Ledger:
             "ON CONFLICT(job_id, unit) DO UPDATE SET count=excluded.count",
             [(ref.id, unit, count) for unit, count in record.work_units.items()],
         )
+        self._db.execute("INSERT INTO job_emissions VALUES (?,?) ON CONFLICT(job_id) DO UPDATE SET "
+                         "emissions_g=excluded.emissions_g", (ref.id, record.emissions_g))
 
     def flush(self, counters: dict[str, tuple[int, int]] | None = None, boot_id: str = "",
               monotonic_s: float = 0.0) -> bool:
@@ -327,6 +358,8 @@ class Ledger:
                     [(d, self.idle_j.get(d, 0.0), self.unattributed_j.get(d, 0.0))
                      for d in set(self.idle_j) | set(self.unattributed_j)],
                 )
+                db.execute("INSERT INTO node_emissions VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
+                           "emissions_g=excluded.emissions_g", (self.node_emissions_g,))
                 for job_id in self._dirty_jobs:
                     record = self.jobs.get(job_id)
                     if record is not None:
@@ -373,6 +406,7 @@ class Ledger:
                     energy = {r["domain"]: r["energy_j"] for r in self._db.execute(
                         "SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (row["id"],))}
                     records[row["id"]] = self._record_from_row(row, energy, self._work_of(row["id"]))
+                    records[row["id"]].emissions_g = self._saved_emissions_g(row["id"])
         return sorted(records.values(), key=lambda r: r.last_seen, reverse=True)[:limit]
 
     def close(self) -> None:

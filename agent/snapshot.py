@@ -34,6 +34,7 @@ class JobView:
     last_seen: float
     finished_at: float | None
     work_units: dict[str, float] = field(default_factory=dict)
+    emissions_g: float = 0.0
     gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
     @property
@@ -81,6 +82,18 @@ class Health:
 
 
 @dataclass(frozen=True, slots=True)
+class CarbonView:
+    """The grid intensity in force over the last tick, and the node's emissions."""
+
+    grams_per_kwh: float = 0.0
+    zone: str = ""
+    source: str = ""
+    pue: float = 1.0
+    node_emissions_g: float = 0.0
+    provider_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     timestamp_unix: float
     interval_s: float
@@ -91,6 +104,7 @@ class Snapshot:
     idle_power_w: dict[str, float]
     jobs: tuple[JobView, ...]  # exported jobs, the overflow aggregate last
     health: Health
+    carbon: CarbonView = CarbonView()
     gpus: tuple[GpuDeviceView, ...] = ()  # what NVML showed on the last tick
 
     def job(self, job_id: str) -> JobView | None:

@@ -22,6 +22,7 @@ class TreeTotals:
     energy_j: dict[str, float] = field(default_factory=dict)  # by domain
     sources: dict[str, str] = field(default_factory=dict)  # domain -> source
     cpu_s: float = 0.0
+    emissions_g: float = 0.0
 
 
 class StandaloneMeter:
@@ -62,7 +63,8 @@ class StandaloneMeter:
         for device in snapshot.devices:
             if device.domain in (record.energy_j if record else {}):
                 sources.setdefault(device.domain, device.source)
-        totals = TreeTotals(dict(record.energy_j) if record else {}, sources, record.cpu_s if record else 0.0)
+        totals = TreeTotals(dict(record.energy_j) if record else {}, sources, record.cpu_s if record else 0.0,
+                            record.emissions_g if record else 0.0)
         try:
             self.agent.close()
         finally:

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="job name (default: the command's base name)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="job label, repeatable")
     parser.add_argument("--report", type=Path, metavar="FILE.json", help="write the summary as JSON to this file")
+    parser.add_argument("--emissions-csv", dest="emissions_csv", type=Path, metavar="emissions.csv",
+                        help="append the job as a row of codecarbon's emissions.csv (header written once)")
     parser.add_argument("--socket", type=Path, help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, "
                         "else /var/lib/jouleward/control.sock)")
     mode = parser.add_mutually_exclusive_group()
@@ -79,6 +81,8 @@ def format_summary(summary: JobSummary) -> str:
         f"  energy    {summary.total_energy_j:.2f} J" + (f" ({parts})" if parts else ""),
         f"  power     {summary.average_power_w:.2f} W average",
     ]
+    if summary.emissions_g is not None:
+        lines.append(f"  emissions {summary.emissions_g:.4f} gCO2eq")
     if summary.work_units:
         work = ", ".join(f"{count:g} {unit}" for unit, count in sorted(summary.work_units.items()))
         lines.append(f"  work      {work}")
@@ -144,6 +148,8 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     print(format_summary(summary), file=err)
+    if args.emissions_csv is not None:
+        _append_emissions(args.emissions_csv, job, summary, err)
     if args.report is not None:
         report = {**summary.as_dict(), "command": args.command, "exit_status": code if code >= 0 else 128 - code}
         try:
@@ -151,6 +157,26 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
         except OSError as exc:
             print(f"jouleward wrap: cannot write {args.report}: {exc.strerror}", file=err)
     return code if code >= 0 else 128 - code
+
+
+def _append_emissions(path: Path, job: Job, summary: JobSummary, err: TextIO) -> None:
+    """The agent's own report row (its zone and PUE); measured here, the defaults' row."""
+    import time
+
+    from agent.config import CarbonConfig
+    from exporters import report
+
+    try:
+        if job.mode == "agent":
+            rows = job.client.request("GET", f"/v1/jobs/{summary.job_id}/report?format=json")
+        else:
+            now = time.time()
+            figures = {"id": summary.job_id, "name": summary.name, "energy_j": summary.energy_j,
+                       "emissions_g": summary.emissions_g, "first_seen": now - summary.duration_s, "finished_at": now}
+            rows = [report.report_row(report.job_emissions(figures, report.site_from_config(CarbonConfig()), 1.0, now))]
+        report.append_csv(path, rows)
+    except (AgentError, AgentUnavailable, report.ReportError, OSError) as exc:
+        print(f"jouleward wrap: cannot append to {path}: {exc}", file=err)
 
 
 def main(argv: list[str] | None = None, err: TextIO = sys.stderr) -> int:

@@ -47,6 +47,7 @@ class SnapshotCollector:
         yield from self._node(snap)
         yield from self._jobs(snap)
         yield from self._health(snap)
+        yield from self._carbon(snap)
         yield from gpu_families(snap)
         for extra in self._extra:
             yield from extra(snap)
@@ -162,6 +163,26 @@ class SnapshotCollector:
             yield GaugeMetricFamily("jouleward_ledger_flush_timestamp_seconds",
                                     "Unix time of the last durable flush.", value=health.ledger_flush_unix)
         yield CounterMetricFamily("jouleward_ledger_errors", "Failed ledger flushes.", value=health.ledger_errors)
+
+
+    def _carbon(self, snap: Snapshot) -> Iterator[Metric]:
+        carbon = snap.carbon
+        jobs = CounterMetricFamily("jouleward_job_emissions_grams", "Emissions attributed to the job, gCO2eq, "
+                                   "each tick at the intensity in force then, PUE included.", labels=JOB_LABELS)
+        for job in snap.jobs:
+            jobs.add_metric(job_label_values(job), _safe(job.emissions_g))
+        yield jobs
+        yield CounterMetricFamily("jouleward_node_emissions_grams", "Emissions of the node's CPU, DRAM and GPU "
+                                  "energy, gCO2eq, PUE included.", value=_safe(carbon.node_emissions_g))
+        if carbon.source:
+            intensity = GaugeMetricFamily("jouleward_grid_carbon_intensity_grams_per_kwh",
+                                          "Grid carbon intensity in force over the last tick.", labels=["zone", "source"])
+            intensity.add_metric([carbon.zone, carbon.source], _safe(carbon.grams_per_kwh))
+            yield intensity
+        yield GaugeMetricFamily("jouleward_pue", "Power usage effectiveness applied to emissions.",
+                                value=_safe(carbon.pue))
+        yield CounterMetricFamily("jouleward_carbon_intensity_errors", "Failed polls of the carbon intensity "
+                                  "provider.", value=float(carbon.provider_errors))
 
 
 def make_registry(collector: SnapshotCollector) -> CollectorRegistry:

@@ -117,7 +117,9 @@ def stack(tmp_path_factory):
     rapl.thread.start()
     agent_port, prom_port = free_port(), free_port()
     socket_path = tmp / "control.sock"
-    (tmp / "config.toml").write_text("[agent]\nflush_interval_s = 1.0\n")
+    # A clean grid: the info alert on grid intensity (above 400 g/kWh) belongs to dirty grids, not to this host.
+    (tmp / "config.toml").write_text("[agent]\nflush_interval_s = 1.0\n"
+                                     "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n")
     processes: list[subprocess.Popen] = []
     control: httpx.Client | None = None
     reporter: threading.Thread | None = None

@@ -1,0 +1,60 @@
+"""Read-only client of a running agent's HTTP API (the TCP listener), for the CLI."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from agent.config import parse_listen
+
+
+class AgentNotRunning(ConnectionError):
+    """Nothing answers at the agent's listen address."""
+
+
+class AgentAnswer(RuntimeError):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"agent answered {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+class AgentReader:
+    def __init__(self, listen: str, timeout_s: float = 5.0) -> None:
+        host, port = parse_listen(listen)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"  # a wildcard listener is reached on loopback
+        self.base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        self.timeout_s = timeout_s
+
+    def get_text(self, path: str, **query: str) -> str:
+        url = self.base + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+                return response.read().decode("utf-8")
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("detail", exc.reason)
+            except (ValueError, AttributeError):
+                detail = exc.reason
+            raise AgentAnswer(exc.code, str(detail)) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise AgentNotRunning(f"no agent answers at {self.base}: {getattr(exc, 'reason', exc)}") from None
+
+    def get_json(self, path: str, **query: str) -> Any:
+        text = self.get_text(path, **query)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise AgentAnswer(200, f"{path} did not answer JSON") from None
+
+    def node(self) -> dict[str, Any]:
+        return self.get_json("/v1/node")
+
+    def jobs(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return self.get_json("/v1/jobs", limit=str(limit))
+
+    def report(self, job_id: str, fmt: str) -> str:
+        return self.get_text(f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}/report", format=fmt)

@@ -1,0 +1,109 @@
+"""Reports in codecarbon's emissions.csv format."""
+import ast
+import csv
+import io
+import json
+
+import pytest
+
+from agent.carbon import emissions, tables
+from exporters import report
+
+
+def codecarbon_columns():
+    """EmissionsData's fields, read from codecarbon's source without running it."""
+    source = (tables.data_dir().parent / "output_methods" / "emissions_data.py").read_text()
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "EmissionsData")
+    return [n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)]
+
+
+def a_job(**overrides):
+    fields = dict(
+        job_id="r-5f2a", job_name="llama-finetune", duration_s=5400.0,
+        energy_j={"cpu": 2.7e6, "dram": 0.36e6, "gpu": 9.0e6},
+        emissions_g=0.0, pue=1.25, end_unix_s=1_700_000_000.0,
+        country_iso_code="FRA", country_name="France", cpu_model="AMD EPYC 7763", cpu_count=64,
+        gpu_model="NVIDIA H100 80GB HBM3", gpu_count=1, ram_total_bytes=512_000_000_000,
+    )
+    fields.update(overrides)
+    job = report.JobEmissions(**fields)
+    if "emissions_g" not in overrides:
+        total_j = sum(job.energy_j.values())
+        job = report.JobEmissions(**{**fields, "emissions_g": emissions.grams(total_j, 56.039, job.pue)})
+    return job
+
+
+def test_columns_are_codecarbons_in_its_order():
+    assert list(report.EMISSIONS_CSV_COLUMNS) == codecarbon_columns()
+
+
+def test_csv_row_parses_into_codecarbon_header_and_units():
+    text = report.to_csv([report.report_row(a_job())])
+    reader = csv.DictReader(io.StringIO(text))
+    assert reader.fieldnames == codecarbon_columns()
+    (row,) = list(reader)
+    # kWh, with the PUE applied as codecarbon applies it.
+    assert float(row["cpu_energy"]) == pytest.approx(2.7e6 / 3.6e6 * 1.25, rel=1e-12)
+    assert float(row["ram_energy"]) == pytest.approx(0.1 * 1.25, rel=1e-12)
+    assert float(row["gpu_energy"]) == pytest.approx(2.5 * 1.25, rel=1e-12)
+    assert float(row["energy_consumed"]) == pytest.approx(3.35 * 1.25, rel=1e-12)
+    # W averaged over the run, kg, kg/s, seconds, GB.
+    assert float(row["gpu_power"]) == pytest.approx(9.0e6 * 1.25 / 5400.0, rel=1e-12)
+    assert float(row["duration"]) == 5400.0
+    assert float(row["emissions"]) == pytest.approx(3.35 * 1.25 * 56.039 / 1000.0, rel=1e-12)
+    assert float(row["emissions_rate"]) == pytest.approx(float(row["emissions"]) / 5400.0, rel=1e-12)
+    assert float(row["ram_total_size"]) == 512.0
+    # kWh x intensity agrees with emissions in the same row.
+    assert float(row["energy_consumed"]) * 56.039 / 1000.0 == pytest.approx(float(row["emissions"]), rel=1e-9)
+    assert (row["project_name"], row["run_id"], row["country_iso_code"], row["pue"]) == (
+        "llama-finetune", "r-5f2a", "FRA", "1.25")
+    assert row["tracking_mode"] == "process" and row["on_cloud"] == "N"
+    # What we do not measure stays empty rather than invented.
+    for column in ("experiment_id", "water_consumed", "codecarbon_version", "longitude", "latitude",
+                   "cloud_provider", "cloud_region", "region", "cpu_utilization_percent", "wue"):
+        assert row[column] == "", column
+
+
+def test_json_has_the_same_columns_with_nulls():
+    (obj,) = json.loads(report.to_json([report.report_row(a_job(cloud_provider="gcp", cloud_region="europe-west1"))]))
+    assert list(obj) == codecarbon_columns()
+    assert obj["water_consumed"] is None and obj["on_cloud"] == "Y" and obj["cloud_region"] == "europe-west1"
+    assert obj["cpu_count"] == 64 and obj["gpu_energy"] == pytest.approx(3.125)
+
+
+def test_zero_duration_has_no_division_by_zero():
+    row = report.report_row(a_job(duration_s=0.0, energy_j={}, emissions_g=0.0))
+    assert row["emissions_rate"] == 0.0 and row["cpu_power"] == 0.0 and row["energy_consumed"] == 0.0
+
+
+def test_appending_keeps_one_header_and_follows_the_files_column_order(tmp_path):
+    path = tmp_path / "emissions.csv"
+    report.append_csv(path, [report.report_row(a_job(job_id="r-1"))])
+    report.append_csv(path, [report.report_row(a_job(job_id="r-2"))])
+    lines = path.read_text().splitlines()
+    assert sum(1 for line in lines if line.startswith("timestamp,")) == 1
+    assert [r["run_id"] for r in csv.DictReader(io.StringIO(path.read_text()))] == ["r-1", "r-2"]
+
+    # A file codecarbon wrote may order its columns differently and lack a final newline.
+    shuffled = list(reversed(codecarbon_columns()))
+    other = tmp_path / "theirs.csv"
+    other.write_text(",".join(shuffled) + "\n" + ",".join("x" for _ in shuffled))
+    report.append_csv(other, [report.report_row(a_job(job_id="r-3"))])
+    rows = list(csv.DictReader(io.StringIO(other.read_text())))
+    assert [r["run_id"] for r in rows] == ["x", "r-3"]
+    assert float(rows[1]["duration"]) == 5400.0
+
+
+def test_appending_refuses_a_foreign_header(tmp_path):
+    path = tmp_path / "emissions.csv"
+    path.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(report.ReportError, match="not codecarbon's emissions.csv header"):
+        report.append_csv(path, [report.report_row(a_job())])
+    assert path.read_text() == "a,b,c\n1,2,3\n"
+
+
+def test_text_report_shows_grams_and_kwh():
+    text = report.to_text(report.report_row(a_job()))
+    assert "llama-finetune (r-5f2a)" in text
+    assert f"{3.35 * 1.25:.6f} kWh" in text
+    assert f"{3.35 * 1.25 * 56.039:.3f} gCO2eq" in text
