@@ -88,6 +88,12 @@ class Config:
     # Control endpoints on the TCP listener exist only with a token (read once at start).
     control_token_file: Path | None = None
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
+    # NVIDIA GPUs through NVML. Visible devices as in CUDA_VISIBLE_DEVICES
+    # (NVML indices or UUIDs; None: all, and CUDA_VISIBLE_DEVICES if set).
+    gpu_enabled: bool = True
+    gpu_visible_devices: str | None = None
+    gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
+    gpu_idle_power_w: float | None = None  # per GPU; default: estimated
 
     @property
     def control_socket_path(self) -> Path:
@@ -117,9 +123,11 @@ _FLOAT_KEYS = {
     "max_zone_power_w": (1.0, 1e6),
     "kubelet_poll_s": (1.0, 3600.0),
     "kubelet_timeout_s": (0.1, 300.0),
+    "gpu_power_sample_interval_s": (0.01, 10.0),
+    "gpu_idle_power_w": (0.0, 5000.0),
 }
 _PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs", "kubelet_ca_file", "control_token_file"}
-_BOOL_KEYS = {"kubelet_enabled", "kubelet_insecure_skip_verify"}
+_BOOL_KEYS = {"kubelet_enabled", "kubelet_insecure_skip_verify", "gpu_enabled"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 # A Kubernetes label key: optional DNS-subdomain prefix and "/", then a name.
 _K8S_LABEL_KEY = re.compile(r"(?:[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -169,6 +177,10 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
             if not isinstance(label, str) or not _K8S_LABEL_KEY.fullmatch(label):
                 raise ConfigError(f"{where}: entry {index + 1}, {label!r}, is not a Kubernetes label key")
         return tuple(value)
+    if key == "gpu_visible_devices":
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a list like \"0,1\" or GPU UUIDs, got {value!r}")
+        return str(value)
     if key == "listen":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected host:port, got {value!r}")
@@ -309,6 +321,9 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(_ENV_PREFIX):].lower()
         if key in known:
             out[key] = value
+    # The operator's CUDA device restriction applies to the agent's view too.
+    if "gpu_visible_devices" not in out and "CUDA_VISIBLE_DEVICES" in environ:
+        out["gpu_visible_devices"] = environ["CUDA_VISIBLE_DEVICES"]
     return out
 
 

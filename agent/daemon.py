@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from agent.attribution import IdlePowerEstimator, split_domain
 from agent.carbon import emissions, intensity
 from agent.config import Config
+from agent.gpu_attribution import GpuIdleTracker
 from agent.ledger import JobActivity, JobRecord, Ledger
 from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
 from agent.sensors import SensorSet, build_sensors
@@ -54,6 +55,7 @@ class ExportSelection:
     retired_overflow_cpu_s: float = 0.0
     retired_overflow_work: dict[str, float] = field(default_factory=dict)
     retired_overflow_g: float = 0.0
+    retired_overflow_gpu_idle_j: float = 0.0
 
     def admit(self, job_id: str) -> None:
         if job_id in self.exported or job_id in self.overflow:
@@ -74,12 +76,13 @@ class ExportSelection:
             for unit, count in record.work_units.items():
                 self.retired_overflow_work[unit] = self.retired_overflow_work.get(unit, 0.0) + count
             self.retired_overflow_g += record.emissions_g
+            self.retired_overflow_gpu_idle_j += record.gpu_idle_j
 
 
 def _job_view(record: JobRecord) -> JobView:
     return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
                    record.processes, record.first_seen, record.last_seen, record.finished_at, dict(record.work_units),
-                   emissions_g=record.emissions_g)
+                   emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j)
 
 
 class Agent:
@@ -96,6 +99,7 @@ class Agent:
         self.sensor_set = sensors or build_sensors(config)
         self.boot_id = read_boot_id(config)
         self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
+        self.gpu_idle = GpuIdleTracker(configured_w=config.gpu_idle_power_w)
         self.selection = ExportSelection(config.max_exported_jobs)
         self.snapshot: Snapshot = EMPTY_SNAPSHOT
         self.ticks = 0
@@ -199,6 +203,19 @@ class Agent:
                  for domain, energy in sorted(measured.items())]
         return parts, idle_power
 
+    def _attribute_gpus(self, readings: list[DeviceEnergy], scan: Scan, jobs: list[JobRef | None],
+                        parts: list[DomainAttribution], idle_power: dict[str, float]) -> dict[str, float]:
+        """Append the GPU domain's split to ``parts``; return allocated-idle joules per job."""
+        gpus = [r for r in readings if r.domain == "gpu"]
+        if not gpus:
+            return {}
+        nvml = self.sensor_set.nvml
+        job_of = {process.key.pid: ref.id if ref else None for process, ref in zip(scan.processes, jobs)}
+        result, idle_w = self.gpu_idle.attribute(gpus, nvml.views() if nvml else {}, job_of)
+        parts.append(result.total)
+        idle_power["gpu"] = sum(w for w in idle_w.values() if w is not None)
+        return result.allocated_idle_j
+
     def tick(self) -> Snapshot:
         with self._tick_lock:
             return self._tick()
@@ -257,8 +274,9 @@ class Agent:
             parts, idle_power = [], {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
+            gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
             energy_before = self.ledger.job_energy_totals()
-            self.ledger.book_tick(now_unix, readings, parts, activity, interval_s)
+            self.ledger.book_tick(now_unix, readings, parts, activity, interval_s, gpu_idle_j)
             self._charge_emissions(now_unix, interval_s, readings, energy_before)
         self.ticks += 1
         self._maybe_flush(now_mono)
@@ -305,6 +323,7 @@ class Agent:
             overflow_power: dict[str, float] = {}
             overflow_cpu = self.selection.retired_overflow_cpu_s
             overflow_g = self.selection.retired_overflow_g
+            overflow_gpu_idle = self.selection.retired_overflow_gpu_idle_j
             overflow_processes = 0
             overflow_work = dict(self.selection.retired_overflow_work)
             running = finished = 0
@@ -325,9 +344,11 @@ class Agent:
                     overflow_processes += record.processes
                     for unit, count in record.work_units.items():
                         overflow_work[unit] = overflow_work.get(unit, 0.0) + count
+                    overflow_gpu_idle += record.gpu_idle_j
             if self.selection.overflow or self.selection.retired_overflow_j:
                 exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
-                                        overflow_processes, 0.0, now_unix, None, overflow_work, emissions_g=overflow_g))
+                                        overflow_processes, 0.0, now_unix, None, overflow_work, emissions_g=overflow_g,
+                                        gpu_idle_j=overflow_gpu_idle))
             idle = dict(ledger.idle_j)
             unattributed = dict(ledger.unattributed_j)
             flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors
@@ -336,11 +357,13 @@ class Agent:
         self.tick_durations = self.tick_durations.observe(duration_s)
         health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,
                         flush_unix, flush_errors, kubelet=self.kubelet.health() if self.kubelet else None)
+        nvml = self.sensor_set.nvml
+        gpus = tuple(sorted(nvml.views().values(), key=lambda v: v.index)) if nvml else ()
         now = self.carbon_now
         carbon = CarbonView(now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g,
                             self.intensity.errors_total)
         return Snapshot(now_unix, interval_s, scan.node.utilization_ratio, devices, idle, unattributed,
-                        idle_power, tuple(exported), health, carbon=carbon)
+                        idle_power, tuple(exported), health, carbon=carbon, gpus=gpus)
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:

@@ -65,8 +65,17 @@ def _hwmon_findings(config: Config) -> list[Finding]:
             for c in channels]
 
 
+def _gpu_findings(config: Config) -> list[Finding]:
+    if not config.gpu_enabled:
+        return [Finding("nvml", False, True, "GPUs switched off in the configuration (gpu_enabled = false)")]
+    from agent.sensors.nvml import diagnose
+
+    return [Finding("nvml", usable, True, detail)
+            for usable, detail in diagnose(config.gpu_visible_devices, config.gpu_power_sample_interval_s)]
+
+
 def examine(config: Config) -> list[Finding]:
-    findings = _powercap_findings(config) + _hwmon_findings(config)
+    findings = _powercap_findings(config) + _hwmon_findings(config) + _gpu_findings(config)
     measured_cpu = any(f.usable and f.measured and ("cpu/" in f.detail or "domain cpu" in f.detail)
                        for f in findings)
     model = build_cpu_model(read_cpu_identity(config.procfs), config.cpu_tdp_w, config.cpu_idle_w,

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from agent import __version__
 from agent.model import ATTRIBUTED_DOMAINS
 from agent.snapshot import JobView, Snapshot
+from exporters.gpu import gpu_families
 
 JOB_LABELS = ["job_id", "job_name", "job_kind", "namespace"]
 _LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
@@ -47,6 +48,7 @@ class SnapshotCollector:
         yield from self._jobs(snap)
         yield from self._health(snap)
         yield from self._carbon(snap)
+        yield from gpu_families(snap)
         for extra in self._extra:
             yield from extra(snap)
 
