@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent.config import Config
 from agent.sensors.cpu_model import build_cpu_model, read_cpu_identity
@@ -101,5 +100,3 @@ def report(findings: list[Finding]) -> tuple[str, int]:
                  "no energy counters: the agent runs on the utilisation model (source=\"model\")")
     return "\n".join(lines), 0 if measured else 1
 
-
-__all__ = ["examine", "report", "Finding", "Path"]
