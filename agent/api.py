@@ -153,10 +153,15 @@ def _install_error_handlers(app: FastAPI) -> None:
         return await http_exception_handler(request, exc)
 
 
-def create_read_app(agent: Agent) -> FastAPI:
+def create_read_app(agent: Agent, control_token: str | None = None) -> FastAPI:
+    """The TCP listener: reads, plus the control endpoints only when the
+    operator configured a token (callers must send it as a bearer token)."""
     app = FastAPI(title="jouleward", version="0.1.0", responses=_INVALID)
     _install_error_handlers(app)
     _add_read_routes(app, agent)
+    if control_token:
+        install_control_error_handler(app)
+        app.include_router(control_router(agent, tcp_token=control_token))
     return app
 
 

@@ -9,6 +9,10 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from agent.workloads.kubelet import DEFAULT_KUBELET_URL, DEFAULT_TOKEN_FILE
+from agent.workloads.mljob import DEFAULT_JOB_LABELS
 
 DEFAULT_PORT = 9883
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -72,7 +76,24 @@ class Config:
     max_zone_power_w: float = 1000.0
     rules: tuple[JobRule, ...] = ()
     systemd_unit_exclude: tuple[str, ...] = ("init.scope", "session-*.scope", "user@*.service")
+    # Kubernetes pod metadata from the local kubelet (docs/jobs.md).
+    kubelet_enabled: bool = False
+    kubelet_url: str = DEFAULT_KUBELET_URL
+    kubelet_token_file: Path | None = DEFAULT_TOKEN_FILE  # "" in TOML: send no token
+    kubelet_ca_file: Path | None = None  # default: the service account's ca.crt when present
+    kubelet_insecure_skip_verify: bool = False
+    kubelet_poll_s: float = 30.0
+    kubelet_timeout_s: float = 5.0
+    pod_job_labels: tuple[str, ...] = DEFAULT_JOB_LABELS  # tried in order after the jouleward.io/job annotation
+    # Control endpoints on the TCP listener exist only with a token (read once at start).
+    control_token_file: Path | None = None
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
+    # NVIDIA GPUs through NVML. Visible devices as in CUDA_VISIBLE_DEVICES
+    # (NVML indices or UUIDs; None: all, and CUDA_VISIBLE_DEVICES if set).
+    gpu_enabled: bool = True
+    gpu_visible_devices: str | None = None
+    gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
+    gpu_idle_power_w: float | None = None  # per GPU; default: estimated
 
     @property
     def control_socket_path(self) -> Path:
@@ -100,8 +121,16 @@ _FLOAT_KEYS = {
     "dram_model_w_per_gib": (0.0, 100.0),
     "finished_job_retention_s": (0.0, 86400.0 * 30),
     "max_zone_power_w": (1.0, 1e6),
+    "kubelet_poll_s": (1.0, 3600.0),
+    "kubelet_timeout_s": (0.1, 300.0),
+    "gpu_power_sample_interval_s": (0.01, 10.0),
+    "gpu_idle_power_w": (0.0, 5000.0),
 }
-_PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs"}
+_PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs", "kubelet_ca_file", "control_token_file"}
+_BOOL_KEYS = {"kubelet_enabled", "kubelet_insecure_skip_verify", "gpu_enabled"}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+# A Kubernetes label key: optional DNS-subdomain prefix and "/", then a name.
+_K8S_LABEL_KEY = re.compile(r"(?:[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _ENV_PREFIX = "JOULEWARD_"
 # Config keys whose command-line flag is spelled differently.
 FLAG_NAMES = {"interval_s": "interval"}
@@ -124,6 +153,34 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if not isinstance(value, (str, Path)) or not str(value):
             raise ConfigError(f"{where}: expected a path, got {value!r}")
         return Path(value)
+    if key in _BOOL_KEYS:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.strip().lower()]
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if key == "kubelet_token_file":
+        if value == "":
+            return None
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"{where}: expected a path (or \"\" for no token), got {value!r}")
+        return Path(value)
+    if key == "kubelet_url":
+        parts = urlsplit(value) if isinstance(value, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}: expected an http:// or https:// URL, got {value!r}")
+        return value
+    if key == "pod_job_labels":
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of label keys")
+        for index, label in enumerate(value):
+            if not isinstance(label, str) or not _K8S_LABEL_KEY.fullmatch(label):
+                raise ConfigError(f"{where}: entry {index + 1}, {label!r}, is not a Kubernetes label key")
+        return tuple(value)
+    if key == "gpu_visible_devices":
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a list like \"0,1\" or GPU UUIDs, got {value!r}")
+        return str(value)
     if key == "listen":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected host:port, got {value!r}")
@@ -260,7 +317,8 @@ def load_file(path: Path) -> dict[str, Any]:
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
-    known = {f.name for f in fields(Config)} - {"rules", "idle_power_w", "systemd_unit_exclude", "carbon"}
+    known = {f.name for f in fields(Config)} - {"rules", "idle_power_w", "systemd_unit_exclude", "carbon",
+                                                "pod_job_labels"}
     out = {}
     for name, value in environ.items():
         if not name.startswith(_ENV_PREFIX):
@@ -268,6 +326,9 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(_ENV_PREFIX):].lower()
         if key in known:
             out[key] = value
+    # The operator's CUDA device restriction applies to the agent's view too.
+    if "gpu_visible_devices" not in out and "CUDA_VISIBLE_DEVICES" in environ:
+        out["gpu_visible_devices"] = environ["CUDA_VISIBLE_DEVICES"]
     return out
 
 
@@ -297,4 +358,6 @@ def build(
     config = replace(Config(), **values)
     if config.cpu_idle_w is not None and config.cpu_max_w is not None and config.cpu_idle_w > config.cpu_max_w:
         raise ConfigError("cpu_idle_w must not exceed cpu_max_w")
+    if config.kubelet_insecure_skip_verify and config.kubelet_ca_file is not None:
+        raise ConfigError("kubelet_ca_file and kubelet_insecure_skip_verify exclude each other")
     return config

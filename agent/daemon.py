@@ -15,16 +15,24 @@ from dataclasses import dataclass, field
 from agent.attribution import IdlePowerEstimator, split_domain
 from agent.carbon import emissions, intensity
 from agent.config import Config
+from agent.gpu_attribution import GpuIdleTracker
 from agent.ledger import JobActivity, JobRecord, Ledger
 from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
 from agent.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, CarbonView, DeviceView, DurationCounts, Health, JobView, Snapshot
+from agent.workloads.kubelet import KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
 from agent.workloads.resolve import JobResolver
 
 log = logging.getLogger("jouleward")
+
+
+def kubelet_settings(config: Config) -> KubeletSettings:
+    return KubeletSettings(url=config.kubelet_url, token_file=config.kubelet_token_file, ca_file=config.kubelet_ca_file,
+                           insecure_skip_verify=config.kubelet_insecure_skip_verify, poll_s=config.kubelet_poll_s,
+                           timeout_s=config.kubelet_timeout_s)
 
 
 def read_boot_id(config: Config) -> str:
@@ -47,6 +55,7 @@ class ExportSelection:
     retired_overflow_cpu_s: float = 0.0
     retired_overflow_work: dict[str, float] = field(default_factory=dict)
     retired_overflow_g: float = 0.0
+    retired_overflow_gpu_idle_j: float = 0.0
 
     def admit(self, job_id: str) -> None:
         if job_id in self.exported or job_id in self.overflow:
@@ -67,12 +76,13 @@ class ExportSelection:
             for unit, count in record.work_units.items():
                 self.retired_overflow_work[unit] = self.retired_overflow_work.get(unit, 0.0) + count
             self.retired_overflow_g += record.emissions_g
+            self.retired_overflow_gpu_idle_j += record.gpu_idle_j
 
 
 def _job_view(record: JobRecord) -> JobView:
     return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
                    record.processes, record.first_seen, record.last_seen, record.finished_at, dict(record.work_units),
-                   emissions_g=record.emissions_g)
+                   emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j)
 
 
 class Agent:
@@ -83,10 +93,13 @@ class Agent:
         self.ledger = Ledger(config.state_dir)
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
-        self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude)
+        self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_enabled else None
+        self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude, pods=self.kubelet,
+                                    pod_job_labels=config.pod_job_labels)
         self.sensor_set = sensors or build_sensors(config)
         self.boot_id = read_boot_id(config)
         self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
+        self.gpu_idle = GpuIdleTracker(configured_w=config.gpu_idle_power_w)
         self.selection = ExportSelection(config.max_exported_jobs)
         self.snapshot: Snapshot = EMPTY_SNAPSHOT
         self.ticks = 0
@@ -132,6 +145,13 @@ class Agent:
                 self.ledger.node_energy_j[key] = self.ledger.node_energy_j.get(key, 0.0) + energy
                 self.ledger.add_unattributed(zone.domain, energy)
                 log.info("recovered %.1f J used by %s while the agent was down", energy, zone.device)
+
+    def start_pod_metadata(self) -> None:
+        """Start polling the kubelet and wait (bounded) for its first answer, so
+        pods already running resolve to their ML jobs from the first tick."""
+        if self.kubelet is not None:
+            self.kubelet.start()
+            self.kubelet.first_poll.wait(self.config.kubelet_timeout_s + 1.0)
 
     # -- control operations (called from the API) ----------------------------------
     def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobRecord:
@@ -183,6 +203,19 @@ class Agent:
                  for domain, energy in sorted(measured.items())]
         return parts, idle_power
 
+    def _attribute_gpus(self, readings: list[DeviceEnergy], scan: Scan, jobs: list[JobRef | None],
+                        parts: list[DomainAttribution], idle_power: dict[str, float]) -> dict[str, float]:
+        """Append the GPU domain's split to ``parts``; return allocated-idle joules per job."""
+        gpus = [r for r in readings if r.domain == "gpu"]
+        if not gpus:
+            return {}
+        nvml = self.sensor_set.nvml
+        job_of = {process.key.pid: ref.id if ref else None for process, ref in zip(scan.processes, jobs)}
+        result, idle_w = self.gpu_idle.attribute(gpus, nvml.views() if nvml else {}, job_of)
+        parts.append(result.total)
+        idle_power["gpu"] = sum(w for w in idle_w.values() if w is not None)
+        return result.allocated_idle_j
+
     def tick(self) -> Snapshot:
         with self._tick_lock:
             return self._tick()
@@ -225,20 +258,25 @@ class Agent:
             cpu[ref.id] = cpu.get(ref.id, 0.0) + process.cpu_s
             counts[ref.id] = counts.get(ref.id, 0) + 1
             refs[ref.id] = ref
+        info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
         for job_id, ref in refs.items():
             activity[job_id] = JobActivity(ref, cpu[job_id], counts[job_id])
-            if job_id not in self.ledger.jobs:
+            record = self.ledger.jobs.get(job_id)
+            if record is None:
                 registration = self.registry.get(job_id)
-                self.ledger.ensure_job(ref, now_unix, registration=registration)
+                self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id), registration=registration)
                 self.selection.admit(job_id)
+            elif record.ref != ref or (job_id in info and record.labels != info[job_id]):
+                self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id))
 
         if first_tick:
             self._recover_downtime()
             parts, idle_power = [], {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
+            gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
             energy_before = self.ledger.job_energy_totals()
-            self.ledger.book_tick(now_unix, readings, parts, activity, interval_s)
+            self.ledger.book_tick(now_unix, readings, parts, activity, interval_s, gpu_idle_j)
             self._charge_emissions(now_unix, interval_s, readings, energy_before)
         self.ticks += 1
         self._maybe_flush(now_mono)
@@ -285,6 +323,7 @@ class Agent:
             overflow_power: dict[str, float] = {}
             overflow_cpu = self.selection.retired_overflow_cpu_s
             overflow_g = self.selection.retired_overflow_g
+            overflow_gpu_idle = self.selection.retired_overflow_gpu_idle_j
             overflow_processes = 0
             overflow_work = dict(self.selection.retired_overflow_work)
             running = finished = 0
@@ -305,9 +344,11 @@ class Agent:
                     overflow_processes += record.processes
                     for unit, count in record.work_units.items():
                         overflow_work[unit] = overflow_work.get(unit, 0.0) + count
+                    overflow_gpu_idle += record.gpu_idle_j
             if self.selection.overflow or self.selection.retired_overflow_j:
                 exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
-                                        overflow_processes, 0.0, now_unix, None, overflow_work, emissions_g=overflow_g))
+                                        overflow_processes, 0.0, now_unix, None, overflow_work, emissions_g=overflow_g,
+                                        gpu_idle_j=overflow_gpu_idle))
             idle = dict(ledger.idle_j)
             unattributed = dict(ledger.unattributed_j)
             flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors
@@ -315,16 +356,19 @@ class Agent:
         statuses = tuple(status for sensor in self.sensor_set.sensors for status in sensor.status())
         self.tick_durations = self.tick_durations.observe(duration_s)
         health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,
-                        flush_unix, flush_errors)
+                        flush_unix, flush_errors, kubelet=self.kubelet.health() if self.kubelet else None)
+        nvml = self.sensor_set.nvml
+        gpus = tuple(sorted(nvml.views().values(), key=lambda v: v.index)) if nvml else ()
         now = self.carbon_now
         carbon = CarbonView(now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g,
                             self.intensity.errors_total)
         return Snapshot(now_unix, interval_s, scan.node.utilization_ratio, devices, idle, unattributed,
-                        idle_power, tuple(exported), health, carbon=carbon)
+                        idle_power, tuple(exported), health, carbon=carbon, gpus=gpus)
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:
         """Tick every ``interval_s`` on the monotonic clock until ``stop``."""
+        self.start_pod_metadata()
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -340,6 +384,8 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.kubelet is not None:
+            self.kubelet.stop()
 
     def close(self) -> None:
         """Final flush; safe to call once the loop has stopped."""

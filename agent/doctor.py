@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from pathlib import Path
 
 from agent.config import Config
 from agent.sensors.cpu_model import build_cpu_model, read_cpu_identity
@@ -65,8 +64,17 @@ def _hwmon_findings(config: Config) -> list[Finding]:
             for c in channels]
 
 
+def _gpu_findings(config: Config) -> list[Finding]:
+    if not config.gpu_enabled:
+        return [Finding("nvml", False, True, "GPUs switched off in the configuration (gpu_enabled = false)")]
+    from agent.sensors.nvml import diagnose
+
+    return [Finding("nvml", usable, True, detail)
+            for usable, detail in diagnose(config.gpu_visible_devices, config.gpu_power_sample_interval_s)]
+
+
 def examine(config: Config) -> list[Finding]:
-    findings = _powercap_findings(config) + _hwmon_findings(config)
+    findings = _powercap_findings(config) + _hwmon_findings(config) + _gpu_findings(config)
     measured_cpu = any(f.usable and f.measured and ("cpu/" in f.detail or "domain cpu" in f.detail)
                        for f in findings)
     model = build_cpu_model(read_cpu_identity(config.procfs), config.cpu_tdp_w, config.cpu_idle_w,
@@ -92,5 +100,3 @@ def report(findings: list[Finding]) -> tuple[str, int]:
                  "no energy counters: the agent runs on the utilisation model (source=\"model\")")
     return "\n".join(lines), 0 if measured else 1
 
-
-__all__ = ["examine", "report", "Finding", "Path"]

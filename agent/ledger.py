@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS node_emissions (id INTEGER PRIMARY KEY CHECK (id = 0)
 """
 
 
+# job_energy row that holds a job's allocated-but-idle GPU energy.
+GPU_IDLE_ROW = "gpu_idle"
+
+
 class LedgerError(RuntimeError):
     pass
 
@@ -60,6 +64,7 @@ class JobRecord:
     registration: RegisteredJob | None = None
     work_units: dict[str, float] = field(default_factory=dict)  # reported work, by unit
     emissions_g: float = 0.0  # gCO2eq, each tick charged at the intensity in force during it
+    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +159,10 @@ class Ledger:
 
     @staticmethod
     def _record_from_row(row: sqlite3.Row, energy: dict[str, float], work: dict[str, float]) -> JobRecord:
+        energy = dict(energy)
+        gpu_idle_j = energy.pop(GPU_IDLE_ROW, 0.0)
         return JobRecord(
+            gpu_idle_j=gpu_idle_j,
             ref=JobRef(row["id"], row["name"], row["kind"], row["namespace"]),
             labels=json.loads(row["labels"]),
             first_seen=row["first_seen"],
@@ -184,8 +192,13 @@ class Ledger:
         parts: list[DomainAttribution],
         activity: dict[str, JobActivity],
         interval_s: float,
+        gpu_idle_j: dict[str, float] | None = None,
     ) -> None:
         with self._lock:
+            for job_id, energy_j in (gpu_idle_j or {}).items():
+                record = self.jobs.get(job_id)
+                if record is not None:
+                    record.gpu_idle_j += energy_j
             self.node_power_w = {}
             for reading in devices:
                 key = (reading.domain, reading.device, reading.source)
@@ -242,6 +255,8 @@ class Ledger:
             if record is None:
                 record = self._load_job(ref.id) or JobRecord(ref, dict(labels or {}), now_unix, now_unix)
                 self.jobs[ref.id] = record
+            elif record.ref != ref:
+                record.ref = ref  # a name learnt later (a Slurm job's, from its environment)
             if registration is not None:
                 record.registration = registration
                 record.labels = dict(registration.labels)
@@ -316,7 +331,8 @@ class Ledger:
         self._db.executemany(
             "INSERT INTO job_energy (job_id, domain, energy_j) VALUES (?,?,?) "
             "ON CONFLICT(job_id, domain) DO UPDATE SET energy_j=excluded.energy_j",
-            [(ref.id, domain, energy) for domain, energy in record.energy_j.items()],
+            [(ref.id, domain, energy) for domain, energy in record.energy_j.items()]
+            + ([(ref.id, GPU_IDLE_ROW, record.gpu_idle_j)] if record.gpu_idle_j > 0 else []),
         )
         self._db.executemany(
             "INSERT INTO job_work (job_id, unit, count) VALUES (?,?,?) "

@@ -43,17 +43,32 @@ def _prepare_socket_path(path: Path) -> None:
         raise ServeError(f"--control-socket {path}: {exc.strerror}") from None
 
 
+def read_control_token(path: Path | None) -> str | None:
+    """The TCP control token, read once at start; None when not configured."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServeError(f"control_token_file {path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ServeError(f"control_token_file {path}: the token must be at least 16 characters, without spaces")
+    return token
+
+
 def serve(config: Config, stop: threading.Event | None = None) -> None:
     host, port = config.listen_host_port
     _check_port_free(host, port)
+    control_token = read_control_token(config.control_token_file)
     socket_path = config.control_socket_path
     _prepare_socket_path(socket_path)
     agent = Agent(config)
+    agent.start_pod_metadata()
     agent.tick()  # baseline, so the first scrape already has devices
     stop = stop or threading.Event()
 
     servers = [
-        uvicorn.Server(uvicorn.Config(create_read_app(agent), host=host, port=port, log_level="warning",
+        uvicorn.Server(uvicorn.Config(create_read_app(agent, control_token), host=host, port=port, log_level="warning",
                                       access_log=False, lifespan="off")),
         uvicorn.Server(uvicorn.Config(create_control_app(agent), uds=str(socket_path), log_level="warning",
                                       access_log=False, lifespan="off", http=PeerCredH11Protocol)),

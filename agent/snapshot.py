@@ -6,8 +6,13 @@ readers never lock, never trigger a sample, and never see half a tick.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from agent.gpu_model import GpuDeviceView
 from agent.model import JobRef, SensorStatus
+
+if TYPE_CHECKING:
+    from agent.workloads.kubelet import KubeletHealth
 
 OVERFLOW_JOB = JobRef("_other", "_other", "overflow")
 
@@ -34,6 +39,7 @@ class JobView:
     finished_at: float | None
     work_units: dict[str, float] = field(default_factory=dict)
     emissions_g: float = 0.0
+    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
     @property
     def total_energy_j(self) -> float:
@@ -77,6 +83,7 @@ class Health:
     jobs_finished: int = 0
     ledger_flush_unix: float | None = None
     ledger_errors: int = 0
+    kubelet: KubeletHealth | None = None  # None when pod metadata is not configured
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,7 @@ class Snapshot:
     jobs: tuple[JobView, ...]  # exported jobs, the overflow aggregate last
     health: Health
     carbon: CarbonView = CarbonView()
+    gpus: tuple[GpuDeviceView, ...] = ()  # what NVML showed on the last tick
 
     def job(self, job_id: str) -> JobView | None:
         return next((job for job in self.jobs if job.ref.id == job_id), None)

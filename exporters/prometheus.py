@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from agent import __version__
 from agent.model import ATTRIBUTED_DOMAINS
 from agent.snapshot import JobView, Snapshot
+from exporters.gpu import gpu_families
 
 JOB_LABELS = ["job_id", "job_name", "job_kind", "namespace"]
 _LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
@@ -48,6 +49,7 @@ class SnapshotCollector:
         yield from self._jobs(snap)
         yield from self._health(snap)
         yield from self._carbon(snap)
+        yield from gpu_families(snap)
         for extra in self._extra:
             yield from extra(snap)
 
@@ -162,6 +164,16 @@ class SnapshotCollector:
             yield GaugeMetricFamily("jouleward_ledger_flush_timestamp_seconds",
                                     "Unix time of the last durable flush.", value=health.ledger_flush_unix)
         yield CounterMetricFamily("jouleward_ledger_errors", "Failed ledger flushes.", value=health.ledger_errors)
+        kubelet = health.kubelet
+        if kubelet is not None:
+            yield GaugeMetricFamily("jouleward_kubelet_up", "1 when the last poll of the kubelet's /pods succeeded.",
+                                    value=1.0 if kubelet.up else 0.0)
+            yield GaugeMetricFamily("jouleward_kubelet_metadata_stale", "1 when pod metadata may be out of date.",
+                                    value=1.0 if kubelet.stale else 0.0)
+            yield CounterMetricFamily("jouleward_kubelet_errors", "Failed kubelet polls.", value=kubelet.errors_total)
+            yield GaugeMetricFamily("jouleward_kubelet_last_success_timestamp_seconds",
+                                    "Unix time of the last successful kubelet poll (0 before the first).",
+                                    value=_safe(kubelet.last_success_unix_s))
 
 
     def _carbon(self, snap: Snapshot) -> Iterator[Metric]:

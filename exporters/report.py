@@ -39,16 +39,9 @@ class ReportError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class JobEmissions:
-    """What the agent knows about one job, in its own units."""
+class Site:
+    """Where and on what the jobs ran: the report's location and hardware columns."""
 
-    job_id: str
-    job_name: str
-    duration_s: float
-    energy_j: Mapping[str, float]  # IT energy by domain: cpu, dram, gpu
-    emissions_g: float  # already includes the PUE
-    pue: float = 1.0
-    end_unix_s: float | None = None  # None: still running, report as of now
     country_iso_code: str = ""
     country_name: str = ""
     region: str = ""
@@ -61,6 +54,20 @@ class JobEmissions:
     gpu_model: str = ""
     gpu_count: int | None = None
     ram_total_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobEmissions:
+    """What the agent knows about one job, in its own units."""
+
+    job_id: str
+    job_name: str
+    duration_s: float
+    energy_j: Mapping[str, float]  # IT energy by domain: cpu, dram, gpu
+    emissions_g: float  # already includes the PUE
+    pue: float = 1.0
+    end_unix_s: float | None = None  # None: still running, report as of now
+    site: Site = Site()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -70,6 +77,7 @@ def report_row(job: JobEmissions) -> dict[str, Any]:
     duration = job.duration_s
     emissions_kg = job.emissions_g / 1000.0
     when = datetime.fromtimestamp(job.end_unix_s) if job.end_unix_s is not None else datetime.now()
+    site = job.site
     row: dict[str, Any] = dict.fromkeys(EMISSIONS_CSV_COLUMNS)
     row.update(
         timestamp=when.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -79,21 +87,21 @@ def report_row(job: JobEmissions) -> dict[str, Any]:
         emissions=emissions_kg,
         emissions_rate=emissions_kg / duration if duration > 0 else 0.0,
         energy_consumed=sum(kwh.values()),
-        country_name=job.country_name or None,
-        country_iso_code=job.country_iso_code or None,
-        region=job.region or None,
-        cloud_provider=job.cloud_provider or None,
-        cloud_region=job.cloud_region or None,
-        os=job.os or None,
-        python_version=job.python_version or None,
-        cpu_count=job.cpu_count,
-        cpu_model=job.cpu_model or None,
-        gpu_count=job.gpu_count,
-        gpu_model=job.gpu_model or None,
-        ram_total_size=job.ram_total_bytes / 1e9 if job.ram_total_bytes is not None else None,
+        country_name=site.country_name or None,
+        country_iso_code=site.country_iso_code or None,
+        region=site.region or None,
+        cloud_provider=site.cloud_provider or None,
+        cloud_region=site.cloud_region or None,
+        os=site.os or None,
+        python_version=site.python_version or None,
+        cpu_count=site.cpu_count,
+        cpu_model=site.cpu_model or None,
+        gpu_count=site.gpu_count,
+        gpu_model=site.gpu_model or None,
+        ram_total_size=site.ram_total_bytes / 1e9 if site.ram_total_bytes is not None else None,
         # Energy is attributed to the job's processes, which is codecarbon's "process" mode.
         tracking_mode="process",
-        on_cloud="Y" if job.cloud_provider else "N",
+        on_cloud="Y" if site.cloud_provider else "N",
         pue=job.pue,
     )
     for column, energy_kwh in kwh.items():
@@ -168,24 +176,6 @@ def append_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
             writer.writerow([_cell(row.get(column)) for column in columns])
 
 
-@dataclass(frozen=True, slots=True)
-class Site:
-    """Where and on what the jobs ran: the report's location and hardware columns."""
-
-    country_iso_code: str = ""
-    country_name: str = ""
-    region: str = ""
-    cloud_provider: str = ""
-    cloud_region: str = ""
-    os: str = ""
-    python_version: str = ""
-    cpu_model: str = ""
-    cpu_count: int | None = None
-    gpu_model: str = ""
-    gpu_count: int | None = None
-    ram_total_bytes: int | None = None
-
-
 def site_from_config(carbon: Any, procfs: Path = Path("/proc"), gpu_count: int | None = None) -> Site:
     """The site a ``[carbon]`` table describes, with this host's CPU and memory."""
     import platform
@@ -223,11 +213,7 @@ def job_emissions(job: Mapping[str, Any], site: Site, pue: float, now_unix: floa
     return JobEmissions(
         job_id=str(job["id"]), job_name=str(job["name"]), duration_s=duration,
         energy_j={str(k): float(v) for k, v in (job.get("energy_j") or {}).items()},
-        emissions_g=float(job.get("emissions_g") or 0.0), pue=pue, end_unix_s=end,
-        country_iso_code=site.country_iso_code, country_name=site.country_name, region=site.region,
-        cloud_provider=site.cloud_provider, cloud_region=site.cloud_region, os=site.os,
-        python_version=site.python_version, cpu_model=site.cpu_model, cpu_count=site.cpu_count,
-        gpu_model=site.gpu_model, gpu_count=site.gpu_count, ram_total_bytes=site.ram_total_bytes,
+        emissions_g=float(job.get("emissions_g") or 0.0), pue=pue, end_unix_s=end, site=site,
     )
 
 

@@ -3,6 +3,7 @@ import ast
 import csv
 import io
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -22,8 +23,8 @@ def a_job(**overrides):
         job_id="r-5f2a", job_name="llama-finetune", duration_s=5400.0,
         energy_j={"cpu": 2.7e6, "dram": 0.36e6, "gpu": 9.0e6},
         emissions_g=0.0, pue=1.25, end_unix_s=1_700_000_000.0,
-        country_iso_code="FRA", country_name="France", cpu_model="AMD EPYC 7763", cpu_count=64,
-        gpu_model="NVIDIA H100 80GB HBM3", gpu_count=1, ram_total_bytes=512_000_000_000,
+        site=report.Site(country_iso_code="FRA", country_name="France", cpu_model="AMD EPYC 7763", cpu_count=64,
+                         gpu_model="NVIDIA H100 80GB HBM3", gpu_count=1, ram_total_bytes=512_000_000_000),
     )
     fields.update(overrides)
     job = report.JobEmissions(**fields)
@@ -65,7 +66,8 @@ def test_csv_row_parses_into_codecarbon_header_and_units():
 
 
 def test_json_has_the_same_columns_with_nulls():
-    (obj,) = json.loads(report.to_json([report.report_row(a_job(cloud_provider="gcp", cloud_region="europe-west1"))]))
+    site = replace(a_job().site, cloud_provider="gcp", cloud_region="europe-west1")
+    (obj,) = json.loads(report.to_json([report.report_row(a_job(site=site))]))
     assert list(obj) == codecarbon_columns()
     assert obj["water_consumed"] is None and obj["on_cloud"] == "Y" and obj["cloud_region"] == "europe-west1"
     assert obj["cpu_count"] == 64 and obj["gpu_energy"] == pytest.approx(3.125)

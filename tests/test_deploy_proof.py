@@ -26,6 +26,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build as build_fake_nvml
+
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "jouleward-rules.yml"
 SCRAPE_EXAMPLE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -120,6 +122,21 @@ def stack(tmp_path_factory):
     # A clean grid: the info alert on grid intensity (above 400 g/kWh) belongs to dirty grids, not to this host.
     (tmp / "config.toml").write_text("[agent]\nflush_interval_s = 1.0\n"
                                      "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n")
+    # Two fake GPUs behind the real NVML bindings, so the GPU panels and the
+    # allocated-but-idle alert have data. GPU 0 idles at 60 W until train-a
+    # computes on it at 300 W; train-b holds memory on GPU 1 without computing.
+    agent_env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    agent_env.pop("CUDA_VISIBLE_DEVICES", None)
+    gpu_state_path = tmp / "nvml-state"
+    gpu_started = time.monotonic()
+    gpu_devices = [FakeDevice(0, "GPU-0000aaaa-proof", epoch_s=gpu_started, power_mw=60_000),
+                   FakeDevice(1, "GPU-1111bbbb-proof", epoch_s=gpu_started, power_mw=70_000, mem_used=10 * 2**30)]
+    try:
+        library = build_fake_nvml(tmp / "fakenvml")
+        FakeState(devices=gpu_devices).write(gpu_state_path)
+        agent_env.update(LD_LIBRARY_PATH=str(library.parent), FAKENVML_STATE=str(gpu_state_path))
+    except BuildError:
+        library = None  # no compiler: the GPU queries are reported as skipped
     processes: list[subprocess.Popen] = []
     control: httpx.Client | None = None
     reporter: threading.Thread | None = None
@@ -131,7 +148,7 @@ def stack(tmp_path_factory):
              "--state-dir", str(tmp / "state"), "--control-socket", str(socket_path),
              "--sysfs", str(tmp / "sys"), "--procfs", "/proc", "--interval", "0.5",
              "--config", str(tmp / "config.toml")],
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=agent_log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env=agent_env, stdout=agent_log, stderr=subprocess.STDOUT,
         )
         processes.append(agent)
         agent_url = f"http://127.0.0.1:{agent_port}"
@@ -140,6 +157,16 @@ def stack(tmp_path_factory):
 
         workers = {"train-a": burner(), "train-b": burner()}
         processes.extend(workers.values())
+        if library is not None:
+            switch = time.monotonic()
+            busy = gpu_devices[0]
+            # Keep the counter continuous: what it counted at 60 W, then 300 W from now on.
+            busy.energy_mj, busy.epoch_s = busy.power_mw * (switch - gpu_started), switch
+            busy.power_mw, busy.util_gpu, busy.mem_used = 300_000, 70, 20 * 2**30
+            FakeState(devices=gpu_devices, processes=[
+                FakeProcess(0, workers["train-a"].pid, mem=20 * 2**30, sm=70),
+                FakeProcess(1, workers["train-b"].pid, mem=10 * 2**30, sm=0),
+            ]).write(gpu_state_path)
         control = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://agent",
                                timeout=10)
         job_ids: list[str] = []
@@ -184,7 +211,8 @@ def stack(tmp_path_factory):
                           instant("cluster_namespace_job_name:jouleward_job_power_watts:sum")} >= set(workers),
                  60, "the registered jobs in the recording rules")
         exposition = httpx.get(f"{agent_url}/metrics", timeout=5).text
-        yield {"prom": prom, "instant": instant, "exposition": exposition, "work_answers": work_answers}
+        yield {"prom": prom, "instant": instant, "exposition": exposition, "work_answers": work_answers,
+               "gpu_w": sum(d.power_mw for d in gpu_devices) / 1000 if library is not None else 0.0}
         prom.close()
     finally:
         rapl.stop.set()
@@ -335,7 +363,11 @@ def test_work_units_are_accepted(stack):
 
 def test_no_alert_fires_on_a_healthy_host(stack):
     alerts = stack["prom"].get("/api/v1/alerts").json()["data"]["alerts"]
-    assert [a["labels"]["alertname"] for a in alerts] == []
+    assert [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"] == []
+    # train-b holds GPU 1 without computing: the allocated-idle alert is
+    # pending (it fires only after 30 minutes), and nothing else is.
+    pending = {(a["labels"]["alertname"], a["labels"].get("job_name")) for a in alerts if a["state"] == "pending"}
+    assert pending <= {("JoulewardGPUAllocatedIdle", "train-b")}
 
 
 def test_prometheus_sees_the_fixture_power(stack):
@@ -346,7 +378,7 @@ def test_prometheus_sees_the_fixture_power(stack):
     (node,) = stack["instant"]("cluster_instance:jouleward_node_power_watts:sum")
     assert node["metric"] == {"__name__": "cluster_instance:jouleward_node_power_watts:sum",
                               "cluster": "lab", "instance": "127.0.0.1"}
-    assert float(node["value"][1]) == pytest.approx(PACKAGE_W + DRAM_W, rel=0.25)
+    assert float(node["value"][1]) == pytest.approx(PACKAGE_W + DRAM_W + stack["gpu_w"], rel=0.25)
     jobs = stack["instant"]('cluster_namespace_job_name:jouleward_job_energy_joules:sum{job_name=~"train-.*"}')
     assert {j["metric"]["job_name"] for j in jobs} == {"train-a", "train-b"}
     assert all(0 < float(j["value"][1]) for j in jobs)

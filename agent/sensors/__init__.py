@@ -2,12 +2,14 @@
 RAPL through powercap, then hwmon, then the utilisation model."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from agent.config import Config
 from agent.sensors.base import Sensor
 from agent.sensors.cpu_model import ModelSensor, build_cpu_model, read_cpu_identity, read_mem_total_gib
 from agent.sensors.hwmon import HwmonSensor
+from agent.sensors.nvml import NvmlSensor, NvmlUnavailable
 from agent.sensors.powercap import PowercapSensor
 
 
@@ -16,6 +18,7 @@ class SensorSet:
     sensors: list[Sensor]
     powercap: PowercapSensor | None
     model: ModelSensor | None
+    nvml: NvmlSensor | None = None
 
 
 def build_sensors(config: Config) -> SensorSet:
@@ -38,4 +41,11 @@ def build_sensors(config: Config) -> SensorSet:
             dram_w = config.dram_model_w_per_gib * read_mem_total_gib(config.procfs)
         model = ModelSensor(cpu, dram_w)
         sensors.append(model)
-    return SensorSet(sensors, powercap if powercap.available else None, model)
+    nvml = None
+    if config.gpu_enabled:
+        try:
+            nvml = NvmlSensor(config.gpu_visible_devices, config.gpu_power_sample_interval_s)
+            sensors.append(nvml)
+        except NvmlUnavailable as exc:
+            logging.getLogger("jouleward").info("no GPU sensor: %s", exc)
+    return SensorSet(sensors, powercap if powercap.available else None, model, nvml)

@@ -130,10 +130,6 @@ class PowercapSensor:
     def available(self) -> bool:
         return bool(self._counted)
 
-    def read_raw(self) -> dict[str, int | OSError | ValueError]:
-        """Raw ``energy_uj`` per counted zone, or the error that reading raised."""
-        return {zone.zone_id: self.read_raw_zone(zone) for zone in self._counted}
-
     def counter_state(self) -> dict[str, tuple[int, int]]:
         """Last good raw reading and range per zone, for the ledger."""
         return {zid: (raw, self._max_range.get(zid, 0)) for zid, raw in self._last_uj.items()}

@@ -28,6 +28,10 @@ DEFAULT_CA_FILE = SERVICE_ACCOUNT_DIR / "ca.crt"
 # A pod list of a few hundred pods is a few MB; this only guards against a
 # misconfigured URL streaming something endless into memory.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
+# A pod the node runs but the metadata lacks triggers an early poll, at most
+# this often, so a new pod's first ticks are booked under its ML job quickly.
+MIN_EARLY_POLL_S = 1.0
+MAX_WANTED = 10_000
 
 
 class KubeletError(RuntimeError):
@@ -209,7 +213,10 @@ class KubeletPoller:
         self._last_success_wall = 0.0
         self._last_success_mono: float | None = None
         self._last_error = ""
+        self._wanted: set[str] = set()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.first_poll = threading.Event()  # set once the first poll has answered or failed
         self._thread: threading.Thread | None = None
 
     def poll_once(self) -> bool:
@@ -237,6 +244,7 @@ class KubeletPoller:
             self._gone_since = {uid: t for uid, t in self._gone_since.items() if uid in keep}
             self._pods = {**keep, **fresh}
             self._by_container = {cid: uid for uid, pod in self._pods.items() for cid in pod.container_ids}
+            self._wanted -= fresh.keys()
             self._up = True
             self._last_error = ""
             self._last_success_wall = self._wall()
@@ -246,6 +254,16 @@ class KubeletPoller:
     def pod(self, uid: str) -> PodMeta | None:
         with self._lock:
             return self._pods.get(normalize_pod_uid(uid))
+
+    def want(self, uid: str) -> None:
+        """A running pod without metadata: poll early, once per unknown UID."""
+        with self._lock:
+            if uid in self._wanted:
+                return
+            if len(self._wanted) >= MAX_WANTED:
+                self._wanted.clear()
+            self._wanted.add(uid)
+        self._wake.set()
 
     def pod_for_container(self, container_id: str) -> PodMeta | None:
         with self._lock:
@@ -272,8 +290,12 @@ class KubeletPoller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before polling: a pod wanted during the poll wakes the next one
+            started = time.monotonic()
             self.poll_once()
-            self._stop.wait(self.settings.poll_s)
+            self.first_poll.set()
+            if self._wake.wait(self.settings.poll_s):  # woken early by want() or stop()
+                self._stop.wait(max(0.0, MIN_EARLY_POLL_S - (time.monotonic() - started)))
 
     def start(self) -> None:
         if self._thread is None:
@@ -282,6 +304,7 @@ class KubeletPoller:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None

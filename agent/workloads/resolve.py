@@ -15,11 +15,15 @@ import fnmatch
 import pwd
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent.config import JobRule
 from agent.model import JobRef, ProcessKey
+from agent.workloads.kubelet import PodMeta
+from agent.workloads.mljob import DEFAULT_JOB_LABELS, job_for_pod, pod_info_labels
 from agent.workloads.procfs import ProcessFacts, ScannedProcess
 from agent.workloads.registry import Registry
+from agent.workloads.slurm import SlurmIdentity, identity_from_environ
 
 _POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 _CONTAINER_ID = re.compile(r"(?:cri-containerd-|crio-|docker-|containerd-|libpod-)?([0-9a-f]{64})(?:\.scope)?$")
@@ -96,25 +100,57 @@ class CompiledRule:
         return True
 
 
+class PodSource(Protocol):
+    """Pod metadata by UID (``agent.workloads.kubelet.KubeletPoller``)."""
+
+    def pod(self, uid: str) -> PodMeta | None: ...
+
+    def want(self, uid: str) -> None: ...
+
+
+def merge_info_labels(parts: list[dict[str, str]]) -> dict[str, str]:
+    """Info labels of a job with several pods (or none known): distinct values, comma-joined."""
+    merged: dict[str, list[str]] = {}
+    for labels in parts:
+        for key, value in labels.items():
+            values = merged.setdefault(key, [])
+            if value and value not in values:
+                values.append(value)
+    return {key: ",".join(values) for key, values in merged.items()}
+
+
 class JobResolver:
     """Maps scanned processes to jobs, caching the answer per process key.
 
     Registered membership is checked every tick (cheap dict lookups); the
-    cgroup, environment and rule chain runs once per process.
+    cgroup, environment and rule chain runs once per process. A pod's ML job
+    is looked up every tick from the pod UID (a dict lookup), so metadata that
+    arrives after the process is first seen applies from the next tick.
+    ``info_labels`` holds, after each ``resolve``, the labels for
+    ``jouleward_job_info`` of the pod and Slurm jobs seen in it.
     """
 
     def __init__(self, registry: Registry, rules: tuple[JobRule, ...] = (),
-                 unit_exclude: tuple[str, ...] = ()) -> None:
+                 unit_exclude: tuple[str, ...] = (), pods: PodSource | None = None,
+                 pod_job_labels: tuple[str, ...] = DEFAULT_JOB_LABELS) -> None:
         self.registry = registry
         self._rules = [CompiledRule.of(rule) for rule in rules]
         self._unit_exclude = unit_exclude
-        self._static: dict[ProcessKey, JobRef | None] = {}
+        self._pods = pods
+        self._pod_job_labels = pod_job_labels
+        self._static: dict[ProcessKey, JobRef | CgroupJob | None] = {}
         self._generation_seen = -1
+        # uid -> (the PodMeta it was derived from, job, info labels); recomputed when the meta object changes
+        self._pod_jobs: dict[str, tuple[PodMeta | None, JobRef, dict[str, str]]] = {}
+        # Slurm job id -> name and user; one per job id, fixed once an environment vouches for it.
+        self._slurm: dict[str, SlurmIdentity] = {}
+        self.info_labels: dict[str, dict[str, str]] = {}
 
-    def _static_job(self, facts: ProcessFacts) -> JobRef | None:
+    def _static_job(self, facts: ProcessFacts) -> JobRef | CgroupJob | None:
         found = job_from_cgroup(facts.cgroup, self._unit_exclude)
         if found:
-            return found.ref
+            # Pods and Slurm jobs take their name from metadata resolved per tick.
+            return found if found.ref.kind in ("pod", "slurm") else found.ref
         label = facts.env_labels.get("JOULEWARD_JOB", "").strip()
         if label:
             return JobRef(f"env-{label}", label, "env")
@@ -157,6 +193,7 @@ class JobResolver:
             return job_id
 
         jobs: list[JobRef | None] = []
+        deferred: list[tuple[int, CgroupJob, ScannedProcess]] = []
         for process in processes:
             job_id = registry.job_of(process.key)
             if job_id is None and (rescan_tree or process.key not in self._static):
@@ -169,9 +206,64 @@ class JobResolver:
             static = self._static.get(process.key, ...)
             if static is ...:
                 static = self._static[process.key] = self._static_job(process.facts)
+            if isinstance(static, CgroupJob):
+                deferred.append((len(jobs), static, process))
+                static = None
             jobs.append(static)
         self._generation_seen = registry.generation
+        self._resolve_deferred(jobs, deferred)
         return jobs
+
+    def _pod_job(self, uid: str) -> tuple[PodMeta | None, JobRef, dict[str, str]]:
+        meta = self._pods.pod(uid) if self._pods is not None else None
+        cached = self._pod_jobs.get(uid)
+        if cached is not None and cached[0] is meta:
+            return cached
+        if meta is None:
+            # No metadata yet (or no kubelet configured): the pod is its own job.
+            if self._pods is not None:
+                self._pods.want(uid)
+            entry = (None, JobRef(f"pod-{uid}", uid, "pod"), {"pod_uid": uid})
+        else:
+            found = job_for_pod(meta, self._pod_job_labels)
+            entry = (meta, found.job, pod_info_labels(meta, found.source))
+        self._pod_jobs[uid] = entry
+        return entry
+
+    def _slurm_identity(self, job_id: str, members: list[ScannedProcess]) -> SlurmIdentity | None:
+        known = self._slurm.get(job_id)
+        if known is not None:
+            return known
+        for process in members:  # slurmstepd itself lacks the job's environment; its tasks have it
+            identity = identity_from_environ(job_id, process.facts.env_labels)
+            if identity.name != job_id or identity.user:
+                self._slurm[job_id] = identity
+                return identity
+        return None
+
+    def _resolve_deferred(self, jobs: list[JobRef | None], deferred: list[tuple[int, CgroupJob, ScannedProcess]]) -> None:
+        info: dict[str, list[dict[str, str]]] = {}
+        seen_uids: set[str] = set()
+        slurm: dict[str, list[tuple[int, ScannedProcess]]] = {}
+        for slot, found, process in deferred:
+            if found.ref.kind == "pod":
+                uid = found.ref.name
+                _meta, ref, labels = self._pod_job(uid)
+                jobs[slot] = ref
+                if uid not in seen_uids:
+                    seen_uids.add(uid)
+                    info.setdefault(ref.id, []).append(labels)
+            else:
+                slurm.setdefault(found.ref.name, []).append((slot, process))
+        for job_id, members in slurm.items():
+            identity = self._slurm_identity(job_id, [process for _slot, process in members])
+            ref = JobRef(f"slurm-{job_id}", identity.name if identity else job_id, "slurm")
+            for slot, _process in members:
+                jobs[slot] = ref
+            info[ref.id] = [{"user": identity.user}] if identity and identity.user else []
+        self._pod_jobs = {uid: entry for uid, entry in self._pod_jobs.items() if uid in seen_uids}
+        self._slurm = {job_id: identity for job_id, identity in self._slurm.items() if job_id in slurm}
+        self.info_labels = {job_id: merge_info_labels(parts) for job_id, parts in info.items()}
 
     def forget(self, exited: list[ProcessKey]) -> None:
         for key in exited:

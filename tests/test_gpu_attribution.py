@@ -1,0 +1,158 @@
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.gpu_attribution import (
+    IdleObservations,
+    attribute_gpus,
+    estimated_idle_power_w,
+    observe_idle,
+    split_gpu,
+)
+from agent.gpu_model import GpuDeviceView, GpuProcess
+from agent.model import DeviceEnergy
+
+
+def view(device="gpu-0", processes=(), known=True):
+    return GpuDeviceView(
+        index=int(device.split("-")[1]), device=device, uuid=f"GPU-{device}", name="Fake",
+        utilization_ratio=0.5, memory_used_bytes=0, memory_total_bytes=80 * 2**30,
+        power_limit_w=400.0, mig_enabled=False, processes=tuple(processes), processes_known=known,
+    )
+
+
+def energy(joules, device="gpu-0", interval_s=10.0, idle_power_w=None):
+    return DeviceEnergy("gpu", device, "nvml_energy", joules, interval_s, idle_power_w=idle_power_w)
+
+
+def test_active_energy_split_by_sm_share_and_idle_by_memory():
+    procs = [GpuProcess(10, 3 * 2**30, 60.0), GpuProcess(11, 1 * 2**30, 20.0)]
+    split = split_gpu(energy(2000.0), view(processes=procs), 50.0, {10: "a", 11: "b"})
+    # idle 50 W x 10 s = 500 J by memory 3:1; active 1500 J by SM 3:1
+    assert split.method == "sm"
+    assert split.allocated_idle_j == pytest.approx({"a": 375.0, "b": 125.0})
+    assert split.jobs_j == pytest.approx({"a": 375.0 + 1125.0, "b": 125.0 + 375.0})
+    assert split.idle_j == 0.0 and split.unattributed_j == 0.0
+
+
+def test_job_at_zero_sm_pays_its_memory_share_of_idle_only():
+    procs = [GpuProcess(10, 2**30, 80.0), GpuProcess(11, 2**30, 0.0)]
+    split = split_gpu(energy(1500.0), view(processes=procs), 50.0, {10: "busy", 11: "parked"})
+    assert split.jobs_j["parked"] == pytest.approx(250.0)
+    assert split.allocated_idle_j["parked"] == pytest.approx(250.0)
+    assert split.jobs_j["busy"] == pytest.approx(250.0 + 1000.0)
+
+
+def test_host_process_share_goes_to_unattributed_and_node_idle():
+    procs = [GpuProcess(10, 2**30, 30.0), GpuProcess(99, 2**30, 10.0)]
+    split = split_gpu(energy(1000.0), view(processes=procs), 20.0, {10: "a"})
+    # idle 200 J: half to a, half (host) to node idle; active 800 J at 3:1
+    assert split.jobs_j["a"] == pytest.approx(100.0 + 600.0)
+    assert split.idle_j == pytest.approx(100.0)
+    assert split.unattributed_j == pytest.approx(200.0)
+
+
+def test_unheld_gpu_gives_idle_to_node_and_rest_to_unattributed():
+    split = split_gpu(energy(700.0), view(), 50.0, {})
+    assert (split.method, split.idle_j, split.unattributed_j, split.jobs_j) == ("none", 500.0, 200.0, {})
+
+
+def test_fallbacks_memory_then_equal():
+    by_memory = split_gpu(energy(100.0), view(processes=[GpuProcess(1, 300), GpuProcess(2, 100)]), 0.0, {1: "a", 2: "b"})
+    assert by_memory.method == "memory"
+    assert by_memory.jobs_j == pytest.approx({"a": 75.0, "b": 25.0})
+    equal = split_gpu(energy(90.0), view(processes=[GpuProcess(i, 0) for i in (1, 2, 3)]), None, {1: "a", 2: "b", 3: "a"})
+    assert equal.method == "equal"
+    assert equal.jobs_j == pytest.approx({"a": 60.0, "b": 30.0})
+
+
+def test_idle_is_capped_by_measured_energy():
+    split = split_gpu(energy(100.0), view(processes=[GpuProcess(1, 10, 50.0)]), 50.0, {1: "a"})
+    assert split.jobs_j == {"a": 100.0}
+    assert split.allocated_idle_j == {"a": 100.0}
+
+
+def test_unknown_process_list_charges_nobody():
+    split = split_gpu(energy(100.0), view(processes=[GpuProcess(1, 10, 50.0)], known=False), 5.0, {1: "a"})
+    assert split.jobs_j == {} and split.idle_j == 50.0 and split.unattributed_j == 50.0
+
+
+def test_source_idle_power_wins_over_estimate():
+    split = split_gpu(energy(100.0, idle_power_w=2.0), view(), 9.0, {})
+    assert split.idle_j == 20.0
+
+
+def test_idle_estimate_prefers_configured_then_unheld_then_low_utilisation():
+    seen = IdleObservations()
+    assert estimated_idle_power_w(seen) is None
+    seen = observe_idle(seen, 90.0, 0.0, held=True)
+    seen = observe_idle(seen, 300.0, 0.9, held=True)
+    assert estimated_idle_power_w(seen) == 90.0
+    seen = observe_idle(seen, 70.0, 0.3, held=False)
+    seen = observe_idle(seen, 75.0, 0.0, held=False)
+    assert estimated_idle_power_w(seen) == 70.0
+    assert estimated_idle_power_w(seen, configured_w=40.0) == 40.0
+    assert observe_idle(seen, float("nan"), 0.0, held=False) == seen
+
+
+def test_totals_sum_devices_and_ignore_other_domains():
+    energies = [
+        energy(1000.0, "gpu-0"),
+        energy(500.0, "gpu-1"),
+        DeviceEnergy("cpu", "package-0", "rapl", 77.0, 10.0),
+    ]
+    views = {"gpu-0": view("gpu-0", [GpuProcess(5, 2**30, 10.0)]), "gpu-1": view("gpu-1", [GpuProcess(6, 2**30, 0.0)])}
+    result = attribute_gpus(energies, views, {"gpu-0": 10.0, "gpu-1": 10.0}, {5: "a", 6: "a"})
+    assert result.total.domain == "gpu"
+    assert result.total.measured_j == 1500.0
+    assert result.total.jobs_j == pytest.approx({"a": 1500.0})
+    assert result.allocated_idle_j == pytest.approx({"a": 200.0})
+    assert [d.device for d in result.devices] == ["gpu-0", "gpu-1"]
+
+
+def test_negative_or_nan_energy_counts_as_zero():
+    for bad in (-5.0, float("nan"), float("inf")):
+        split = split_gpu(energy(bad), view(processes=[GpuProcess(1, 1, 1.0)]), 3.0, {1: "a"})
+        assert split.measured_j == 0.0 and split.jobs_j == {"a": 0.0}
+
+
+finite = st.floats(min_value=0, max_value=1e7, allow_nan=False, allow_infinity=False)
+processes = st.lists(
+    st.builds(
+        GpuProcess,
+        pid=st.integers(1, 12),
+        used_memory_bytes=st.integers(0, 2**40),
+        sm_utilization_pct=st.one_of(st.none(), st.floats(0, 100)),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gpus=st.lists(
+        st.tuples(finite, st.floats(0.01, 3600), processes, st.one_of(st.none(), st.floats(0, 2000)), st.booleans()),
+        min_size=1,
+        max_size=4,
+    ),
+    jobs=st.dictionaries(st.integers(1, 12), st.one_of(st.none(), st.sampled_from(["a", "b", "c"]))),
+)
+def test_conservation_per_gpu_and_in_total(gpus, jobs):
+    energies, views, idle = [], {}, {}
+    for i, (joules, seconds, procs, idle_w, known) in enumerate(gpus):
+        device = f"gpu-{i}"
+        energies.append(energy(joules, device, seconds))
+        views[device] = view(device, procs, known)
+        idle[device] = idle_w
+    result = attribute_gpus(energies, views, idle, jobs)
+    for split, e in zip(result.devices, energies):
+        parts = [split.idle_j, split.unattributed_j, *split.jobs_j.values(), *split.allocated_idle_j.values()]
+        assert all(math.isfinite(p) and p >= 0 for p in parts)
+        total = split.idle_j + split.unattributed_j + sum(split.jobs_j.values())
+        assert total == pytest.approx(e.energy_j, rel=1e-9, abs=1e-9)
+        for job, allocated in split.allocated_idle_j.items():
+            assert allocated <= split.jobs_j[job] * (1 + 1e-12) + 1e-12
+    t = result.total
+    assert t.idle_j + t.unattributed_j + sum(t.jobs_j.values()) == pytest.approx(t.measured_j, rel=1e-9, abs=1e-9)
