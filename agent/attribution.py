@@ -59,6 +59,15 @@ def split_domain(
     return DomainAttribution(domain, measured, idle, unattributed, jobs)
 
 
+def jobs_energy_j(parts: list[DomainAttribution]) -> dict[str, float]:
+    """Each job's energy over every domain of one tick."""
+    totals: dict[str, float] = {}
+    for part in parts:
+        for job, energy in part.jobs_j.items():
+            totals[job] = totals.get(job, 0.0) + energy
+    return totals
+
+
 def conservation_error_j(part: DomainAttribution) -> float:
     return abs(part.idle_j + part.unattributed_j + math.fsum(part.jobs_j.values()) - part.measured_j)
 

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agent.attribution import IdlePowerEstimator, split_domain
+from agent.attribution import IdlePowerEstimator, jobs_energy_j, split_domain
 from agent.carbon import emissions, intensity
 from agent.config import Config
 from agent.gpu_attribution import GpuIdleTracker
@@ -81,7 +81,7 @@ class ExportSelection:
 
 def _job_view(record: JobRecord) -> JobView:
     return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
-                   record.processes, record.first_seen, record.last_seen, record.finished_at, dict(record.work_units),
+                   record.processes, record.finished_at, dict(record.work_units),
                    emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j)
 
 
@@ -102,6 +102,7 @@ class Agent:
         self.gpu_idle = GpuIdleTracker(configured_w=config.gpu_idle_power_w)
         self.selection = ExportSelection(config.max_exported_jobs)
         self.snapshot: Snapshot = EMPTY_SNAPSHOT
+        self._views: dict[str, JobView] = {}  # exported job views of the last snapshot
         self.ticks = 0
         self.tick_durations = DurationCounts()
         self.sensor_errors: dict[tuple[str, str], int] = {}
@@ -275,9 +276,8 @@ class Agent:
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
             gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
-            energy_before = self.ledger.job_energy_totals()
             self.ledger.book_tick(now_unix, readings, parts, activity, interval_s, gpu_idle_j)
-            self._charge_emissions(now_unix, interval_s, readings, energy_before)
+            self._charge_emissions(now_unix, interval_s, readings, jobs_energy_j(parts))
         self.ticks += 1
         self._maybe_flush(now_mono)
         self._retire(now_unix)
@@ -286,10 +286,9 @@ class Agent:
         return self.snapshot
 
     def _charge_emissions(self, now_unix: float, interval_s: float, readings: list[DeviceEnergy],
-                          energy_before: dict[str, float]) -> None:
-        """Charge this tick's energy (whatever booked it) at the intensity in force during the tick."""
+                          jobs_j: dict[str, float]) -> None:
+        """Charge this tick's energy at the intensity in force during the tick."""
         self.carbon_now = self.intensity.at(emissions.interval_midpoint_s(now_unix, interval_s))
-        jobs_j = emissions.energy_added_j(energy_before, self.ledger.job_energy_totals())
         # Platform and board channels overlap the attributed domains: counting them would double the node.
         node_j = sum(r.energy_j for r in readings if r.domain in ATTRIBUTED_DOMAINS)
         g_per_kwh, pue = self.carbon_now.grams_per_kwh, self.config.carbon.pue
@@ -327,13 +326,20 @@ class Agent:
             overflow_processes = 0
             overflow_work = dict(self.selection.retired_overflow_work)
             running = finished = 0
+            # Views are rebuilt only for jobs the ledger changed since the last
+            # snapshot: most jobs on a busy node are idle most ticks.
+            stale, previous_views, views = ledger.views_stale, self._views, {}
             for job_id, record in ledger.jobs.items():
                 if record.finished_at is None:
                     running += 1
                 else:
                     finished += 1
                 if job_id in self.selection.exported:
-                    exported.append(_job_view(record))
+                    view = previous_views.get(job_id)
+                    if view is None or job_id in stale:
+                        view = _job_view(record)
+                    views[job_id] = view
+                    exported.append(view)
                 elif job_id in self.selection.overflow:
                     for domain, energy in record.energy_j.items():
                         overflow_energy[domain] = overflow_energy.get(domain, 0.0) + energy
@@ -347,8 +353,10 @@ class Agent:
                     overflow_gpu_idle += record.gpu_idle_j
             if self.selection.overflow or self.selection.retired_overflow_j:
                 exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
-                                        overflow_processes, 0.0, now_unix, None, overflow_work, emissions_g=overflow_g,
+                                        overflow_processes, None, overflow_work, emissions_g=overflow_g,
                                         gpu_idle_j=overflow_gpu_idle))
+            self._views = views
+            stale.clear()
             idle = dict(ledger.idle_j)
             unattributed = dict(ledger.unattributed_j)
             flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors

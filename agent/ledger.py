@@ -125,7 +125,10 @@ class Ledger:
         self.unattributed_j: dict[str, float] = {}
         self.jobs: dict[str, JobRecord] = {}
         self.node_emissions_g = 0.0
-        self._dirty_jobs: set[str] = set()
+        self._dirty_jobs: set[str] = set()  # to write at the next flush
+        # Jobs whose exported view must be rebuilt: the snapshot builder reuses
+        # the views of the others, and clears this set.
+        self.views_stale: set[str] = set()
         self.last_flush_unix: float | None = None
         self.flush_errors = 0
         self.last_flush_error = ""
@@ -184,6 +187,10 @@ class Ledger:
         """Registered jobs that had not finished when the agent last stopped."""
         return [r.registration for r in self.jobs.values() if r.registration and r.finished_at is None]
 
+    def _changed(self, job_id: str) -> None:
+        self._dirty_jobs.add(job_id)
+        self.views_stale.add(job_id)
+
     # -- booking -------------------------------------------------------------
     def book_tick(
         self,
@@ -195,10 +202,12 @@ class Ledger:
         gpu_idle_j: dict[str, float] | None = None,
     ) -> None:
         with self._lock:
+            stale = self.views_stale
             for job_id, energy_j in (gpu_idle_j or {}).items():
                 record = self.jobs.get(job_id)
                 if record is not None:
                     record.gpu_idle_j += energy_j
+                    stale.add(job_id)
             self.node_power_w = {}
             for reading in devices:
                 key = (reading.domain, reading.device, reading.source)
@@ -214,10 +223,17 @@ class Ledger:
                         continue
                     record.energy_j[part.domain] = record.energy_j.get(part.domain, 0.0) + energy_j
                     job_power.setdefault(job_id, {})[part.domain] = energy_j / interval_s if interval_s > 0 else 0.0
+                    stale.add(job_id)
+            no_power: dict[str, float] = {}
             for job_id, record in self.jobs.items():
                 seen = activity.get(job_id)
-                record.power_w = job_power.get(job_id, {})
+                power = job_power.get(job_id, no_power)
+                if power != record.power_w:
+                    record.power_w = power
+                    stale.add(job_id)
                 if seen is not None:
+                    if seen.cpu_s or seen.processes != record.processes or record.finished_at is not None:
+                        stale.add(job_id)
                     record.cpu_s += seen.cpu_s
                     record.processes = seen.processes
                     record.last_seen = now_unix
@@ -227,14 +243,10 @@ class Ledger:
                 elif record.finished_at is None and record.registration is None:
                     record.processes = 0
                     record.finished_at = now_unix
-                    self._dirty_jobs.add(job_id)
-                else:
+                    self._changed(job_id)
+                elif record.processes:
                     record.processes = 0
-
-    def job_energy_totals(self) -> dict[str, float]:
-        """Each in-memory job's energy over all domains, joules."""
-        with self._lock:
-            return {job_id: sum(record.energy_j.values()) for job_id, record in self.jobs.items()}
+                    stale.add(job_id)
 
     def book_emissions(self, jobs_g: dict[str, float], node_g: float) -> None:
         """Add one tick's emissions to the jobs and the node (grams, never negative)."""
@@ -245,7 +257,7 @@ class Ledger:
                 record = self.jobs.get(job_id)
                 if record is not None and grams > 0 and math.isfinite(grams):
                     record.emissions_g += grams
-                    self._dirty_jobs.add(job_id)
+                    self._changed(job_id)
 
     def ensure_job(self, ref: JobRef, now_unix: float, labels: dict[str, str] | None = None,
                    registration: RegisteredJob | None = None) -> JobRecord:
@@ -263,7 +275,7 @@ class Ledger:
                 record.finished_at = registration.finished_at
             elif labels is not None:
                 record.labels = dict(labels)
-            self._dirty_jobs.add(ref.id)
+            self._changed(ref.id)
             return record
 
     def _load_job(self, job_id: str) -> JobRecord | None:
@@ -283,7 +295,7 @@ class Ledger:
             if record is None:
                 return None
             record.work_units[unit] = record.work_units.get(unit, 0.0) + count
-            self._dirty_jobs.add(job_id)
+            self._changed(job_id)
             return record
 
     def add_unattributed(self, domain: str, energy_j: float) -> None:
@@ -297,7 +309,7 @@ class Ledger:
             if record is not None:
                 record.registration = registration
                 record.finished_at = registration.finished_at
-                self._dirty_jobs.add(job_id)
+                self._changed(job_id)
 
     def evict_finished(self, older_than_unix: float) -> list[str]:
         """Drop finished jobs from memory (they stay in SQLite). Flush first."""

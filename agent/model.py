@@ -76,17 +76,6 @@ class JobRef:
 
 
 @dataclass(frozen=True, slots=True)
-class ProcessUsage:
-    """One live process over one tick."""
-
-    key: ProcessKey
-    ppid: int
-    comm: str
-    cpu_s: float  # CPU time used during this tick
-    rss_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
 class DomainAttribution:
     """How one domain's measured energy for one tick was split.
 

@@ -34,8 +34,6 @@ class JobView:
     power_w: dict[str, float]
     cpu_s: float
     processes: int
-    first_seen: float
-    last_seen: float
     finished_at: float | None
     work_units: dict[str, float] = field(default_factory=dict)
     emissions_g: float = 0.0

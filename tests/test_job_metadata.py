@@ -49,7 +49,7 @@ class FixtureProcs:
         (directory / "cgroup").write_text(f"4:memory:/\n0::{cgroup}\n")
         (directory / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0"
                                                      for k, v in {"PATH": "/bin", **(environ or {})}.items()))
-        return ScannedProcess(ProcessKey(self.next_pid, 1000 + self.next_pid), 1, "python", 0.1, 0,
+        return ScannedProcess(ProcessKey(self.next_pid, 1000 + self.next_pid), 1, 0.1,
                               ProcessFacts(str(directory)))
 
 

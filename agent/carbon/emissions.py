@@ -28,11 +28,3 @@ def interval_midpoint_s(end_unix_s: float, interval_s: float) -> float:
     return end_unix_s - interval_s / 2.0
 
 
-def energy_added_j(before_j: Mapping[str, float], after_j: Mapping[str, float]) -> dict[str, float]:
-    """Per-job energy booked between two readings of cumulative totals (new jobs start at 0)."""
-    added = {}
-    for job_id, total_j in after_j.items():
-        delta = total_j - before_j.get(job_id, 0.0)
-        if delta > 0.0:
-            added[job_id] = delta
-    return added

@@ -86,9 +86,7 @@ class NodeCpu:
 class ScannedProcess:
     key: ProcessKey
     ppid: int
-    comm: str
     cpu_s: float  # CPU time used since the previous scan
-    rss_bytes: int
     facts: ProcessFacts
 
 
@@ -169,8 +167,8 @@ class ProcessScanner:
                 os_close(fd)
             # parse_stat, inlined: a call per process is a measurable share of the tick.
             close = data.rfind(b")")
-            fields = data[close + 2:].split(None, 22)
-            if close < 0 or len(fields) < 22:
+            fields = data[close + 2:].split(None, 21)
+            if close < 0 or len(fields) < 21:
                 continue
             start_ticks = int(fields[19])
             cpu_ticks = int(fields[11]) + int(fields[12])
@@ -186,9 +184,7 @@ class ProcessScanner:
             process_facts = facts.get(key)
             if process_facts is None:
                 process_facts = facts[key] = ProcessFacts(f"{procfs}/{name}")
-            processes.append(ScannedProcess(
-                key, int(fields[1]), data[data.find(b"(") + 1:close].decode("utf-8", "replace"),
-                max(used, 0) / CLK_TCK, int(fields[21]) * PAGE_SIZE, process_facts))
+            processes.append(ScannedProcess(key, int(fields[1]), max(used, 0) / CLK_TCK, process_facts))
         exited = [key for key in last_cpu if key not in seen]
         for key in exited:
             facts.pop(key, None)

@@ -199,7 +199,7 @@ class JobResolver:
             if job_id is None and (rescan_tree or process.key not in self._static):
                 job_id = registered_job(process)
             if job_id is not None:
-                job = registry.get(job_id)
+                job = registry.jobs.get(job_id)  # a plain dict read: no lock per process
                 if job is not None:
                     jobs.append(job.ref)
                     continue
