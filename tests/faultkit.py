@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from tests.support import free_port  # noqa: F401  (re-exported for the fault tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_RANGE_UJ = 262143328850
@@ -64,12 +64,6 @@ def unprivileged_uid() -> int | None:
     except OSError:
         return -1
     return 65534 if probe.returncode == 0 else -1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

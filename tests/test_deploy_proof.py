@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build as build_fake_nvml
+from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "jouleward-rules.yml"
@@ -45,24 +45,9 @@ COMPARISON = re.compile(r"^(?P<signal>.*?)\s*(?:==|!=|>=|<=|>|<)\s*[0-9.e+]+\s*$
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian package prometheus)")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_for(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (httpx.HTTPError, OSError, KeyError, ValueError, IndexError) as exc:
-            last = exc
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+    return wait_until(check, timeout_s, interval_s=0.25, what=what,
+                      ignore=(httpx.HTTPError, OSError, KeyError, ValueError, IndexError))
 
 
 class FakeRapl:

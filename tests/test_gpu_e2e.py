@@ -2,7 +2,6 @@
 per job on /metrics, conservation, allocated idle, a GPU lost mid-run."""
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build
+from tests.support import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_IDLE_W = 50.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics_text(port: int) -> str:
@@ -46,17 +40,7 @@ def pick(metrics, name, **labels):
 
 
 def wait_for(predicate, timeout_s=60.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last value {last!r}")
+    return wait_until(predicate, timeout_s, interval_s=0.2, what=what, ignore=(OSError,))
 
 
 @pytest.fixture
@@ -92,7 +76,7 @@ def gpu_agent(tmp_path):
         + "".join(f'[[rules]]\nname = "{n}"\ncmdline = "gpujob-{n}$"\n' for n in workers)
     )
     (tmp_path / "sys").mkdir()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "LD_LIBRARY_PATH": str(library.parent), "FAKENVML_STATE": str(state_path),
            "PYTHONPATH": str(REPO)}
     env.pop("CUDA_VISIBLE_DEVICES", None)

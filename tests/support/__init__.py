@@ -27,14 +27,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.05, what: str = "condition"):
+def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.05, what: str = "condition",
+               ignore: tuple[type[BaseException], ...] = ()):
+    """Poll ``predicate`` until it returns something truthy; errors of the
+    ``ignore`` types count as "not yet" (a server still starting)."""
     deadline = time.monotonic() + timeout_s
+    last: object = None
     while True:
-        value = predicate()
-        if value:
-            return value
+        try:
+            value = predicate()
+            if value:
+                return value
+            last = value
+        except ignore as exc:
+            last = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last: {last!r})")
         time.sleep(interval_s)
 
 
