@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="jobs the agent knows, with energy and emissions")
     _add_agent_flags(jobs)
     top = commands.add_parser("top", help="live view of the running agent (q quits)")
+    # Listed for --help only: main() hands "wrap" to its own parser before this one runs.
+    commands.add_parser("wrap", help="run a command as a job and print its energy: wrap [options] -- CMD ARGS...")
     top.add_argument("--once", action="store_true", help="print one snapshot and exit (also when not a terminal)")
     _add_agent_flags(top)
     return parser
