@@ -77,7 +77,9 @@ class Config:
     rules: tuple[JobRule, ...] = ()
     systemd_unit_exclude: tuple[str, ...] = ("init.scope", "session-*.scope", "user@*.service")
     # Kubernetes pod metadata from the local kubelet (docs/jobs.md).
-    kubelet_enabled: bool = False
+    # None: poll when the agent runs in a pod (a service-account token exists)
+    # or when kubelet_url is configured; true/false force it.
+    kubelet_enabled: bool | None = None
     kubelet_url: str = DEFAULT_KUBELET_URL
     kubelet_token_file: Path | None = DEFAULT_TOKEN_FILE  # "" in TOML: send no token
     kubelet_ca_file: Path | None = None  # default: the service account's ca.crt when present
@@ -94,6 +96,12 @@ class Config:
     gpu_visible_devices: str | None = None
     gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
     gpu_idle_power_w: float | None = None  # per GPU; default: estimated
+
+    @property
+    def kubelet_active(self) -> bool:
+        if self.kubelet_enabled is not None:
+            return self.kubelet_enabled
+        return self.kubelet_url != DEFAULT_KUBELET_URL or DEFAULT_TOKEN_FILE.is_file()
 
     @property
     def control_socket_path(self) -> Path:

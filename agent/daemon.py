@@ -93,7 +93,7 @@ class Agent:
         self.ledger = Ledger(config.state_dir)
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
-        self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_enabled else None
+        self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_active else None
         self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude, pods=self.kubelet,
                                     pod_job_labels=config.pod_job_labels)
         self.sensor_set = sensors or build_sensors(config)

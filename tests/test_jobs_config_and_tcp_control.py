@@ -42,7 +42,12 @@ control_token_file = "/etc/jouleward/token"
     assert config.control_token_file == Path("/etc/jouleward/token")
     defaults = build(environ={})
     assert (defaults.kubelet_enabled, defaults.pod_job_labels, defaults.kubelet_token_file) == \
-        (False, DEFAULT_JOB_LABELS, DEFAULT_TOKEN_FILE)
+        (None, DEFAULT_JOB_LABELS, DEFAULT_TOKEN_FILE)
+    # Automatic: off outside a pod, on once a kubelet URL is given, and an explicit false wins.
+    assert defaults.kubelet_active is DEFAULT_TOKEN_FILE.is_file()
+    assert build(environ={"JOULEWARD_KUBELET_URL": "http://127.0.0.1:1/pods"}).kubelet_active is True
+    assert build(environ={"JOULEWARD_KUBELET_URL": "http://127.0.0.1:1/pods",
+                          "JOULEWARD_KUBELET_ENABLED": "false"}).kubelet_active is False
     assert defaults.control_token_file is None
     assert build(write_toml(tmp_path / "b.toml", 'kubelet_token_file = ""\n'), environ={}).kubelet_token_file is None
 
