@@ -82,6 +82,7 @@ class JobOut(BaseModel):
     last_seen: float
     finished_at: float | None
     emissions_g: float = 0.0  # gCO2eq, PUE included
+    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
 
 class ErrorOut(BaseModel):
@@ -94,5 +95,5 @@ def job_out(record: JobRecord) -> JobOut:
         labels=dict(record.labels), running=record.finished_at is None, energy_j=dict(record.energy_j),
         power_w=dict(record.power_w), cpu_s=record.cpu_s, processes=record.processes,
         work_units=dict(record.work_units), first_seen=record.first_seen, last_seen=record.last_seen,
-        finished_at=record.finished_at, emissions_g=record.emissions_g,
+        finished_at=record.finished_at, emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j,
     )

@@ -1,5 +1,6 @@
 """The running agent with the fake NVML library: GPU energy per device and
 per job on /metrics, conservation, allocated idle, a GPU lost mid-run."""
+import json
 import os
 import shutil
 import subprocess
@@ -126,6 +127,11 @@ def test_gpu_energy_per_job_conservation_idle_and_lost_gpu(gpu_agent):
     # which the 50 W static part is its allocated idle.
     assert jobs["rule-parked"] == pytest.approx(node["gpu-1"], rel=1e-6)
     assert idle_jobs["rule-parked"] == pytest.approx(node["gpu-1"] * GPU_IDLE_W / 60.0, rel=0.02)
+    # The JSON API tells the same story as the metrics.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/jobs/rule-parked", timeout=10) as response:
+        parked = json.load(response)
+    assert parked["gpu_idle_j"] > 0
+    assert parked["gpu_idle_j"] == pytest.approx(parked["energy_j"]["gpu"] * GPU_IDLE_W / 60.0, rel=0.02)
 
     idle = pick(metrics, "jouleward_idle_energy_joules_total", domain="gpu")["gpu"]
     unattributed = pick(metrics, "jouleward_unattributed_energy_joules_total", domain="gpu")["gpu"]
