@@ -68,3 +68,15 @@ def test_unreadable_channel_is_reported_down(tmp_path):
     assert sensor.sample(ctx(1.0)) == []
     [status] = sensor.status()
     assert not status.up and status.reason == "unreadable value"
+
+
+def test_amd_energy_counts_sockets_not_their_cores(tmp_path):
+    files = {"energy1_input": 0, "energy1_label": "Ecore000", "energy2_input": 0, "energy2_label": "Ecore001",
+             "energy3_input": 0, "energy3_label": "Esocket0"}
+    amd = chip(tmp_path, 0, "amd_energy", files)
+    sensor = HwmonSensor(tmp_path)
+    assert [(c.label, c.domain) for c in sensor.channels] == [("Esocket0", "cpu")]
+    sensor.sample(ctx(1.0))
+    (amd / "energy1_input").write_text("40000000\n")
+    (amd / "energy3_input").write_text("95000000\n")
+    assert [r.energy_j for r in sensor.sample(ctx(1.0))] == [pytest.approx(95.0)]

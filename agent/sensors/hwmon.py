@@ -82,8 +82,19 @@ def discover(sysfs: Path) -> list[Channel]:
                 existing.kind == kind == "power" and match.group("attr") == "input"
             ):
                 by_label[label] = channel
-        channels.extend(by_label.values())
+        channels.extend(_without_nested(list(by_label.values())))
     return channels
+
+
+def _without_nested(channels: list[Channel]) -> list[Channel]:
+    """Per-core channels are inside a socket channel of the same chip (AMD's
+    amd_energy reports Ecore000.. beside Esocket0): keep only the sockets."""
+    def is_socket(label: str) -> bool:
+        return any(word in label.lower() for word in ("socket", "package"))
+
+    if not any(is_socket(c.label) for c in channels):
+        return channels
+    return [c for c in channels if is_socket(c.label) or "core" not in c.label.lower()]
 
 
 class HwmonSensor:
