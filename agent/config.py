@@ -241,6 +241,11 @@ def _parse_carbon(table: Any, where: str) -> CarbonConfig:
         if key not in allowed:
             raise ConfigError(f"{here}: unknown key")
         if key in _CARBON_FLOATS:
+            if isinstance(value, str):  # from the environment
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(f"{here}: expected a number, got {value!r}") from None
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{here}: expected a number, got {value!r}")
             low, high = _CARBON_FLOATS[key]
@@ -327,13 +332,18 @@ def load_file(path: Path) -> dict[str, Any]:
 def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     known = {f.name for f in fields(Config)} - {"rules", "idle_power_w", "systemd_unit_exclude", "carbon",
                                                 "pod_job_labels"}
-    out = {}
+    out: dict[str, Any] = {}
+    carbon: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(_ENV_PREFIX):
             continue
         key = name[len(_ENV_PREFIX):].lower()
         if key in known:
             out[key] = value
+        elif key.startswith("carbon_"):  # JOULEWARD_CARBON_PUE=1.2 sets [carbon] pue
+            carbon[key[len("carbon_"):]] = value
+    if carbon:
+        out["carbon"] = carbon
     # The operator's CUDA device restriction applies to the agent's view too.
     if "gpu_visible_devices" not in out and "CUDA_VISIBLE_DEVICES" in environ:
         out["gpu_visible_devices"] = environ["CUDA_VISIBLE_DEVICES"]
@@ -352,8 +362,12 @@ def build(
     layers.append(("environment JOULEWARD_", from_environ(os.environ if environ is None else environ)))
     layers.append(("--", {k: v for k, v in (flags or {}).items() if v is not None}))
     values: dict[str, Any] = {}
+    carbon_table: dict[str, Any] = {}  # [carbon] keys merge across layers rather than replace
     for origin, layer in layers:
         for key, value in layer.items():
+            if key == "carbon" and isinstance(value, Mapping):
+                carbon_table.update(value)
+                value = dict(carbon_table)
             shown = FLAG_NAMES.get(key, key.replace("_", "-")) if origin == "--" else \
                 key.upper() if origin.startswith("env") else key if re.fullmatch(r"\w+", key) else repr(key)
             try:
@@ -362,6 +376,9 @@ def build(
                 # Keep what follows the key itself, so a nested key ([carbon] pue, rules[0].cmdline) stays named.
                 message = str(exc)
                 rest = message[len(key):] if key and message.startswith(key) else f": {message}"
+                if origin.startswith("env") and key == "carbon" and rest.startswith("."):
+                    sub, _, tail = rest[1:].partition(":")  # name the variable: JOULEWARD_CARBON_PUE
+                    rest = f"_{sub.upper()}:{tail}"
                 raise ConfigError(f"{origin}{shown}{rest}") from None
     config = replace(Config(), **values)
     if config.cpu_idle_w is not None and config.cpu_max_w is not None and config.cpu_idle_w > config.cpu_max_w:

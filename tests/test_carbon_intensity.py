@@ -237,3 +237,21 @@ def test_carbon_config_errors_name_the_key(tmp_path):
     path.write_text('[carbon]\nprovider = "zone"\ncountry = "USA"\nregion = "nowhere"\n')
     with pytest.raises(config.ConfigError, match="region 'nowhere' is not a US state"):
         intensity.from_config(config.build(path, environ={}).carbon)
+
+
+def test_carbon_settings_from_the_environment_merge_with_the_file(tmp_path):
+    path = tmp_path / "jouleward.toml"
+    path.write_text('[carbon]\nprovider = "static"\nintensity_g_per_kwh = 100.0\n')
+    merged = config.build(path, environ={"JOULEWARD_CARBON_PUE": "1.3"})
+    assert (merged.carbon.provider, merged.carbon.intensity_g_per_kwh, merged.carbon.pue) == ("static", 100.0, 1.3)
+    env_only = config.build(environ={"JOULEWARD_CARBON_PROVIDER": "static", "JOULEWARD_CARBON_INTENSITY_G_PER_KWH": "42"})
+    assert (env_only.carbon.provider, env_only.carbon.intensity_g_per_kwh) == ("static", 42.0)
+    for variable, value, message in [("JOULEWARD_CARBON_PUE", "abc", "JOULEWARD_CARBON_PUE: expected a number"),
+                                     ("JOULEWARD_CARBON_PUE", "9", "JOULEWARD_CARBON_PUE: 9.0 is outside"),
+                                     ("JOULEWARD_CARBON_NOPE", "1", "JOULEWARD_CARBON_NOPE: unknown key")]:
+        try:
+            config.build(path, environ={variable: value})
+        except config.ConfigError as exc:
+            assert message in str(exc), str(exc)
+        else:
+            raise AssertionError(f"{variable}={value} was accepted")
