@@ -7,12 +7,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from agent.client import AgentError, ControlClient
+from tests.support import UnixHTTPConnection, http_request, wait_until
 
 NOBODY = 65534
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +33,12 @@ def control_socket():
     agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--state-dir", str(base / "state"),
                               "--control-socket", str(socket_path), "--listen", f"127.0.0.1:{port}",
                               "--interval", "0.2", "--log-level", "warning"], cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not socket_path.exists():
+    def answering() -> bool:
+        # The socket file appears before the server accepts on it: wait for an answer.
         assert agent.poll() is None, "agent exited"
-        assert time.monotonic() < deadline, "control socket never appeared"
-        time.sleep(0.05)
+        return socket_path.exists() and http_request(UnixHTTPConnection(str(socket_path)), "GET", "/healthz")[0] == 200
+
+    wait_until(answering, timeout_s=30, what="the control socket to answer", ignore=(OSError,))
     yield socket_path
     agent.send_signal(signal.SIGTERM)
     agent.wait(15)
