@@ -6,6 +6,9 @@ import pytest
 
 from tests.support import AgentProcess
 
+# The fake NVML library's fixtures (fake_nvml, fake_nvml_library) for every test module.
+pytest_plugins = ["tests.fakenvml.fixtures"]
+
 
 @pytest.fixture
 def processes():

@@ -2,7 +2,6 @@
 3.0 or less in systemd-analyze security, while keeping what the agent needs."""
 from __future__ import annotations
 
-import configparser
 import re
 import shutil
 import subprocess

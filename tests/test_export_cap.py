@@ -1,7 +1,6 @@
 """The cap on exported jobs: overflow aggregated, never lost, never backwards."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import replace
 

@@ -5,7 +5,6 @@ import pynvml
 import pytest
 
 from tests.fakenvml.build import FakeDevice, FakeProcess
-from tests.fakenvml.fixtures import fake_nvml, fake_nvml_library  # noqa: F401  (fixtures)
 
 
 @pytest.fixture

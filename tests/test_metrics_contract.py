@@ -4,13 +4,11 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build
-from tests.support import REPO, AgentProcess, two_socket_server, wait_until
+from tests.support import REPO, AgentProcess, two_socket_server
 
 DOC = (REPO / "docs" / "metrics.md").read_text()
 DOCUMENTED = set(re.findall(r"`(jouleward_[a-z0-9_]+)(?:\{[^`]*\})?`", DOC))

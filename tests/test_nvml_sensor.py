@@ -13,7 +13,6 @@ from agent.gpu_attribution import attribute_gpus
 from agent.model import TickContext
 from agent.sensors.nvml import NvmlSensor, NvmlUnavailable, select_visible
 from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build
-from tests.fakenvml.fixtures import fake_nvml, fake_nvml_library  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 CTX = TickContext(interval_s=0.5, cpu_utilization_ratio=0.1, cpu_busy_s=0.1)

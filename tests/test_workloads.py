@@ -14,7 +14,7 @@ from agent.model import ProcessKey
 from agent.workloads.procfs import ProcessScanner, parse_stat
 from agent.workloads.registry import Registry, RegistrationError
 from agent.workloads.resolve import JobResolver, job_from_cgroup
-from tests.support import BURNER, wait_until
+from tests.support import BURNER
 
 PROC = Path("/proc")
 
