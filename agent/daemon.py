@@ -243,8 +243,8 @@ class Agent:
 
         jobs = self.resolver.resolve(scan.processes)
         self.resolver.forget(scan.exited)
-        live_keys = {p.key for p in scan.processes}
-        finished = self.registry.forget_exited([k for k in list(self.registry.keys) if k not in live_keys])
+        # Registered processes not seen now, exited since the last scan or before the first one.
+        finished = self.registry.forget_exited([k for k in list(self.registry.keys) if k not in scan.live])
         now_unix = time.time()
         for job_id in finished:
             self.ledger.mark_finished(job_id, self.registry.get(job_id))

@@ -1,12 +1,12 @@
 """``jouleward doctor``: which sensors this host offers, and exactly why not."""
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 
 from agent.config import Config
 from agent.sensors.cpu_model import build_cpu_model, read_cpu_identity
 from agent.sensors.hwmon import discover as discover_hwmon
+from agent.sensors.powercap import PowercapSensor, describe_read_error
 from agent.sensors.powercap import discover as discover_powercap
 
 
@@ -43,16 +43,11 @@ def _powercap_findings(config: Config) -> list[Finding]:
         findings.append(Finding("powercap", False, True, f"no RAPL zones with an energy counter under {root}"))
     for zone in zones:
         role = f"{zone.domain}/{zone.device}" if zone.domain else f"{zone.device} (inside its package, not added)"
-        try:
-            with open(zone.path / "energy_uj", "rb") as handle:
-                value = int(handle.read().strip())
-            findings.append(Finding("powercap", bool(zone.domain), True, f"{zone.zone_id} {role}: energy_uj={value}"))
-        except PermissionError:
-            findings.append(Finding("powercap", False, True, f"{zone.zone_id} {role}: permission denied reading "
-                                    "energy_uj (root-only since Linux 5.10: run as root or grant read access)"))
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.errno != errno.EINVAL else "malformed value"
-            findings.append(Finding("powercap", False, True, f"{zone.zone_id} {role}: {reason}"))
+        raw = PowercapSensor.read_raw_zone(zone)
+        if isinstance(raw, int):
+            findings.append(Finding("powercap", bool(zone.domain), True, f"{zone.zone_id} {role}: energy_uj={raw}"))
+        else:
+            findings.append(Finding("powercap", False, True, f"{zone.zone_id} {role}: {describe_read_error(raw)}"))
     return findings
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.model import DeviceEnergy, SensorStatus, TickContext
 from agent.sensors.counters import EnergyCounter
+from agent.sensors.sysfs import read_attribute
 
 SENSOR_NAME = "hwmon"
 _CHANNEL = re.compile(r"^(?P<kind>power|energy)(?P<index>\d+)_(?P<attr>input|average)$")
@@ -30,11 +31,6 @@ class Channel:
     label: str
     domain: str  # cpu, dram, board
     device: str
-
-
-def _read(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return handle.read().decode("ascii", "replace").strip()
 
 
 def classify(chip: str, label: str) -> str:
@@ -57,7 +53,7 @@ def discover(sysfs: Path) -> list[Channel]:
     channels: list[Channel] = []
     for chip_dir in chips:
         try:
-            chip = _read(chip_dir / "name")
+            chip = read_attribute(chip_dir / "name")
         except OSError:
             continue
         by_label: dict[str, Channel] = {}
@@ -67,7 +63,7 @@ def discover(sysfs: Path) -> list[Channel]:
                 continue
             kind, index = match.group("kind"), match.group("index")
             try:
-                label = _read(chip_dir / f"{kind}{index}_label")
+                label = read_attribute(chip_dir / f"{kind}{index}_label")
             except OSError:
                 label = f"{kind}{index}"
             domain = classify(chip, label)
@@ -114,7 +110,7 @@ class HwmonSensor:
         out: list[DeviceEnergy] = []
         for channel in self.channels:
             try:
-                raw = int(_read(channel.path))
+                raw = int(read_attribute(channel.path))
             except (OSError, ValueError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable value"
                 self._status[channel.path] = SensorStatus(SENSOR_NAME, channel.device, False, reason)

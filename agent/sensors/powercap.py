@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent.model import DeviceEnergy, SensorStatus, TickContext
 from agent.sensors.counters import counter_delta
+from agent.sensors.sysfs import read_attribute
 
 _ZONE_DIR = re.compile(r"^(?P<control>[a-z][a-z-]*):(?P<path>\d+(?::\d+)*)$")
 _NESTED_NAMES = {"core", "uncore"}
@@ -37,11 +38,6 @@ class Zone:
 class ZoneProblem:
     zone_id: str
     reason: str
-
-
-def _read_text(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return handle.read().decode("ascii", "replace").strip()
 
 
 def _zone_dirs(root: Path) -> dict[str, Path]:
@@ -74,7 +70,7 @@ def discover(sysfs: Path) -> tuple[list[Zone], list[ZoneProblem]]:
         if not (path / "energy_uj").exists():
             continue  # the control-type directory itself, or a zone without a counter
         try:
-            name = _read_text(path / "name")
+            name = read_attribute(path / "name")
         except OSError as exc:
             problems.append(ZoneProblem(zone_id, f"cannot read name: {exc.strerror}"))
             continue
@@ -97,7 +93,10 @@ def discover(sysfs: Path) -> tuple[list[Zone], list[ZoneProblem]]:
     return kept, problems
 
 
-def _describe_error(exc: OSError) -> str:
+def describe_read_error(exc: OSError | ValueError) -> str:
+    """Why a zone's energy_uj could not be read, in the words doctor and the health metrics use."""
+    if isinstance(exc, ValueError):
+        return "energy_uj is not an integer"
     if exc.errno in (errno.EACCES, errno.EPERM):
         return "permission denied reading energy_uj (root-only since Linux 5.10)"
     if exc.errno == errno.ENOENT:
@@ -120,7 +119,7 @@ class PowercapSensor:
         self._status: dict[str, SensorStatus] = {}
         for zone in self._counted:
             try:
-                self._max_range[zone.zone_id] = int(_read_text(zone.path / "max_energy_range_uj"))
+                self._max_range[zone.zone_id] = int(read_attribute(zone.path / "max_energy_range_uj"))
             except (OSError, ValueError):
                 self._max_range[zone.zone_id] = 0
         for problem in self._problems:
@@ -139,7 +138,7 @@ class PowercapSensor:
         for zone in self._counted:
             raw = self.read_raw_zone(zone)
             if isinstance(raw, Exception):
-                reason = _describe_error(raw) if isinstance(raw, OSError) else "energy_uj is not an integer"
+                reason = describe_read_error(raw)
                 self._status[zone.zone_id] = SensorStatus(SENSOR_NAME, zone.device, False, reason)
                 # Forget the baseline: when the zone comes back its counter may
                 # have been reset, and guessing a wraparound would invent energy.
@@ -164,7 +163,7 @@ class PowercapSensor:
     @staticmethod
     def read_raw_zone(zone: Zone) -> int | OSError | ValueError:
         try:
-            return int(_read_text(zone.path / "energy_uj"))
+            return int(read_attribute(zone.path / "energy_uj"))
         except (OSError, ValueError) as exc:
             return exc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -95,6 +96,7 @@ class Scan:
     processes: list[ScannedProcess]
     node: NodeCpu
     exited: list[ProcessKey]
+    live: Mapping[ProcessKey, int]  # every process seen, with its cumulative CPU ticks
 
 
 def parse_stat(data: bytes) -> tuple[str, int, int, int, int] | None:
@@ -190,4 +192,4 @@ class ProcessScanner:
             facts.pop(key, None)
         self._last_cpu_ticks = seen
         self._last_scan_boot_ticks = now_boot_ticks
-        return Scan(processes, self._node_cpu(), exited)
+        return Scan(processes, self._node_cpu(), exited, seen)

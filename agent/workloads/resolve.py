@@ -163,7 +163,7 @@ class JobResolver:
         """The job of each process, in order; None for host processes."""
         registry = self.registry
         rescan_tree = registry.generation != self._generation_seen
-        by_pid = {p.key.pid: p for p in processes}
+        by_pid: dict[int, ScannedProcess] = {}  # built on the first walk: most ticks need none
         registered: dict[ProcessKey, str | None] = {}
 
         def registered_job(process: ScannedProcess) -> str | None:
@@ -181,6 +181,8 @@ class JobResolver:
                 if not rescan_tree and current is not process and current.key in self._static:
                     break  # known, and roots have not changed since it was last checked
                 chain.append(current)
+                if not by_pid:
+                    by_pid.update((p.key.pid, p) for p in processes)
                 parent = by_pid.get(current.ppid)
                 # A parent starts before its child; anything else is a reused pid.
                 if parent is None or parent.key == current.key or parent.key.start_ticks > current.key.start_ticks:
