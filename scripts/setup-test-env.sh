@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the agent with its test extras, the Debian packages the tests drive
+# Creates .venv from requirements/test.lock (the agent and its test tools),
+# installs the Debian packages the tests drive
 # for real (Prometheus and promtool), then every scripts/setup.d/*.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+bash scripts/venv.sh test
 for step in scripts/setup.d/*.sh; do
   [ -e "$step" ] || continue
   bash "$step"
