@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from agent.config import Config  # noqa: E402
-from agent.daemon import Agent  # noqa: E402
+from agent.pipeline.daemon import Agent  # noqa: E402
 from benchmarks.workload import Sleepers, churn, write_powercap  # noqa: E402
 from exporters.prometheus import SnapshotCollector, make_registry, render  # noqa: E402
 

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.api import create_control_app
+from agent.api.read import create_control_app
 from agent.config import Config, ConfigError, build
-from agent.daemon import Agent
+from agent.pipeline.daemon import Agent
 from exporters.prometheus import RenderCache
 from tests.faultkit import ROOT, FakeProcfs, Powercap, as_local_peer, boot_ticks, parse_exposition, value
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from agent.config import build
-from agent.daemon import Agent
+from agent.pipeline.daemon import Agent
 from exporters.prometheus import SnapshotCollector, make_registry, render
 from tests.support import metric_sum, metric_values, parse_metrics, start_burner
 

@@ -11,9 +11,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agent.api_models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
-from agent.control import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok
-from agent.peercred_http import peer_of
+from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
+from agent.api.access import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok
+from agent.api.peercred import peer_of
 from agent.workloads.registry import RegistrationError, UnknownJob
 
 ERRORS: dict[int | str, dict[str, Any]] = {

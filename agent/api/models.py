@@ -5,8 +5,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
-from agent.control import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
-from agent.ledger import JobRecord
+from agent.api.access import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
+from agent.ledger.totals import JobRecord
 
 MAX_PIDS = 64
 

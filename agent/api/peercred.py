@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from agent.control import Caller, peer_credentials
+from agent.api.access import Caller, peer_credentials
 
 STATE_KEY = "jouleward_peer"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from agent.client import JOB_ID_ENV, SOCKET_ENV, AgentError, AgentUnavailable, Job, JobSummary
-from agent.control import ControlError, validate_job_name, validate_labels
+from agent.api.access import ControlError, validate_job_name, validate_labels
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _SI_KERNEL = 0x80  # si_code of signals the terminal driver sends to the whole foreground group
