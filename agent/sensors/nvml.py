@@ -16,7 +16,7 @@ from typing import Callable
 
 import pynvml
 
-from agent.gpu_model import GpuDeviceView, GpuProcess
+from agent.model import GpuDeviceView, GpuProcess
 from agent.model import DeviceEnergy, SensorStatus, TickContext
 
 SOURCE_ENERGY = "nvml_energy"
