@@ -115,14 +115,14 @@ class HwmonSensor:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable value"
                 self._status[channel.path] = SensorStatus(SENSOR_NAME, channel.device, False, reason)
                 if channel.path in self._counters:
-                    self._counters[channel.path].last_uj = None
+                    self._counters[channel.path].forget()
                 self._last_power_w.pop(channel.path, None)
                 continue
             self._status[channel.path] = SensorStatus(SENSOR_NAME, channel.device, True)
             if channel.kind == "energy":
-                counter = self._counters[channel.path]
-                first = counter.last_uj is None
-                energy_j = counter.advance(raw)
+                step = self._counters[channel.path].advance(raw)
+                first = step is None
+                energy_j = step.energy_j if step is not None else 0.0
                 source = "hwmon"
             else:
                 power_w = raw / 1e6
