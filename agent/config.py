@@ -11,14 +11,28 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from agent.workloads.kubelet import DEFAULT_KUBELET_URL, DEFAULT_TOKEN_FILE
-from agent.workloads.mljob import DEFAULT_JOB_LABELS
+from agent.errors import JoulewardError
 
 DEFAULT_PORT = 9883
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
+DEFAULT_KUBELET_URL = "https://127.0.0.1:10250/pods"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_TOKEN_FILE = SERVICE_ACCOUNT_DIR / "token"
+DEFAULT_CA_FILE = SERVICE_ACCOUNT_DIR / "ca.crt"
 
-class ConfigError(ValueError):
+# Labels the common operators put on the pods of one job, in the order tried.
+DEFAULT_JOB_LABELS = (
+    "training.kubeflow.org/job-name",  # Kubeflow training operator
+    "jobset.sigs.k8s.io/jobset-name",  # JobSet
+    "leaderworkerset.sigs.k8s.io/name",  # LeaderWorkerSet
+    "volcano.sh/job-name",  # Volcano
+    "ray.io/cluster",  # KubeRay
+    "batch.kubernetes.io/job-name",  # batch/v1 Job (also set on JobSet's child Jobs)
+)
+
+
+class ConfigError(JoulewardError, ValueError):
     """A configuration value is wrong; the message names the key or flag."""
 
 

@@ -12,7 +12,7 @@ from typing import Literal, NamedTuple
 
 Domain = Literal["cpu", "dram", "gpu", "platform", "board"]
 # How a device's energy was measured.
-EnergySource = Literal["rapl", "hwmon", "model", "nvml_energy", "nvml_power"]
+EnergySource = Literal["rapl", "hwmon", "hwmon_power", "model", "nvml_energy", "nvml_power"]
 # How a job was found: first match wins, in this order (overflow: the
 # aggregate of jobs beyond the export cap).
 JobKind = Literal["registered", "pod", "slurm", "systemd", "env", "rule", "overflow"]
@@ -189,6 +189,22 @@ class JobView:
     def total_power_w(self) -> float:
         return sum(self.power_w.values())
 
+
+# -- validation limits: every stage and edge checks names against these ----
+JOB_NAME_MAX_LEN = 128  # a registered job's name, after stripping whitespace
+LABELS_MAX = 32
+LABEL_KEY_MAX_LEN = 63
+LABEL_VALUE_MAX_LEN = 256
+WORK_COUNT_MAX = 1e15  # units of work in one report
+PIDS_MAX = 64  # root processes in one registration
+# Names taken from the cluster (pod annotations and labels, Slurm job names and
+# users): Kubernetes' DNS-subdomain length.
+EXTERNAL_NAME_MAX_LEN = 253
+# Characters refused in names and label values, as a regular-expression class:
+# C0, DEL and C1 for what callers send; C0 and DEL for names taken from the
+# cluster.
+CONTROL_CHAR_CLASS = r"\x00-\x1f\x7f-\x9f"
+EXTERNAL_CONTROL_CHAR_CLASS = r"\x00-\x1f\x7f"
 
 # -- GPUs: what the NVML sensor reports about each GPU over one tick, beyond energy --
 

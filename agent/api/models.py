@@ -10,7 +10,8 @@ from pydantic import BaseModel, BeforeValidator, Field, create_model, field_vali
 from agent.api.access import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
 from agent.model import JobTotals, JobView
 
-MAX_PIDS = 64
+from agent.model import CONTROL_CHAR_CLASS, JOB_NAME_MAX_LEN, LABEL_KEY_MAX_LEN, LABEL_VALUE_MAX_LEN
+from agent.model import PIDS_MAX as MAX_PIDS
 
 
 def _delegate(check, *args: Any):
@@ -24,11 +25,12 @@ def _delegate(check, *args: Any):
 # The schema states what agent.control enforces, so that a client (or a
 # fuzzer) can tell a valid request from the schema alone: the name is
 # stripped of whitespace, then 1-128 characters with no control characters.
-_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_CONTROL = CONTROL_CHAR_CLASS
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-NAME_PATTERN = f"^[{_SPACE}]*[^{_CONTROL}{_SPACE}]([^{_CONTROL}]{{0,126}}[^{_CONTROL}{_SPACE}])?[{_SPACE}]*$"
-LABELS_SCHEMA = {"maxProperties": MAX_LABELS, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,62}$"},
-                 "additionalProperties": {"type": "string", "maxLength": 256, "pattern": f"^[^{_CONTROL}]*$"}}
+NAME_PATTERN = f"^[{_SPACE}]*[^{_CONTROL}{_SPACE}]([^{_CONTROL}]{{0,{JOB_NAME_MAX_LEN - 2}}}[^{_CONTROL}{_SPACE}])?[{_SPACE}]*$"
+LABELS_SCHEMA: dict[str, Any] = {"maxProperties": MAX_LABELS, "propertyNames": {"pattern": f"^[A-Za-z_][A-Za-z0-9_]{{0,{LABEL_KEY_MAX_LEN - 1}}}$"},
+                 "additionalProperties": {"type": "string", "maxLength": LABEL_VALUE_MAX_LEN,
+                                          "pattern": f"^[^{_CONTROL}]*$"}}
 
 
 def _whole(value: Any) -> Any:
