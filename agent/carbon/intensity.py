@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from agent.carbon import tables
 
@@ -252,9 +252,10 @@ def from_config(carbon: "CarbonConfig") -> IntensityProvider:
 
     try:
         if carbon.provider == "static":
-            return StaticProvider(carbon.intensity_g_per_kwh, carbon.zone or carbon.country, "static")
+            # The config requires the value for this provider (ConfigError otherwise).
+            return StaticProvider(cast(float, carbon.intensity_g_per_kwh), carbon.zone or carbon.country, "static")
         if carbon.provider == "csv":
-            return CsvSeriesProvider(carbon.csv_path, carbon.zone or carbon.country)
+            return CsvSeriesProvider(cast(Path, carbon.csv_path), carbon.zone or carbon.country)
         if carbon.provider == "http":
             return HttpProvider(carbon.url, carbon.zone, _fallback(carbon), carbon.token, carbon.timeout_s, carbon.poll_s)
         return _fallback(carbon)

@@ -160,13 +160,19 @@ class Agent:
         job = self.registry.register(name, pids, labels, owner_uid)
         self.ledger.save_registration(job, time.time())
         self.selection.admit(job.ref.id)
-        return self.ledger.job(job.ref.id)
+        return self._job(job.ref.id)
 
     def finish_job(self, job_id: str) -> JobView:
         job = self.registry.finish(job_id)  # raises UnknownJob
         self.ledger.mark_finished(job_id, job)
         self.ledger.flush()
-        return self.ledger.job(job_id)
+        return self._job(job_id)
+
+    def _job(self, job_id: str) -> JobView:
+        view = self.ledger.job(job_id)
+        if view is None:
+            raise UnknownJob(job_id)
+        return view
 
     def add_work(self, job_id: str, unit: str, count: float) -> JobView:
         record = self.ledger.add_work(job_id, unit, count)
@@ -248,7 +254,9 @@ class Agent:
         finished = self.registry.forget_exited([k for k in list(self.registry.keys) if k not in scan.live])
         now_unix = time.time()
         for job_id in finished:
-            self.ledger.mark_finished(job_id, self.registry.get(job_id))
+            registration = self.registry.get(job_id)
+            if registration is not None:
+                self.ledger.mark_finished(job_id, registration)
 
         activity: dict[str, JobActivity] = {}
         cpu: dict[str, float] = {}
@@ -272,7 +280,8 @@ class Agent:
 
         if first_tick:
             self._recover_downtime()
-            parts, idle_power = [], {}
+            parts: list[DomainAttribution] = []
+            idle_power: dict[str, float] = {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
             gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from agent.model import DeviceEnergy, SensorStatus, TickContext
+from agent.model import DeviceEnergy, Domain, EnergySource, SensorStatus, TickContext
 from agent.sensors.counters import EnergyCounter
 from agent.sensors.sysfs import read_attribute
 
@@ -123,16 +124,17 @@ class HwmonSensor:
                 step = self._counters[channel.path].advance(raw)
                 first = step is None
                 energy_j = step.energy_j if step is not None else 0.0
-                source = "hwmon"
+                source: EnergySource = "hwmon"
             else:
                 power_w = raw / 1e6
                 previous = self._last_power_w.get(channel.path)
                 self._last_power_w[channel.path] = power_w
                 first = previous is None
-                energy_j = 0.0 if first else (previous + power_w) / 2 * ctx.interval_s
+                energy_j = 0.0 if previous is None else (previous + power_w) / 2 * ctx.interval_s
                 source = "hwmon_power"
             if not first:
-                out.append(DeviceEnergy(channel.domain, channel.device, source, max(energy_j, 0.0), ctx.interval_s))
+                out.append(DeviceEnergy(cast(Domain, channel.domain), channel.device, source, max(energy_j, 0.0),
+                                        ctx.interval_s))
         return out
 
     def status(self) -> list[SensorStatus]:

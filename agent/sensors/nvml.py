@@ -12,7 +12,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Final
 
 import pynvml
 
@@ -20,8 +20,8 @@ from agent.model import GpuDeviceView, GpuProcess
 from agent.model import DeviceEnergy, SensorStatus, TickContext
 from agent.sensors.counters import EnergyCounter
 
-SOURCE_ENERGY = "nvml_energy"
-SOURCE_POWER = "nvml_power"
+SOURCE_ENERGY: Final = "nvml_energy"
+SOURCE_POWER: Final = "nvml_power"
 # NVML adds per-process samples every ~1/6 s. A tick that finds none newer
 # than the last it saw, within this long of it, came too soon after the
 # previous one: the previous weights still describe the GPU.

@@ -14,8 +14,9 @@ import errno
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from agent.model import DeviceEnergy, SensorStatus, TickContext
+from agent.model import DeviceEnergy, Domain, SensorStatus, TickContext
 from agent.sensors.counters import EnergyCounter
 from agent.sensors.sysfs import read_attribute
 
@@ -58,7 +59,9 @@ def _zone_dirs(root: Path) -> dict[str, Path]:
 
 
 def _socket_index(zone_id: str) -> str:
-    return _ZONE_DIR.match(zone_id).group("path").split(":")[0]
+    match = _ZONE_DIR.match(zone_id)
+    assert match is not None  # _zone_dirs only yields names it matched
+    return match.group("path").split(":")[0]
 
 
 def discover(sysfs: Path) -> tuple[list[Zone], list[ZoneProblem]]:
@@ -74,7 +77,9 @@ def discover(sysfs: Path) -> tuple[list[Zone], list[ZoneProblem]]:
         except OSError as exc:
             problems.append(ZoneProblem(zone_id, f"cannot read name: {exc.strerror}"))
             continue
-        control = _ZONE_DIR.match(zone_id).group("control")
+        match = _ZONE_DIR.match(zone_id)
+        assert match is not None
+        control = match.group("control")
         depth = zone_id.count(":")
         socket = _socket_index(zone_id)
         if name in _NESTED_NAMES:
@@ -151,7 +156,7 @@ class PowercapSensor:
             key = (zone.domain, zone.device)
             energy_by_device[key] = energy_by_device.get(key, 0.0) + step.energy_j
         return [
-            DeviceEnergy(domain, device, "rapl", energy_j, ctx.interval_s)
+            DeviceEnergy(cast(Domain, domain), device, "rapl", energy_j, ctx.interval_s)
             for (domain, device), energy_j in sorted(energy_by_device.items())
         ]
 
