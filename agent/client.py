@@ -23,9 +23,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 DEFAULT_CONTROL_SOCKET = Path("/var/lib/jouleward/control.sock")
 SOCKET_ENV = "JOULEWARD_CONTROL_SOCKET"
@@ -186,7 +187,7 @@ class Job:
             self._meter = StandaloneMeter(interval_s=self.interval_s, name=self.name)
         self._meter.prime()
 
-    def start(self, pids: list[int] | None = None) -> "Job":
+    def start(self, pids: list[int] | None = None) -> Job:
         pids = pids or self.pids or [os.getpid()]
         self._started = time.monotonic()
         if self.standalone is not True and self._meter is None:
@@ -233,7 +234,7 @@ class Job:
             self._meter.stop()
             self._meter = None
 
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:

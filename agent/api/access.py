@@ -14,9 +14,10 @@ import math
 import re
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from agent.errors import JoulewardError
 from agent.model import CONTROL_CHAR_CLASS

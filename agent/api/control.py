@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
 from agent.api.access import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok
+from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
 from agent.api.peercred import peer_of
 from agent.workloads.registry import RegistrationError, UnknownJob
 

@@ -8,9 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field, create_model, field_validator
 
 from agent.api.access import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
-from agent.model import JobTotals, JobView
-
-from agent.model import CONTROL_CHAR_CLASS, JOB_NAME_MAX_LEN, LABEL_KEY_MAX_LEN, LABEL_VALUE_MAX_LEN
+from agent.model import CONTROL_CHAR_CLASS, JOB_NAME_MAX_LEN, LABEL_KEY_MAX_LEN, LABEL_VALUE_MAX_LEN, JobTotals, JobView
 from agent.model import PIDS_MAX as MAX_PIDS
 
 

@@ -13,8 +13,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from agent.api.control import control_router
+from agent.api.control import install_error_handler as install_control_error_handler
 from agent.api.models import ErrorOut, JobOut, job_out
-from agent.api.control import control_router, install_error_handler as install_control_error_handler
 from agent.pipeline.daemon import Agent
 from exporters import report
 from exporters.prometheus import RenderCache

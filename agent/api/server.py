@@ -12,10 +12,10 @@ from pathlib import Path
 
 import uvicorn
 
+from agent.api.peercred import PeerCredH11Protocol
 from agent.api.read import create_control_app, create_read_app
 from agent.config import Config
 from agent.pipeline.daemon import Agent
-from agent.api.peercred import PeerCredH11Protocol
 
 log = logging.getLogger("jouleward")
 

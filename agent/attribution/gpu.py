@@ -20,10 +20,19 @@ So ``idle + unattributed + sum(jobs) == measured`` for every GPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
-from agent.model import SPLIT_MEMORY, SPLIT_SM, DeviceEnergy, DomainAttribution, GpuDeviceView, GpuProcess, GpuSplitMethod, split_method
+from agent.model import (
+    SPLIT_MEMORY,
+    SPLIT_SM,
+    DeviceEnergy,
+    DomainAttribution,
+    GpuDeviceView,
+    GpuProcess,
+    GpuSplitMethod,
+    split_method,
+)
 
 SPLIT_NONE = GpuSplitMethod.NONE
 # Ticks at or below this utilisation count as the GPU's low end of power.

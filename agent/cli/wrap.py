@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from agent.client import JOB_ID_ENV, SOCKET_ENV, AgentError, AgentUnavailable, Job, JobSummary
 from agent.api.access import ControlError, validate_job_name, validate_labels
+from agent.client import JOB_ID_ENV, SOCKET_ENV, AgentError, AgentUnavailable, Job, JobSummary
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _SI_KERNEL = 0x80  # si_code of signals the terminal driver sends to the whole foreground group

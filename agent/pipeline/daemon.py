@@ -13,14 +13,23 @@ import time
 from dataclasses import dataclass, field
 
 from agent.attribution.cpu import IdlePowerEstimator, jobs_energy_j, split_domain
+from agent.attribution.gpu import GpuIdleTracker
 from agent.carbon import emissions, intensity
 from agent.config import Config
-from agent.attribution.gpu import GpuIdleTracker
 from agent.ledger.totals import JobActivity, Ledger
 from agent.model import ATTRIBUTED_DOMAINS, NO_TOTALS, DeviceEnergy, DomainAttribution, JobRef, JobTotals, TickContext
+from agent.pipeline.snapshot import (
+    EMPTY_SNAPSHOT,
+    OVERFLOW_JOB,
+    CarbonView,
+    DeviceView,
+    DurationCounts,
+    Health,
+    JobView,
+    Snapshot,
+)
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
-from agent.pipeline.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, CarbonView, DeviceView, DurationCounts, Health, JobView, Snapshot
 from agent.workloads.kubelet import KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key

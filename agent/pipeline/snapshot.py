@@ -37,7 +37,7 @@ class DurationCounts:
     counts: tuple[int, ...] = (0,) * (len(TICK_DURATION_BUCKETS_S) + 1)
     sum_s: float = 0.0
 
-    def observe(self, seconds: float) -> "DurationCounts":
+    def observe(self, seconds: float) -> DurationCounts:
         index = next((i for i, bound in enumerate(TICK_DURATION_BUCKETS_S) if seconds <= bound),
                      len(TICK_DURATION_BUCKETS_S))
         counts = list(self.counts)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from agent.model import DeviceEnergy, SensorStatus, TickContext
 from agent.carbon.tables import CarbonTableError, data_file
+from agent.model import DeviceEnergy, SensorStatus, TickContext
 
 SENSOR_NAME = "cpu_model"
 DEFAULT_TDP_W = 85.0  # codecarbon's own fallback when the CPU is not in its table

@@ -11,13 +11,13 @@ import math
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Final
+from typing import Final
 
 import pynvml
 
-from agent.model import GpuDeviceView, GpuProcess
-from agent.model import DeviceEnergy, SensorStatus, TickContext
+from agent.model import DeviceEnergy, GpuDeviceView, GpuProcess, SensorStatus, TickContext
 from agent.sensors.counters import EnergyCounter
 
 SOURCE_ENERGY: Final = "nvml_energy"
@@ -330,7 +330,7 @@ class NvmlSensor:
                 found.append((False, f"{gpu.label} {gpu.name} {gpu.uuid}: {_reason(exc)}"))
                 continue
             try:
-                mig = _optional(lambda: pynvml.nvmlDeviceGetMigMode(gpu.handle)[0])
+                mig = _optional(lambda: pynvml.nvmlDeviceGetMigMode(gpu.handle)[0])  # noqa: B023 (called at once)
                 per_process = self._process_sm(gpu) is not None
             except pynvml.NVMLError as exc:
                 found.append((False, f"{gpu.label} {gpu.name} {gpu.uuid}: {_reason(exc)}"))

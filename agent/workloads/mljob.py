@@ -8,8 +8,8 @@ Pod names and other per-pod metadata go on the info metric only.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from agent.config import DEFAULT_JOB_LABELS
 from agent.model import EXTERNAL_CONTROL_CHAR_CLASS, EXTERNAL_NAME_MAX_LEN, JobRef

@@ -79,7 +79,7 @@ class CompiledRule:
     cgroup: re.Pattern | None
 
     @classmethod
-    def of(cls, rule: JobRule) -> "CompiledRule":
+    def of(cls, rule: JobRule) -> CompiledRule:
         return cls(
             rule,
             re.compile(rule.cmdline) if rule.cmdline else None,
