@@ -10,7 +10,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from agent.errors import JoulewardError
@@ -34,6 +34,11 @@ DEFAULT_JOB_LABELS = (
 )
 
 
+# Where grid intensity comes from: codecarbon's world average, a fixed figure,
+# a codecarbon zone, an operator's CSV series, an Electricity Maps style API.
+CarbonProvider = Literal["world", "static", "zone", "csv", "http"]
+
+
 class ConfigError(JoulewardError, ValueError):
     """A configuration value is wrong; the message names the key or flag."""
 
@@ -53,7 +58,7 @@ class JobRule:
 class CarbonConfig:
     """The ``[carbon]`` table: where grid intensity comes from, and the PUE."""
 
-    provider: str = "world"  # world, static, zone, csv, http
+    provider: CarbonProvider = "world"
     intensity_g_per_kwh: float | None = None  # static; also the http fallback
     country: str = ""  # ISO 3166 alpha-3, for zone; also the http fallback
     region: str = ""  # US state, Canadian or Chinese province, Nordic bidding zone
@@ -243,7 +248,7 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     raise ConfigError(f"{where}: unknown key")
 
 
-_CARBON_PROVIDERS = ("world", "static", "zone", "csv", "http")
+_CARBON_PROVIDERS: tuple[str, ...] = get_args(CarbonProvider)
 _CARBON_FLOATS = {
     "intensity_g_per_kwh": (0.0, 3000.0),
     "timeout_s": (0.1, 120.0),
