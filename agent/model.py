@@ -99,6 +99,17 @@ class DomainAttribution:
     jobs_j: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One device's cumulative energy, and its power over the last tick."""
+
+    domain: str
+    device: str
+    source: str
+    energy_j: float
+    power_w: float
+
+
 def _sum(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
     if not b:
         return a if isinstance(a, dict) else dict(a)

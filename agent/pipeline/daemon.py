@@ -23,7 +23,6 @@ from agent.pipeline.snapshot import (
     EMPTY_SNAPSHOT,
     OVERFLOW_JOB,
     CarbonView,
-    DeviceView,
     DurationCounts,
     Health,
     JobView,
@@ -363,7 +362,7 @@ class Agent:
         duration_s: float,
     ) -> Snapshot:
         totals = self.ledger.read()
-        devices = tuple(DeviceView(d.domain, d.device, d.source, d.energy_j, d.power_w) for d in totals.devices)
+        devices = totals.devices
         running = sum(1 for job in totals.jobs if job.finished_at is None)
         finished = len(totals.jobs) - running
         exported = self.selection.select(totals.jobs)
