@@ -54,6 +54,20 @@ class JobRule:
     cgroup: str | None = None  # regular expression searched in the cgroup path
 
 
+# Serving engines whose /metrics a work source reads (agent/workloads/engines.py).
+WORK_ENGINES = ("vllm", "sglang", "tgi", "triton", "llamacpp")
+
+
+@dataclass(frozen=True)
+class WorkSourceRule:
+    """Read a job's work units from its serving engine's metrics endpoint."""
+
+    url: str  # http://host:port/path
+    job: str | None = None  # regular expression searched in the job name
+    cmdline: str | None = None  # regular expression searched in a job's process's command line
+    engine: str | None = None  # one of WORK_ENGINES; None: detected from the metric names
+
+
 @dataclass(frozen=True)
 class CarbonConfig:
     """The ``[carbon]`` table: where grid intensity comes from, and the PUE."""
@@ -117,6 +131,12 @@ class Config:
     gpu_visible_devices: str | None = None
     gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
     gpu_idle_power_w: float | None = None  # per GPU; default: estimated
+    # Work units from serving engines' own /metrics (docs/jobs.md, "Work units").
+    work_sources: tuple[WorkSourceRule, ...] = ()
+    work_source_discovery: bool = True  # probe the listening ports of known engines' processes
+    work_source_poll_s: float = 10.0
+    work_source_timeout_s: float = 2.0
+    work_source_max_body_bytes: int = 4 * 1024 * 1024
 
     @property
     def kubelet_active(self) -> bool:
@@ -154,9 +174,11 @@ _FLOAT_KEYS = {
     "kubelet_timeout_s": (0.1, 300.0),
     "gpu_power_sample_interval_s": (0.01, 10.0),
     "gpu_idle_power_w": (0.0, 5000.0),
+    "work_source_poll_s": (0.1, 3600.0),
+    "work_source_timeout_s": (0.05, 60.0),
 }
 _PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs", "kubelet_ca_file", "control_token_file"}
-_BOOL_KEYS = {"kubelet_enabled", "kubelet_insecure_skip_verify", "gpu_enabled"}
+_BOOL_KEYS = {"kubelet_enabled", "kubelet_insecure_skip_verify", "gpu_enabled", "work_source_discovery"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 # A Kubernetes label key: optional DNS-subdomain prefix and "/", then a name.
 _K8S_LABEL_KEY = re.compile(r"(?:[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -245,6 +267,18 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         return tuple(value)
     if key == "carbon":
         return _parse_carbon(value, where)
+    if key == "work_sources":
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected an array of tables")
+        return tuple(_parse_work_source(i, rule, where) for i, rule in enumerate(value))
+    if key == "work_source_max_body_bytes":
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not 1024 <= number <= 256 * 1024 * 1024:
+            raise ConfigError(f"{where}: expected bytes in 1024..268435456, got {value!r}")
+        return number
     raise ConfigError(f"{where}: unknown key")
 
 
@@ -329,6 +363,39 @@ def _parse_rule(index: int, rule: Any, where: str) -> JobRule:
     return JobRule(name=name, **{k: str(v) for k, v in matchers.items()})
 
 
+def _parse_work_source(index: int, rule: Any, where: str) -> WorkSourceRule:
+    here = f"{where}[{index}]"
+    if not isinstance(rule, Mapping):
+        raise ConfigError(f"{here}: expected a table")
+    allowed = {f.name for f in fields(WorkSourceRule)}
+    unknown = set(rule) - allowed
+    if unknown:
+        raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}")
+    for key in allowed:
+        if rule.get(key) is not None and not isinstance(rule[key], str):
+            raise ConfigError(f"{here}.{key}: expected a string")
+    url = rule.get("url")
+    parts = urlsplit(url) if isinstance(url, str) else None
+    try:
+        port = parts.port if parts is not None else None
+    except ValueError:
+        port = None
+    if parts is None or parts.scheme != "http" or not parts.hostname or port is None:
+        raise ConfigError(f"{here}.url: expected http://host:port/path, got {url!r}")
+    if rule.get("job") is None and rule.get("cmdline") is None:
+        raise ConfigError(f"{here}: a work source needs job or cmdline (a regular expression)")
+    for key in ("job", "cmdline"):
+        if rule.get(key) is not None:
+            try:
+                re.compile(rule[key])
+            except re.error as exc:
+                raise ConfigError(f"{here}.{key}: invalid regular expression: {exc}") from None
+    engine = rule.get("engine")
+    if engine is not None and engine not in WORK_ENGINES:
+        raise ConfigError(f"{here}.engine: expected one of {', '.join(WORK_ENGINES)}, got {engine!r}")
+    return WorkSourceRule(url=str(url), job=rule.get("job"), cmdline=rule.get("cmdline"), engine=engine)
+
+
 def _flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
     """Accept both top-level keys and an ``[agent]`` table."""
     flat = dict(data)
@@ -362,6 +429,7 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
         "systemd_unit_exclude",
         "carbon",
         "pod_job_labels",
+        "work_sources",
     }
     out: dict[str, Any] = {}
     carbon: dict[str, str] = {}

@@ -51,6 +51,7 @@ class SnapshotCollector:
         yield from self._jobs(snap)
         yield from self._health(snap)
         yield from self._carbon(snap)
+        yield from self._work_sources(snap)
         yield from gpu_families(snap)
         for extra in self._extra:
             yield from extra(snap)
@@ -245,6 +246,40 @@ class SnapshotCollector:
             "Failed polls of the carbon intensity provider.",
             value=float(carbon.provider_errors),
         )
+
+    def _work_sources(self, snap: Snapshot) -> Iterator[Metric]:
+        sources = snap.health.work_sources
+        if not sources and not snap.served_work:
+            return
+        labels = ["job_id", "engine", "origin", "endpoint"]
+        up = GaugeMetricFamily(
+            "jouleward_work_source_up", "1 when the last scrape of the engine's metrics succeeded.", labels=labels
+        )
+        stale = GaugeMetricFamily(
+            "jouleward_work_source_stale",
+            "1 when the engine's work counters may be out of date (last scrape failed or overdue).",
+            labels=labels,
+        )
+        errors = CounterMetricFamily(
+            "jouleward_work_source_errors", "Failed scrapes of the engine's metrics.", labels=labels
+        )
+        for source in sources:
+            values = [source.job_id, source.engine, source.origin, source.url]
+            up.add_metric(values, 1.0 if source.up else 0.0)
+            stale.add_metric(values, 1.0 if source.stale else 0.0)
+            errors.add_metric(values, float(source.errors_total))
+        yield up
+        yield stale
+        yield errors
+        served = CounterMetricFamily(
+            "jouleward_job_served_work_units",
+            "Work a serving engine counted for the job since the agent started, per served model.",
+            labels=[*JOB_LABELS, "model", "unit"],
+        )
+        for job in snap.jobs:
+            for (unit, model), count in sorted(snap.served_work.get(job.ref.id, {}).items()):
+                served.add_metric([*job_label_values(job), model, unit], _safe(count))
+        yield served
 
 
 def make_registry(collector: SnapshotCollector) -> CollectorRegistry:

@@ -34,6 +34,7 @@ from agent.workloads.kubelet import KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
 from agent.workloads.resolve import JobResolver
+from agent.workloads.worksources import JobMembers, WorkSourcePoller, WorkSourceSettings
 
 log = logging.getLogger("jouleward")
 
@@ -46,6 +47,17 @@ def kubelet_settings(config: Config) -> KubeletSettings:
         insecure_skip_verify=config.kubelet_insecure_skip_verify,
         poll_s=config.kubelet_poll_s,
         timeout_s=config.kubelet_timeout_s,
+    )
+
+
+def work_source_settings(config: Config) -> WorkSourceSettings:
+    return WorkSourceSettings(
+        rules=config.work_sources,
+        discover_sockets=config.work_source_discovery,
+        poll_s=config.work_source_poll_s,
+        timeout_s=config.work_source_timeout_s,
+        max_body_bytes=config.work_source_max_body_bytes,
+        pod_job_labels=config.pod_job_labels,
     )
 
 
@@ -118,6 +130,13 @@ class Agent:
             config.systemd_unit_exclude,
             pods=self.kubelet,
             pod_job_labels=config.pod_job_labels,
+        )
+        self.work_sources = (
+            WorkSourcePoller(
+                work_source_settings(config), config.procfs, pods=self.kubelet.pods if self.kubelet else None
+            )
+            if config.work_sources or config.work_source_discovery or self.kubelet
+            else None
         )
         self.sensor_set = sensors or build_sensors(config)
         self.boot_id = read_boot_id(config)
@@ -293,12 +312,14 @@ class Agent:
         cpu: dict[str, float] = {}
         counts: dict[str, int] = {}
         refs: dict[str, JobRef] = {}
+        pids: dict[str, list[int]] = {}
         for process, ref in zip(scan.processes, jobs):
             if ref is None:
                 continue
             cpu[ref.id] = cpu.get(ref.id, 0.0) + process.cpu_s
             counts[ref.id] = counts.get(ref.id, 0) + 1
             refs[ref.id] = ref
+            pids.setdefault(ref.id, []).append(process.key.pid)
         info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
         for job_id, ref in refs.items():
             activity[job_id] = JobActivity(ref, cpu[job_id], counts[job_id])
@@ -308,6 +329,14 @@ class Agent:
                 self.selection.admit(job_id)
             else:
                 self.ledger.update_identity(ref, now_unix, labels=info.get(job_id))
+        if self.work_sources is not None:
+            # The poller finds and reads the engines' endpoints on its own thread; here only two swaps.
+            self.work_sources.update_jobs(
+                {job_id: JobMembers(refs[job_id].name, tuple(p)) for job_id, p in pids.items()}
+            )
+            for job_id, units in self.work_sources.drain().items():
+                for unit, count in units.items():
+                    self.ledger.add_work(job_id, unit, count)  # a job already gone from memory drops it
 
         if first_tick:
             self._recover_downtime()
@@ -383,6 +412,7 @@ class Agent:
             flush_unix,
             flush_errors,
             kubelet=self.kubelet.health() if self.kubelet else None,
+            work_sources=self.work_sources.health() if self.work_sources else (),
         )
         nvml = self.sensor_set.nvml
         gpus = tuple(sorted(nvml.views().values(), key=lambda v: v.index)) if nvml else ()
@@ -402,12 +432,15 @@ class Agent:
             health,
             carbon=carbon,
             gpus=gpus,
+            served_work=self.work_sources.served() if self.work_sources else {},
         )
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:
         """Tick every ``interval_s`` on the monotonic clock until ``stop``."""
         self.start_pod_metadata()
+        if self.work_sources is not None:
+            self.work_sources.start()
         next_at = time.monotonic()
         while not self._stop.is_set():
             try:
@@ -425,6 +458,8 @@ class Agent:
         self._stop.set()
         if self.kubelet is not None:
             self.kubelet.stop()
+        if self.work_sources is not None:
+            self.work_sources.stop()
 
     def close(self) -> None:
         """Final flush; safe to call once the loop has stopped."""

@@ -6,6 +6,7 @@ readers never lock, never trigger a sample, and never see half a tick.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from agent.model import DeviceView, GpuDeviceView, JobRef, JobView, SensorStatus
 
 if TYPE_CHECKING:
     from agent.workloads.kubelet import KubeletHealth
+    from agent.workloads.worksources import WorkSourceHealth
 
 OVERFLOW_JOB = JobRef("_other", "_other", "overflow")
 
@@ -63,6 +65,7 @@ class Health:
     ledger_flush_unix: float | None = None
     ledger_errors: int = 0
     kubelet: KubeletHealth | None = None  # None when pod metadata is not configured
+    work_sources: tuple[WorkSourceHealth, ...] = ()  # serving engines' endpoints being read
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,8 @@ class Snapshot:
     health: Health
     carbon: CarbonView = CarbonView()
     gpus: tuple[GpuDeviceView, ...] = ()  # what NVML showed on the last tick
+    # Work read from serving engines since the agent started: job id -> (unit, model) -> count.
+    served_work: Mapping[str, Mapping[tuple[str, str], float]] = field(default_factory=dict)
 
     def job(self, job_id: str) -> JobView | None:
         return next((job for job in self.jobs if job.ref.id == job_id), None)

@@ -39,6 +39,8 @@ class StandaloneMeter:
             control_socket=None,
             interval_s=interval_s,
             rules=(),
+            work_sources=(),
+            work_source_discovery=False,
             flush_interval_s=86400.0,
         )
         self.agent = Agent(self.config)

@@ -49,6 +49,7 @@ class PodMeta:
     owner_kind: str = ""
     owner_name: str = ""
     container_ids: tuple[str, ...] = ()
+    pod_ip: str = ""  # status.podIP: where the pod's own endpoints answer
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ def parse_pod(item: Any) -> PodMeta | None:
         owner_kind=owner_kind,
         owner_name=owner_name,
         container_ids=tuple(ids),
+        pod_ip=str(status.get("podIP", "") or ""),
     )
 
 
