@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--emissions-csv", dest="emissions_csv", type=Path, metavar="emissions.csv",
                         help="append the job as a row of codecarbon's emissions.csv (header written once)")
     parser.add_argument("--socket", type=Path, help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, "
-                        "else /var/lib/jouleward/control.sock)")
+                        "else /run/jouleward/control.sock)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="measure in-process even if an agent runs")
     mode.add_argument("--require-agent", action="store_true", help="fail unless the agent registers the job")
