@@ -39,7 +39,7 @@ PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-ce
 RECIPE_VERSION = 1
 EXTRA_CA_DIR = Path("/usr/local/share/ca-certificates")
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's bundle, inside the rootfs too
-PIP_CACHE_IN_CONTAINER = "/var/cache/jouleward-pip"
+WHEELS_IN_CONTAINER = "/var/cache/jouleward-wheels"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -148,9 +148,44 @@ def host_pip_settings() -> PipSettings:
     for key in ("index-url", "extra-index-url", "find-links"):
         for token in values.get(key, "").split():
             path = Path(token.removeprefix("file://")) if token.startswith(("file://", "/")) else None
-            if path is not None and path.is_absolute() and path.is_dir():
-                local.append(path)
+            if path is None or not path.is_absolute() or not path.is_dir():
+                continue
+            # A local index's pages link to files beside it (../../files/...).
+            local.append(path.parent if key != "find-links" and path.name == "simple" else path)
     return PipSettings(env=env, local_dirs=tuple(dict.fromkeys(local)))
+
+
+def wheelhouse(rootfs: Path, lock: Path) -> Path:
+    """Every wheel of ``lock``, downloaded once (per lock and rootfs) by the
+    rootfs's own pip, with the host's index settings, into the cache.
+    Containers with a private network install from it with
+    ``PIP_NO_INDEX=1 PIP_FIND_LINKS=<it>``: the documented pip commands, run
+    as on a host whose index is a local wheel directory."""
+    digest = hashlib.sha256(lock.read_bytes() + rootfs.name.encode()).hexdigest()[:16]
+    target = CACHE / f"wheels-{digest}"
+    with file_lock(CACHE / f"wheels-{digest}.lock"):
+        if (target / ".complete").exists():
+            return target
+        building = CACHE / f"wheels-{digest}.building"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        pip = host_pip_settings()
+        args = [f"--directory={rootfs}", "--volatile=overlay", "--as-pid2", "--console=pipe",
+                f"--bind-ro={lock}:/run/lock.txt", f"--bind={building}:/wheels",
+                *(f"--bind-ro={path}" for path in pip.local_dirs),
+                *(f"--setenv={key}={value}" for key, value in pip.env.items()),
+                "/bin/sh", "-ec", "python3 -m venv /tmp/pip && /tmp/pip/bin/pip download --quiet --require-hashes "
+                                  "--no-deps -r /run/lock.txt -d /wheels"]
+        done = run(nspawn_command(machine_name("jw-wheels"), args), check=False, timeout_s=900,
+                   stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, f"pip download in the rootfs failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        (building / ".complete").write_text("")
+        building.rename(target)
+        return target
+
+
+def wheelhouse_env(path: str) -> dict[str, str]:
+    return {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": path, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
 # --- HTTP into a container's own network namespace ---
