@@ -16,8 +16,18 @@ from pathlib import Path
 import pytest
 
 from tests.support import metric_sum, metric_values, parse_metrics
-from tests.support.debian import (REPO, WHEELS_IN_CONTAINER, Booted, boot, debian_rootfs, repo_copy,
-                                  require_tools, wheelhouse, wheelhouse_env)
+from tests.support.debian import (
+    REPO,
+    WHEELS_IN_CONTAINER,
+    Booted,
+    boot,
+    debian_rootfs,
+    repo_copy,
+    require_tools,
+    wheelhouse,
+    wheelhouse_env,
+)
+from tests.support.debian import assert_conserved_in_the_api as conserved
 
 README = REPO / "deploy" / "systemd" / "README.md"
 SOURCE = "/usr/local/src/jouleward"
@@ -103,30 +113,7 @@ def assert_conserved(samples) -> None:
 
 
 def assert_conserved_in_the_api(system: Booted) -> None:
-    """Over the agent's whole history, finished jobs in the ledger included:
-    per domain, node == idle + unattributed + sum of /v1/jobs. A reading
-    counts when /v1/node did not move while /v1/jobs was read; the books
-    are exact in one of them, or conservation is broken."""
-    tried = []
-    for _ in range(20):
-        _, first = system.container.http("GET", "/v1/node", PORT)
-        jobs = api_jobs(system)
-        _, second = system.container.http("GET", "/v1/node", PORT)
-        if first["timestamp"] != second["timestamp"]:  # type: ignore[index]
-            continue
-        node = second  # type: ignore[assignment]
-        gaps = {}
-        for domain in ATTRIBUTED:
-            measured = sum(d["energy_j"] for d in node["devices"] if d["domain"] == domain)
-            parts = (node["idle_j"].get(domain, 0.0) + node["unattributed_j"].get(domain, 0.0)
-                     + sum(job["energy_j"].get(domain, 0.0) for job in jobs))
-            gaps[domain] = (measured, parts)
-        tried.append(gaps)
-        if all(parts == pytest.approx(measured, rel=1e-9, abs=1e-9) and measured > 0
-               for measured, parts in gaps.values()):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"energy not conserved in the API (node, parts): {tried}")
+    conserved(lambda path: system.container.http("GET", path, PORT), ATTRIBUTED)
 
 
 def counters(samples) -> dict[tuple, float]:
