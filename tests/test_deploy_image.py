@@ -37,6 +37,7 @@ from tests.support import (
 )
 from tests.support.debian import (
     REPO,
+    WHEELS_IN_CONTAINER,
     Container,
     assert_conserved_in_the_api,
     base_image,
@@ -76,10 +77,10 @@ def image(tmp_path_factory):
     base = base_image(rootfs)
     context = repo_copy(tmp_path_factory.mktemp("image") / "context")
     wheels = wheelhouse(rootfs, context / "requirements" / "runtime.lock")
-    build_args = [f"--build-arg={key}={value}" for key, value in wheelhouse_env("/wheels").items()]
+    build_args = [f"--build-arg={key}={value}" for key, value in wheelhouse_env(WHEELS_IN_CONTAINER).items()]
     started = time.monotonic()
     done = run(podman("build", "--isolation", "chroot", "--file", str(context / "Containerfile"),
-                      f"--build-arg=BASE_IMAGE={base}", *build_args, f"--volume={wheels}:/wheels:ro",
+                      f"--build-arg=BASE_IMAGE={base}", *build_args, f"--volume={wheels}:{WHEELS_IN_CONTAINER}:ro",
                       "--tag", TAG, str(context)), check=False, timeout_s=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     print(f"image built in {time.monotonic() - started:.1f} s")
