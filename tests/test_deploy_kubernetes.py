@@ -283,17 +283,31 @@ def test_api_tokens_come_from_an_optional_secret():
     assert agent_config.build(None, environ={"JOULEWARD_CARBON_TOKEN": "t0ken"}).carbon.token == "t0ken"
 
 
-def test_image_and_priority_class_are_overlay_knobs(tmp_path):
-    docs = build_overlay(tmp_path / "mine", "gpu-nodes", images=[
-        {"name": "ghcr.io/jouleward/jouleward", "newName": "registry.example/jw", "newTag": "1.2.3"}],
-        patches=[{"target": {"kind": "DaemonSet"}, "patch": yaml.safe_dump(
-            [{"op": "replace", "path": "/spec/template/spec/priorityClassName", "value": "telemetry"}])}])
+def documented_overlay(tmp_path: Path) -> list[dict]:
+    """The user's overlay of docs/deploy.md, as written, beside a checkout
+    named jouleward."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    section = text.split("## Kubernetes", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    checkout = tmp_path / "jouleward"
+    checkout.symlink_to(ROOT)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "kustomization.yaml").write_text(block)
+    return [doc for doc in yaml.safe_load_all(kustomize(mine)) if doc]
+
+
+def test_the_documented_overlay_sets_image_and_priority_and_adds_every_component(tmp_path):
+    docs = documented_overlay(tmp_path)
     daemonsets = by_kind(docs, "DaemonSet")
     assert len(daemonsets) == 2
     for ds in daemonsets:
         pod = ds["spec"]["template"]["spec"]
-        assert pod["containers"][0]["image"] == "registry.example/jw:1.2.3"
+        assert pod["containers"][0]["image"] == "registry.example/jouleward:0.1.0"
         assert pod["priorityClassName"] == "telemetry"
+    kinds = {d["kind"] for d in docs}
+    assert {"ServiceMonitor", "PrometheusRule", "NetworkPolicy"} <= kinds
+    assert "jouleward-dashboards" in {c["metadata"]["name"] for c in by_kind(docs, "ConfigMap")}
     for ds in by_kind(objects("gpu-nodes"), "DaemonSet"):
         pod = ds["spec"]["template"]["spec"]
         assert pod["containers"][0]["image"] == "ghcr.io/jouleward/jouleward:0.1.0"
