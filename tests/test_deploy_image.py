@@ -188,8 +188,18 @@ class Pod:
 
     def start(self) -> Container:
         self.running = start_container(machine_name("jw-pod"), self.nspawn, self.work / "pod.log", self.setup)
-        self.running.wait_for_leader("*")
-        return self.running
+        # The agent's own process, once it runs: its namespaces are the pod's.
+        deadline = time.monotonic() + 60
+        while True:
+            if self.running.proc.poll() is not None:
+                raise AssertionError(f"the container exited: {self.running.log()}")
+            try:
+                self.running.leader = self.agent_pid()
+                return self.running
+            except LookupError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no agent process in the container: {self.running.log()}") from None
+                time.sleep(0.1)
 
     def probe(self, name: str) -> tuple[int, object]:
         get = self.container[name]["httpGet"]
@@ -232,9 +242,11 @@ class Pod:
                 continue
             if cmdline[0].decode() == self.argv[0] or self.argv[0].encode() in cmdline[:2]:
                 return pid
-            children = Path(f"/proc/{pid}/task/{pid}/children")
-            pending += [int(p) for p in children.read_text().split()] if children.exists() else []
-        raise AssertionError("no agent process under the container")
+            try:
+                pending += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+            except OSError:
+                continue
+        raise LookupError("no agent process under the container")
 
 
 def daemonsets(overlay: str) -> tuple[list[dict], dict[str, dict]]:

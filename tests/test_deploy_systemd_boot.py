@@ -11,6 +11,7 @@ import json
 import re
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def as_root(line: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def system(tmp_path_factory) -> Booted:
+def system(tmp_path_factory) -> Iterator[Booted]:
     require_tools("debootstrap", "systemd-nspawn", "unshare", "nsenter")
     rootfs = debian_rootfs()
     work = tmp_path_factory.mktemp("systemd-boot")
@@ -82,7 +83,7 @@ def system(tmp_path_factory) -> Booted:
 
 def metrics(system: Booted):
     status, text = system.container.http("GET", "/metrics", PORT)
-    assert status == 200, text
+    assert status == 200 and isinstance(text, str), text
     return parse_metrics(text)
 
 

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -224,7 +225,7 @@ class NetnsHTTPConnection(http.client.HTTPConnection):
         self._netns = netns
 
     def connect(self) -> None:
-        self.sock = connect_in_netns(self._netns, self.host, self.port, self.timeout)
+        self.sock = connect_in_netns(self._netns, self.host, self.port, self.timeout or 10.0)
 
 
 # --- containers ---
@@ -405,17 +406,18 @@ def assert_conserved_in_the_api(get: Callable[[str], tuple[int, object]], domain
     books balance in one of those readings, or conservation is broken."""
     tried = []
     for _ in range(20):
-        _, first = get("/v1/node")
-        status, jobs = get("/v1/jobs?limit=10000")
-        assert status == 200, jobs
-        _, node = get("/v1/node")
-        if first["timestamp"] != node["timestamp"]:  # type: ignore[index]
+        first: Any = get("/v1/node")[1]
+        status, jobs_answer = get("/v1/jobs?limit=10000")
+        assert status == 200, jobs_answer
+        node: Any = get("/v1/node")[1]
+        jobs: Any = jobs_answer
+        if first["timestamp"] != node["timestamp"]:
             continue
         books = {}
         for domain in domains:
-            measured = sum(d["energy_j"] for d in node["devices"] if d["domain"] == domain)  # type: ignore[index]
-            parts = (node["idle_j"].get(domain, 0.0) + node["unattributed_j"].get(domain, 0.0)  # type: ignore[index]
-                     + sum(job["energy_j"].get(domain, 0.0) for job in jobs))  # type: ignore[union-attr]
+            measured = sum(d["energy_j"] for d in node["devices"] if d["domain"] == domain)
+            parts = (node["idle_j"].get(domain, 0.0) + node["unattributed_j"].get(domain, 0.0)
+                     + sum(job["energy_j"].get(domain, 0.0) for job in jobs))
             books[domain] = (measured, parts)
         tried.append(books)
         if all(measured > 0 and abs(parts - measured) <= 1e-9 * measured for measured, parts in books.values()):
