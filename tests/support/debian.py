@@ -175,8 +175,8 @@ def wheelhouse(rootfs: Path, lock: Path) -> Path:
                 f"--bind-ro={lock}:/run/lock.txt", f"--bind={building}:/wheels",
                 *(f"--bind-ro={path}" for path in pip.local_dirs),
                 *(f"--setenv={key}={value}" for key, value in pip.env.items()),
-                "/bin/sh", "-ec", ("python3 -m venv /tmp/pip && /tmp/pip/bin/pip download --quiet --require-hashes "
-                                   "--no-deps -r /run/lock.txt -d /wheels")]
+                "/bin/sh", "-ec", ("python3 -m venv /opt/pip-download && /opt/pip-download/bin/pip download "
+                                   "--quiet --require-hashes --no-deps -r /run/lock.txt -d /wheels")]
         done = run(nspawn_command(machine_name("jw-wheels"), args), check=False, timeout_s=900,
                    stdin=subprocess.DEVNULL)
         assert done.returncode == 0, f"pip download in the rootfs failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
