@@ -82,7 +82,7 @@ class ExportSelection:
 def _job_view(record: JobRecord) -> JobView:
     return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
                    record.processes, record.finished_at, dict(record.work_units),
-                   emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j)
+                   emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j, first_seen_unix=record.first_seen)
 
 
 class Agent:

@@ -38,6 +38,7 @@ class JobView:
     work_units: dict[str, float] = field(default_factory=dict)
     emissions_g: float = 0.0
     gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
+    first_seen_unix: float = 0.0  # when the agent first saw the job; 0 for the overflow aggregate
 
     @property
     def total_energy_j(self) -> float:

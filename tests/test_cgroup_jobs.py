@@ -17,7 +17,8 @@ from tests.support.kubelet_server import FakeKubelet, pod_item
 
 TOKEN = "kubelet-bearer-token-for-tests"
 KUBEFLOW = "training.kubeflow.org/job-name"
-JOB = "k8s-research/llama-ft"
+RUN_UID = "5d0c7f8e-3b2a-4e61-9f70-8a1b2c3d4e5f"  # the PyTorchJob's UID: the run's identity
+JOB = f"k8s-{RUN_UID}"
 
 
 def cgroup_mounts() -> list[tuple[Path, str]]:
@@ -138,7 +139,7 @@ def test_pods_and_slurm_jobs_in_real_cgroups(tmp_path, cgroups, agents):
     uid_0, uid_1, uid_late = (str(uuid.uuid4()) for _ in range(3))
     kubelet = FakeKubelet(TOKEN, [
         pod_item(uid, f"llama-ft-worker-{i}", "research", {KUBEFLOW: "llama-ft"}, node="gpu-node-3",
-                 owner=("PyTorchJob", "llama-ft"))
+                 owner=("PyTorchJob", "llama-ft", RUN_UID))
         for i, uid in enumerate((uid_0, uid_1))
     ])
     kubelet_running = True
@@ -173,7 +174,7 @@ kubelet_timeout_s = 1
 
         samples = wait_until(training_job_seen, timeout_s=30, what="both pods under one job")
         (labels, _), = job_samples(samples, "jouleward_job_processes", JOB)
-        assert (labels["job_name"], labels["job_kind"], labels["namespace"]) == ("llama-ft", "pod", "research")
+        assert (labels["job_name"], labels["job_kind"], labels["job_namespace"]) == ("llama-ft", "pod", "research")
         (info, _), = job_samples(samples, "jouleward_job_info", JOB)
         assert info["label_pod"] == "llama-ft-worker-0,llama-ft-worker-1"
         assert set(info["label_pod_uid"].split(",")) == {uid_0, uid_1}
@@ -200,7 +201,7 @@ kubelet_timeout_s = 1
         booked_before = metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id=late_job)
         kubelet.pods = kubelet.pods + [pod_item(uid_late, "eval-0", "research",
                                                 {"jobset.sigs.k8s.io/jobset-name": "nightly-eval"})]
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_processes", job_id="k8s-research/nightly-eval")
+        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_processes", job_id="k8s-research.nightly-eval")
                    == 1, timeout_s=30, what="the late pod under its ML job")
         wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_finished", job_id=late_job) == 1,
                    timeout_s=30, what="the UID-keyed job to finish")
