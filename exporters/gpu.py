@@ -2,10 +2,12 @@
 job's allocated-but-idle GPU energy. Energy itself rides on the node and job
 metrics with ``domain="gpu"``.
 
-Every per-GPU series carries the labels dcgm-exporter puts on its own
-(``gpu`` index, ``UUID``, ``modelName``, ``pci_bus_id``, ``Hostname``), so a
-query can put jouleward's figures beside DCGM's with ``on (UUID)`` or
-``on (Hostname, gpu)`` and no relabelling."""
+Every per-GPU series carries the join labels dcgm-exporter puts on its own
+(``gpu`` index, ``UUID``, ``pci_bus_id``, ``Hostname``), so a query can put
+jouleward's figures beside DCGM's with ``on (UUID)`` or ``on (Hostname, gpu)``
+and no relabelling. The model is ``model_name``: DCGM's ``modelName`` is
+camelCase, which the Prometheus naming lint (``promtool check metrics``)
+rejects."""
 from __future__ import annotations
 
 import math
@@ -17,7 +19,7 @@ from agent.gpu_model import GpuDeviceView
 from agent.snapshot import Snapshot
 
 JOB_LABELS = ["job_id", "job_name", "job_kind", "job_namespace"]
-GPU_LABELS = ["gpu", "UUID", "modelName", "pci_bus_id", "Hostname"]
+GPU_LABELS = ["gpu", "UUID", "model_name", "pci_bus_id", "Hostname"]
 
 
 def _safe(value: float) -> float:

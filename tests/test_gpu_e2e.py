@@ -145,7 +145,7 @@ def test_gpu_energy_per_job_conservation_idle_and_lost_gpu(gpu_agent):
     # One GPU label set on every per-GPU family, the one dcgm-exporter writes: a join on UUID
     # (or Hostname and gpu) puts these series beside DCGM's.
     info = {dict(k[1])["gpu"]: dict(k[1]) for k in metrics if k[0] == "jouleward_gpu_info"}
-    ident = {"gpu": "0", "UUID": "GPU-0000aaaa-e2e", "modelName": "NVIDIA Fake H100", "pci_bus_id": "00000000:17:00.0",
+    ident = {"gpu": "0", "UUID": "GPU-0000aaaa-e2e", "model_name": "NVIDIA Fake H100", "pci_bus_id": "00000000:17:00.0",
              "Hostname": "gpu-node-7"}
     assert info["0"] == {**ident, "device": "gpu-0", "mig": "0"}
     assert info["2"]["pci_bus_id"] == "00000000:19:00.0"
