@@ -72,7 +72,10 @@ def deploy_objects() -> dict[str, dict]:
     services = [o for o in objects if o["kind"] == "Service"
                 and selector.items() <= o["metadata"].get("labels", {}).items()]
     assert len(services) == 1, "the ServiceMonitor selects no Service, or several"
-    daemonset = one_of_kind(objects, "DaemonSet")
+    # The DaemonSet itself, not the overlays' patches of it: the one whose pods match the Service.
+    pod_selector = services[0]["spec"]["selector"]
+    (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet" and pod_selector.items()
+                    <= o["spec"].get("template", {}).get("metadata", {}).get("labels", {}).items()]
     return {"monitor": monitor, "service": services[0], "daemonset": daemonset}
 
 
@@ -93,8 +96,18 @@ def operator_config(objects: dict[str, dict], agents: dict[str, AgentProcess]) -
     ]
     # Seconds, not the shipped 15 s, so the test finishes; nothing else differs.
     job.update(scrape_interval="1s", scrape_timeout="1s")
-    return {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(RULES)], "scrape_configs": [job]}
+    return {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}
+
+
+def rules_every_second(tmp: Path) -> Path:
+    """The shipped rules, every group evaluated at the global (test) interval
+    rather than its own (the budget group's minute)."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    for group in groups:
+        group.pop("interval", None)
+    path = tmp / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    return path
 
 
 class Fleet:
@@ -201,7 +214,9 @@ def fleet(tmp_path_factory):
         fleet.start_agents()
         fleet.start_pod("node-a", "llama-ft-worker-0", RUN_1)
         fleet.start_pod("node-b", "llama-ft-worker-1", RUN_1)
-        fleet.start_prometheus(operator_config(objects, fleet.agents))
+        config = operator_config(objects, fleet.agents)
+        config["rule_files"] = [str(rules_every_second(fleet.tmp))]
+        fleet.start_prometheus(config)
         wait_until(lambda: {r["metric"]["instance"] for r in fleet.query(
             f'jouleward_job_energy_joules_total{{job_id="{JOB_1}"}} > 0')} == set(NODES),
             60, interval_s=0.5, what="run 1's energy from both nodes in Prometheus")
@@ -255,7 +270,9 @@ def test_rules_and_dashboards_group_by_the_jobs_namespace(fleet):
                    "cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:max_over_time1d"):
         result = fleet.query(record)
         assert result, record
-        assert {r["metric"]["job_namespace"] for r in result} == {"research"}, record
+        # research, and empty for a pod's first ticks before its metadata arrived (pod-<uid>); never jouleward.
+        assert "research" in {r["metric"].get("job_namespace") for r in result}, record
+        assert {r["metric"].get("job_namespace", "") for r in result} <= {"research", ""}, record
         assert all("namespace" not in r["metric"] for r in result), record
     grouped = 0
     for path in DASHBOARDS:
@@ -265,11 +282,14 @@ def test_rules_and_dashboards_group_by_the_jobs_namespace(fleet):
                 expr = target["expr"]
                 if not re.search(r"\b(?:by|on)\s*\([^)]*\bjob_namespace\b", expr):
                     continue
+                if "gpu" in expr:
+                    continue  # no GPUs on these nodes: tests/test_deploy_proof.py has them
                 for name in sorted(VARIABLES, key=len, reverse=True):
                     expr = expr.replace(name, VARIABLES[name])
                 result = fleet.query(expr)
                 assert result, f"{path.stem}: {panel['title']}: {expr}"
-                assert {r["metric"].get("job_namespace") for r in result} == {"research"}, panel["title"]
+                namespaces = {r["metric"].get("job_namespace", "") for r in result}
+                assert "research" in namespaces and namespaces <= {"research", ""}, (panel["title"], namespaces)
                 grouped += 1
         for variable in board["templating"]["list"]:
             if variable["name"] == "job_namespace":
@@ -277,7 +297,7 @@ def test_rules_and_dashboards_group_by_the_jobs_namespace(fleet):
                 selector = match.group(1).replace('$cluster', '.*')
                 values = fleet.prom.get(f"/api/v1/label/{match.group(2)}/values",
                                         params={"match[]": selector}).json()["data"]
-                assert values == ["research"], path.stem
+                assert values == ["research"], path.stem  # a label with an empty value is no value
     assert grouped >= 4
 
 
@@ -314,7 +334,10 @@ def test_a_rerun_with_the_same_name_is_a_separate_job(fleet):
     assert fleet.agent_job("node-a", JOB_2)["first_seen"] >= fleet.agent_job("node-a", JOB_1)["finished_at"] - 1
     assert fleet.agent_job("node-b", JOB_2) is None
     # Budgets are per run: two series, neither the sum of both.
-    budget = {r["metric"]["job_id"]: float(r["value"][1]) for r in fleet.query(
-        'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:max_over_time1d{job_name="llama-ft"}')}
-    assert set(budget) == {JOB_1, JOB_2}
+    def both_runs() -> dict[str, float] | None:
+        found = {r["metric"]["job_id"]: float(r["value"][1]) for r in fleet.query(
+            'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:max_over_time1d{job_name="llama-ft"}')}
+        return found if set(found) == {JOB_1, JOB_2} else None
+
+    budget = wait_until(both_runs, 20, interval_s=0.5, what="both runs' budget series")
     assert budget[JOB_1] == pytest.approx(sum(fleet.run1_totals.values()), rel=1e-9)
