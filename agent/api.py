@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from agent.api_models import ErrorOut, JobOut, job_out
-from agent.control_api import control_router, install_error_handler as install_control_error_handler
+from agent.control_api import control_router
+from agent.control_api import install_error_handler as install_control_error_handler
 from agent.daemon import Agent
 from exporters import report
 from exporters.prometheus import RenderCache

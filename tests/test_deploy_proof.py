@@ -24,9 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakenvml.build import FakeDevice, FakeProcess, FakeState, build as build_fake_nvml
+from tests.fakenvml.build import FakeDevice, FakeProcess, FakeState
+from tests.fakenvml.build import build as build_fake_nvml
 from tests.support import free_port, wait_until
 from tests.support.kubelet_server import FakeKubelet
 from tests.support.rapl import ConstantPowerRapl

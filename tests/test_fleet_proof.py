@@ -30,7 +30,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -246,7 +245,7 @@ def test_operator_target_labels_and_agent_labels_coexist(fleet):
     assert len(up) == 2 and all(r["value"][1] == "1" for r in up)
     targets = {r["metric"]["instance"]: r["metric"] for r in up}
     assert set(targets) == set(NODES)  # the ServiceMonitor's relabeling: instance is the node
-    for node, labels in targets.items():
+    for labels in targets.values():
         assert labels["namespace"] == "jouleward" and labels["service"] == "jouleward"
         assert labels["container"] == "agent" and labels["endpoint"] == "metrics" and labels["job"] == "jouleward"
         assert labels["pod"].startswith("jouleward-")
@@ -255,7 +254,7 @@ def test_operator_target_labels_and_agent_labels_coexist(fleet):
     assert [n for n in names if n.startswith("exported_")] == []
     assert {"job_namespace", "job_id", "job_name", "job_kind"} <= set(names)
     # The job's series: the target's namespace and the job's, each in its own label.
-    series = fleet.query(f'jouleward_job_energy_joules_total{{job_name="llama-ft"}}')
+    series = fleet.query('jouleward_job_energy_joules_total{job_name="llama-ft"}')
     assert {(s["metric"]["namespace"], s["metric"]["job_namespace"]) for s in series} == {("jouleward", "research")}
     # And no exported label name is one of the target labels the Operator adds.
     text = fleet.agents["node-a"].metrics_text()

@@ -115,7 +115,9 @@ def _scrape(port: int, accept: str | None) -> tuple[str, str]:
 
 
 def test_metrics_negotiate_openmetrics_with_created_for_job_counters(agent_with_jobs):
-    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as parse_openmetrics,
+    )
 
     agent, job = agent_with_jobs
     # What Prometheus sends by default: OpenMetrics first.

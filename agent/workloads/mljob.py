@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Iterable
+from typing import TypeGuard
 
 from agent.model import JobRef
 from agent.workloads.kubelet import PodMeta
@@ -58,8 +59,9 @@ class PodJob:
     source: str  # "annotation", the label key that matched, or "pod"
 
 
-def _usable(value: str | None) -> bool:
-    return bool(value and value.strip()) and len(value) <= MAX_JOB_NAME_LEN and not _CONTROL.search(value)
+def _usable(value: str | None) -> TypeGuard[str]:
+    return value is not None and bool(value.strip()) and len(value) <= MAX_JOB_NAME_LEN \
+        and not _CONTROL.search(value)
 
 
 def job_id_from_uid(uid: str) -> str:
@@ -91,13 +93,13 @@ def job_for_pod(pod: PodMeta, label_keys: Iterable[str] = DEFAULT_JOB_LABELS) ->
     """The annotation wins, then the first matching label, else the pod itself."""
     annotation = pod.annotations.get(JOB_ANNOTATION)
     if _usable(annotation):
-        name = annotation.strip()  # type: ignore[union-attr]
+        name = annotation.strip()
         ref = JobRef(id=job_id_from_name(pod.namespace, name), name=name, kind="pod", namespace=pod.namespace)
         return PodJob(ref, "annotation")
     for key in label_keys:
         value = pod.labels.get(key)
         if _usable(value):
-            name = value.strip()  # type: ignore[union-attr]
+            name = value.strip()
             uid = _run_uid(pod, key, name)
             ident = job_id_from_uid(uid) if uid else job_id_from_name(pod.namespace, name)
             return PodJob(JobRef(id=ident, name=name, kind="pod", namespace=pod.namespace), key)

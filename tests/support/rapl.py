@@ -23,7 +23,7 @@ class ConstantPowerRapl:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> "ConstantPowerRapl":
+    def start(self) -> ConstantPowerRapl:
         self.thread.start()
         return self
 
