@@ -362,3 +362,13 @@ def test_prometheus_sees_the_fixture_power(stack):
     (nvml,) = stack["instant"]('max by (cluster, node) (jouleward_sensor_up{sensor="nvml"}'
                                ' * on (cluster, instance) group_left (node) jouleward_node_info)')
     assert nvml["metric"] == {"cluster": "lab", "node": NODE_NAME} and nvml["value"][1] == "1"
+
+
+def test_no_exported_label_is_a_target_label(stack):
+    """With GPUs, a kubelet and registered jobs' own labels: nothing the agent
+    exports is renamed to exported_* by the scrape (static or Operator)."""
+    names = stack["prom"].get("/api/v1/labels", params={"match[]": '{__name__=~"jouleward_.*"}'}).json()["data"]
+    assert [n for n in names if n.startswith("exported_")] == []
+    exposed = set(re.findall(r'[{,]([a-zA-Z_][a-zA-Z0-9_]*)="', stack["exposition"]))
+    assert {"gpu", "UUID", "pci_bus_id", "Hostname", "job_namespace", "label_team"} <= exposed
+    assert exposed & {"namespace", "pod", "service", "container", "endpoint", "instance", "job"} == set()
