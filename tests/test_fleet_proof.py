@@ -219,7 +219,7 @@ def fleet(tmp_path_factory):
         wait_until(lambda: {r["metric"]["instance"] for r in fleet.query(
             f'jouleward_job_energy_joules_total{{job_id="{JOB_1}"}} > 0')} == set(NODES),
             60, interval_s=0.5, what="run 1's energy from both nodes in Prometheus")
-        fleet.agents["node-a"].wait_ticks(6)
+        fleet.agents["node-a"].wait_ticks(10)
         # Run 1 ends; a new PyTorchJob of the same name starts on node-a.
         fleet.stop_pod("llama-ft-worker-0")
         fleet.stop_pod("llama-ft-worker-1")
