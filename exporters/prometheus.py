@@ -236,11 +236,6 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def wants_openmetrics(accept: str | None) -> bool:
-    """What prometheus-client's own negotiation picks for this Accept header."""
-    return not choose_encoder(accept or "")[1].startswith("text/plain")
-
-
 class RenderCache:
     """One rendering per snapshot and format: every scrape between two ticks
     gets the same bytes, and concurrent scrapes of a new snapshot wait for one
@@ -266,14 +261,16 @@ class RenderCache:
 
     def negotiate(self, accept: str | None) -> tuple[bytes, str]:
         """(body, content type) for a scrape sending this Accept header."""
-        fmt = "om" if wants_openmetrics(accept) else "text"
+        encoder, content_type = choose_encoder(accept or "")
+        fmt = "text" if content_type.startswith("text/plain") else "om"
+        if fmt == "text":
+            # Always the classic 0.0.4 format: no _created series, whatever text/plain version was asked for.
+            encoder, content_type = generate_latest, TEXT_CONTENT_TYPE
         snap = self._get_snapshot()
         with self._lock:
             if snap is not self._snapshot:
                 self._snapshot = snap
                 self._rendered = {}
-            if fmt not in self._rendered:
-                encoder, content_type = choose_encoder(accept or "") if fmt == "om" else \
-                    (generate_latest, TEXT_CONTENT_TYPE)
-                self._rendered[fmt] = (encoder(self._registries[fmt]), content_type)
-            return self._rendered[fmt]
+            if content_type not in self._rendered:
+                self._rendered[content_type] = (encoder(self._registries[fmt]), content_type)
+            return self._rendered[content_type]
