@@ -1,6 +1,7 @@
 """promtool checks the rules and runs their unit tests, which cover every
 recording rule, every alert (firing and staying quiet) and every PromQL query
 in docs/."""
+
 from __future__ import annotations
 
 import itertools
@@ -93,8 +94,9 @@ def test_recording_rule_names_are_level_metric_operations():
         level, metric, operations = rule["record"].split(":")
         # The level is exactly the labels every result keeps, in some order.
         for labels in _exp_label_names(rule["record"]):
-            assert any("_".join(order) == level for order in itertools.permutations(labels)), \
+            assert any("_".join(order) == level for order in itertools.permutations(labels)), (
                 f"{rule['record']}: level {level!r} but results keep {sorted(labels)}"
+            )
         uses_rate = re.search(r"\brate\(", rule["expr"]) is not None
         if uses_rate:
             # A rate drops the counter's _total and says its window.
@@ -107,8 +109,11 @@ def test_recording_rule_names_are_level_metric_operations():
 def test_every_promql_query_in_docs_is_unit_tested():
     cases = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
     tested = {" ".join(check["expr"].split()) for case in cases for check in case.get("promql_expr_test", [])}
-    queries = [(path.name, " ".join(block.split())) for path in sorted(DOCS.glob("*.md"))
-               for block in PROMQL_BLOCK.findall(path.read_text())]
+    queries = [
+        (path.name, " ".join(block.split()))
+        for path in sorted(DOCS.glob("*.md"))
+        for block in PROMQL_BLOCK.findall(path.read_text())
+    ]
     assert len(queries) >= 5, queries
     untested = [f"{name}: {query}" for name, query in queries if query not in tested]
     assert untested == []
@@ -119,14 +124,22 @@ def test_the_grid_alert_ignores_static_intensity():
     assert 'source=~"http|csv"' in rule["expr"]
 
 
-@pytest.mark.parametrize("old, new", [
-    ("> 3.6e8", "> 3.6e9"),  # energy budget ten times higher: the firing case goes quiet
-    ("> 400", "> 40"),  # intensity threshold below the clean zone: the quiet case fires
-    ("for: 10m", "for: 1m"),  # sensor alert without patience: fires too early
-    ("max_over_time(jouleward_job_energy_joules_total[1d])", "jouleward_job_energy_joules_total"),  # resolves with the series
-    ("sum by (cluster, job_namespace, job_id, job_name) (max_over_time(jouleward_job_energy_joules_total",
-     "sum by (cluster, job_namespace, job_name) (max_over_time(jouleward_job_energy_joules_total")  # adds up reruns
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("> 3.6e8", "> 3.6e9"),  # energy budget ten times higher: the firing case goes quiet
+        ("> 400", "> 40"),  # intensity threshold below the clean zone: the quiet case fires
+        ("for: 10m", "for: 1m"),  # sensor alert without patience: fires too early
+        (
+            "max_over_time(jouleward_job_energy_joules_total[1d])",
+            "jouleward_job_energy_joules_total",
+        ),  # resolves with the series
+        (
+            "sum by (cluster, job_namespace, job_id, job_name) (max_over_time(jouleward_job_energy_joules_total",
+            "sum by (cluster, job_namespace, job_name) (max_over_time(jouleward_job_energy_joules_total",
+        ),  # adds up reruns
+    ],
+)
 def test_unit_tests_catch_a_changed_rule(tmp_path, old, new):
     text = RULES.read_text()
     assert old in text

@@ -7,6 +7,7 @@ Nothing is skipped: every panel query and every recording rule must return
 data, and every metric an alert reads must exist, so a metric that
 disappears from the agent (or is renamed) fails this test. Every legend
 names labels the query's results carry."""
+
 from __future__ import annotations
 
 import json
@@ -39,22 +40,36 @@ PROMETHEUS = shutil.which("prometheus")
 PACKAGE_W = 40.0
 DRAM_W = 6.0
 # Values for Grafana's variables: "All" for every template variable.
-VARIABLES = {"$__rate_interval": "15s", "$__range": "1m", "$cluster": ".*", "$instance": ".*",
-             "$job_namespace": ".*", "$job_name": ".*", "$job_id": ".*"}
+VARIABLES = {
+    "$__rate_interval": "15s",
+    "$__range": "1m",
+    "$cluster": ".*",
+    "$instance": ".*",
+    "$job_namespace": ".*",
+    "$job_name": ".*",
+    "$job_id": ".*",
+}
 RECORDED = re.compile(r"\b[a-z_]+:[a-z_0-9]+:[a-z0-9_]+\b")
 METRIC = re.compile(r"\b(?:jouleward_[a-z0-9_]+|process_[a-z0-9_]+|kube_[a-z0-9_]+|up)\b(?![(:])")
 NODE_NAME = "proof-node"
 KUBELET_TOKEN = "kubelet-token-for-the-proof"
 # What kube-state-metrics says about the node: two GPUs (the agent reads them).
-KSM_TEXT = (f'kube_node_status_capacity{{node="{NODE_NAME}",resource="nvidia_com_gpu",unit="integer"}} 2\n'
-            f'kube_node_status_capacity{{node="{NODE_NAME}",resource="cpu",unit="core"}} 2\n')
+KSM_TEXT = (
+    f'kube_node_status_capacity{{node="{NODE_NAME}",resource="nvidia_com_gpu",unit="integer"}} 2\n'
+    f'kube_node_status_capacity{{node="{NODE_NAME}",resource="cpu",unit="core"}} 2\n'
+)
 
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian package prometheus)")
 
 
 def wait_for(check, timeout_s: float, what: str):
-    return wait_until(check, timeout_s, interval_s=0.25, what=what,
-                      ignore=(httpx.HTTPError, OSError, KeyError, ValueError, IndexError))
+    return wait_until(
+        check,
+        timeout_s,
+        interval_s=0.25,
+        what=what,
+        ignore=(httpx.HTTPError, OSError, KeyError, ValueError, IndexError),
+    )
 
 
 class FakeStateMetrics:
@@ -91,8 +106,10 @@ def alive(process: subprocess.Popen, log: Path) -> bool:
 
 def burner() -> subprocess.Popen:
     # Busy a third of the time, so two of them leave room on a 2-core machine.
-    code = ("import time\nwhile True:\n    end = time.monotonic() + 0.02\n"
-            "    while time.monotonic() < end: pass\n    time.sleep(0.04)\n")
+    code = (
+        "import time\nwhile True:\n    end = time.monotonic() + 0.02\n"
+        "    while time.monotonic() < end: pass\n    time.sleep(0.04)\n"
+    )
     return subprocess.Popen([sys.executable, "-c", code])
 
 
@@ -120,7 +137,8 @@ def stack(tmp_path_factory):
     (tmp / "config.toml").write_text(
         f"[agent]\nflush_interval_s = 1.0\nkubelet_enabled = true\nkubelet_url = \"{kubelet.url}\"\n"
         f"kubelet_token_file = \"{tmp / 'kubelet-token'}\"\nkubelet_poll_s = 1\n"
-        "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n")
+        "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n"
+    )
     # Two fake GPUs behind the real NVML bindings, so the GPU panels and the
     # allocated-but-idle alert have data. GPU 0 idles at 60 W until train-a
     # computes on it at 300 W; train-b holds memory on GPU 1 without computing.
@@ -128,8 +146,10 @@ def stack(tmp_path_factory):
     agent_env.pop("CUDA_VISIBLE_DEVICES", None)
     gpu_state_path = tmp / "nvml-state"
     gpu_started = time.monotonic()
-    gpu_devices = [FakeDevice(0, "GPU-0000aaaa-proof", epoch_s=gpu_started, power_mw=60_000),
-                   FakeDevice(1, "GPU-1111bbbb-proof", epoch_s=gpu_started, power_mw=70_000, mem_used=10 * 2**30)]
+    gpu_devices = [
+        FakeDevice(0, "GPU-0000aaaa-proof", epoch_s=gpu_started, power_mw=60_000),
+        FakeDevice(1, "GPU-1111bbbb-proof", epoch_s=gpu_started, power_mw=70_000, mem_used=10 * 2**30),
+    ]
     # No compiler, no proof: the GPU panels and rules must have data too.
     library = build_fake_nvml(tmp / "fakenvml")
     FakeState(devices=gpu_devices).write(gpu_state_path)
@@ -141,16 +161,38 @@ def stack(tmp_path_factory):
     prom_log = open(tmp / "prometheus.log", "w")
     try:
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{agent_port}",
-             "--state-dir", str(tmp / "state"), "--control-socket", str(socket_path),
-             "--sysfs", str(tmp / "sys"), "--procfs", "/proc", "--interval", "0.5",
-             "--config", str(tmp / "config.toml")],
-            cwd=ROOT, env=agent_env, stdout=agent_log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "--listen",
+                f"127.0.0.1:{agent_port}",
+                "--state-dir",
+                str(tmp / "state"),
+                "--control-socket",
+                str(socket_path),
+                "--sysfs",
+                str(tmp / "sys"),
+                "--procfs",
+                "/proc",
+                "--interval",
+                "0.5",
+                "--config",
+                str(tmp / "config.toml"),
+            ],
+            cwd=ROOT,
+            env=agent_env,
+            stdout=agent_log,
+            stderr=subprocess.STDOUT,
         )
         processes.append(agent)
         agent_url = f"http://127.0.0.1:{agent_port}"
-        wait_for(lambda: alive(agent, tmp / "agent.log") and httpx.get(f"{agent_url}/readyz", timeout=2).status_code == 200,
-                 60, "the agent to be ready")
+        wait_for(
+            lambda: alive(agent, tmp / "agent.log") and httpx.get(f"{agent_url}/readyz", timeout=2).status_code == 200,
+            60,
+            "the agent to be ready",
+        )
 
         workers = {"train-a": burner(), "train-b": burner()}
         processes.extend(workers.values())
@@ -159,17 +201,18 @@ def stack(tmp_path_factory):
         # Keep the counter continuous: what it counted at 60 W, then 300 W from now on.
         busy.energy_mj, busy.epoch_s = busy.power_mw * (switch - gpu_started), switch
         busy.power_mw, busy.util_gpu, busy.mem_used = 300_000, 70, 20 * 2**30
-        FakeState(devices=gpu_devices, processes=[
-            FakeProcess(0, workers["train-a"].pid, mem=20 * 2**30, sm=70),
-            FakeProcess(1, workers["train-b"].pid, mem=10 * 2**30, sm=0),
-        ]).write(gpu_state_path)
-        control = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://agent",
-                               timeout=10)
+        FakeState(
+            devices=gpu_devices,
+            processes=[
+                FakeProcess(0, workers["train-a"].pid, mem=20 * 2**30, sm=70),
+                FakeProcess(1, workers["train-b"].pid, mem=10 * 2**30, sm=0),
+            ],
+        ).write(gpu_state_path)
+        control = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://agent", timeout=10)
         job_ids: list[str] = []
         work_answers: list[int] = []
         for name, worker in workers.items():
-            answer = control.post("/v1/jobs", json={"name": name, "pids": [worker.pid],
-                                                    "labels": {"team": "research"}})
+            answer = control.post("/v1/jobs", json={"name": name, "pids": [worker.pid], "labels": {"team": "research"}})
             assert answer.status_code == 201, answer.text
             job_ids.append(answer.json()["id"])
 
@@ -177,8 +220,9 @@ def stack(tmp_path_factory):
             # A training loop's progress: samples for one job, tokens for the other.
             while not rapl.stop.wait(0.5):
                 for job_id, unit in zip(job_ids, ("samples", "tokens")):
-                    work_answers.append(control.post(f"/v1/jobs/{job_id}/work",
-                                                     json={"unit": unit, "count": 64}).status_code)
+                    work_answers.append(
+                        control.post(f"/v1/jobs/{job_id}/work", json={"unit": unit, "count": 64}).status_code
+                    )
 
         reporter = threading.Thread(target=report_work, daemon=True)
         reporter.start()
@@ -187,30 +231,57 @@ def stack(tmp_path_factory):
         config["global"].update(scrape_interval="1s", evaluation_interval="1s", scrape_timeout="1s")
         config["rule_files"] = [str(rules_every_second(tmp))]
         config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{agent_port}"]
-        config["scrape_configs"].append({"job_name": "kube-state-metrics", "honor_labels": True, "static_configs": [
-            {"targets": [f"127.0.0.1:{state_metrics.port}"], "labels": {"cluster": "lab"}}]})
+        config["scrape_configs"].append(
+            {
+                "job_name": "kube-state-metrics",
+                "honor_labels": True,
+                "static_configs": [{"targets": [f"127.0.0.1:{state_metrics.port}"], "labels": {"cluster": "lab"}}],
+            }
+        )
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         prometheus = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-            stdout=prom_log, stderr=subprocess.STDOUT,
+            [
+                PROMETHEUS,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+            stdout=prom_log,
+            stderr=subprocess.STDOUT,
         )
         processes.append(prometheus)
         prom = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=10)
-        wait_for(lambda: alive(prometheus, tmp / "prometheus.log") and prom.get("/-/ready").status_code == 200,
-                 60, "Prometheus to be ready")
+        wait_for(
+            lambda: alive(prometheus, tmp / "prometheus.log") and prom.get("/-/ready").status_code == 200,
+            60,
+            "Prometheus to be ready",
+        )
 
         def instant(expr: str) -> list:
             return prom.get("/api/v1/query", params={"query": expr}).json()["data"]["result"]
 
         # Enough scrapes for 15 s rates, and every job's power recorded.
         wait_for(lambda: float(instant("count_over_time(up[1m])")[0]["value"][1]) >= 15, 90, "fifteen scrapes")
-        wait_for(lambda: {r["metric"].get("job_name") for r in instant(
-            "cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules:rate5m")} >= set(workers),
-                 60, "the registered jobs in the recording rules")
+        wait_for(
+            lambda: (
+                {
+                    r["metric"].get("job_name")
+                    for r in instant("cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules:rate5m")
+                }
+                >= set(workers)
+            ),
+            60,
+            "the registered jobs in the recording rules",
+        )
         exposition = httpx.get(f"{agent_url}/metrics", timeout=5).text
-        yield {"prom": prom, "instant": instant, "exposition": exposition, "work_answers": work_answers,
-               "gpu_w": sum(d.power_mw for d in gpu_devices) / 1000}
+        yield {
+            "prom": prom,
+            "instant": instant,
+            "exposition": exposition,
+            "work_answers": work_answers,
+            "gpu_w": sum(d.power_mw for d in gpu_devices) / 1000,
+        }
         prom.close()
     finally:
         rapl.stop.set()
@@ -257,14 +328,23 @@ def panel_queries() -> list[tuple[str, str, str]]:
         board = json.loads(path.read_text())
         for panel in board["panels"]:
             for target in panel.get("targets", []):
-                out.append((f"{path.stem}: {panel['title']} [{target['refId']}]", target["expr"],
-                            target.get("legendFormat", "")))
+                out.append(
+                    (
+                        f"{path.stem}: {panel['title']} [{target['refId']}]",
+                        target["expr"],
+                        target.get("legendFormat", ""),
+                    )
+                )
     return out
 
 
 def grouping_labels(expr: str) -> set[str]:
-    return {label.strip() for grouping in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr)
-            for label in grouping.split(",") if label.strip()}
+    return {
+        label.strip()
+        for grouping in re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", expr)
+        for label in grouping.split(",")
+        if label.strip()
+    }
 
 
 def test_every_dashboard_query_returns_data_its_legend_can_name(stack):
@@ -307,9 +387,15 @@ def test_every_rule_is_loaded_healthy_and_has_data(stack):
     loaded = {rule["name"]: rule for group in groups for rule in group["rules"]}
     defined = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     assert set(loaded) == {r.get("record") or r.get("alert") for r in defined}
-    wait_for(lambda: all(rule.get("lastEvaluation", "").startswith("20") for group in
-                         stack["prom"].get("/api/v1/rules").json()["data"]["groups"] for rule in group["rules"]),
-             30, "every rule evaluated")
+    wait_for(
+        lambda: all(
+            rule.get("lastEvaluation", "").startswith("20")
+            for group in stack["prom"].get("/api/v1/rules").json()["data"]["groups"]
+            for rule in group["rules"]
+        ),
+        30,
+        "every rule evaluated",
+    )
     empty = []
     for rule in defined:
         name = rule.get("record") or rule.get("alert")
@@ -346,21 +432,28 @@ def test_prometheus_sees_the_fixture_power(stack):
     assert float(cpu["value"][1]) == pytest.approx(PACKAGE_W, rel=0.1)
     assert float(dram["value"][1]) == pytest.approx(DRAM_W, rel=0.1)
     (node,) = stack["instant"]("cluster_instance:jouleward_node_energy_joules:rate5m")
-    assert node["metric"] == {"__name__": "cluster_instance:jouleward_node_energy_joules:rate5m",
-                              "cluster": "lab", "instance": "127.0.0.1"}
+    assert node["metric"] == {
+        "__name__": "cluster_instance:jouleward_node_energy_joules:rate5m",
+        "cluster": "lab",
+        "instance": "127.0.0.1",
+    }
     # The rule's 5 m window is mostly empty this early: check its arithmetic, and the power over 10 s.
-    (direct,) = stack["instant"]('sum by (cluster, instance) (rate(jouleward_node_energy_joules_total'
-                                 '{domain=~"cpu|dram|gpu"}[5m]))')
+    (direct,) = stack["instant"](
+        'sum by (cluster, instance) (rate(jouleward_node_energy_joules_total{domain=~"cpu|dram|gpu"}[5m]))'
+    )
     assert float(node["value"][1]) == pytest.approx(float(direct["value"][1]), rel=0.1)
     (power,) = stack["instant"]('sum(rate(jouleward_node_energy_joules_total{domain=~"cpu|dram|gpu"}[10s]))')
     assert float(power["value"][1]) == pytest.approx(PACKAGE_W + DRAM_W + stack["gpu_w"], rel=0.25)
     jobs = stack["instant"](
-        'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum{job_name=~"train-.*"}')
+        'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum{job_name=~"train-.*"}'
+    )
     assert {j["metric"]["job_name"] for j in jobs} == {"train-a", "train-b"}
     assert all(0 < float(j["value"][1]) for j in jobs)
     # The node's name joins its GPU sensors to kube-state-metrics' node: the GPU-node alert sees NVML here.
-    (nvml,) = stack["instant"]('max by (cluster, node) (jouleward_sensor_up{sensor="nvml"}'
-                               ' * on (cluster, instance) group_left (node) jouleward_node_info)')
+    (nvml,) = stack["instant"](
+        'max by (cluster, node) (jouleward_sensor_up{sensor="nvml"}'
+        ' * on (cluster, instance) group_left (node) jouleward_node_info)'
+    )
     assert nvml["metric"] == {"cluster": "lab", "node": NODE_NAME} and nvml["value"][1] == "1"
 
 

@@ -22,6 +22,7 @@ the same discovery labels), and loads the shipped rules. The test asserts:
   agent's figure counted once;
 - the rerun is its own job, starting from zero.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,15 @@ RUN_1, RUN_2 = str(uuid.uuid4()), str(uuid.uuid4())
 JOB_1, JOB_2 = f"k8s-{RUN_1}", f"k8s-{RUN_2}"
 # The Operator's target labels: none of the agent's labels may collide with them.
 TARGET_LABELS = {"namespace", "pod", "service", "container", "endpoint", "job", "instance"}
-VARIABLES = {"$__rate_interval": "15s", "$__range": "2m", "$cluster": ".*", "$instance": ".*",
-             "$job_namespace": ".*", "$job_name": ".*", "$job_id": ".*"}
+VARIABLES = {
+    "$__rate_interval": "15s",
+    "$__range": "2m",
+    "$cluster": ".*",
+    "$instance": ".*",
+    "$job_namespace": ".*",
+    "$job_name": ".*",
+    "$job_id": ".*",
+}
 
 pytestmark = [
     pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (Debian package prometheus)"),
@@ -68,13 +76,18 @@ def deploy_objects() -> dict[str, dict]:
     objects = manifests(REPO / "deploy")
     monitor = one_of_kind(objects, "ServiceMonitor")
     selector = monitor["spec"]["selector"]["matchLabels"]
-    services = [o for o in objects if o["kind"] == "Service"
-                and selector.items() <= o["metadata"].get("labels", {}).items()]
+    services = [
+        o for o in objects if o["kind"] == "Service" and selector.items() <= o["metadata"].get("labels", {}).items()
+    ]
     assert len(services) == 1, "the ServiceMonitor selects no Service, or several"
     # The DaemonSet itself, not the overlays' patches of it: the one whose pods match the Service.
     pod_selector = services[0]["spec"]["selector"]
-    (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet" and pod_selector.items()
-                    <= o["spec"].get("template", {}).get("metadata", {}).get("labels", {}).items()]
+    (daemonset,) = [
+        o
+        for o in objects
+        if o["kind"] == "DaemonSet"
+        and pod_selector.items() <= o["spec"].get("template", {}).get("metadata", {}).get("labels", {}).items()
+    ]
     return {"monitor": monitor, "service": services[0], "daemonset": daemonset}
 
 
@@ -83,14 +96,24 @@ def operator_config(objects: dict[str, dict], agents: dict[str, AgentProcess]) -
     endpoint = monitor["spec"]["endpoints"][0]
     (port,) = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
     # The container whose port the Service targets.
-    (container,) = [c for c in objects["daemonset"]["spec"]["template"]["spec"]["containers"]
-                    if any(p.get("name") == port["targetPort"] for p in c.get("ports", []))]
+    (container,) = [
+        c
+        for c in objects["daemonset"]["spec"]["template"]["spec"]["containers"]
+        if any(p.get("name") == port["targetPort"] for p in c.get("ports", []))
+    ]
     namespace = monitor["spec"]["namespaceSelector"]["matchNames"][0]
     job = scrape_job(monitor)
     job.pop("kubernetes_sd_configs")
     job["static_configs"] = [
-        discovered_target(f"127.0.0.1:{agent.port}", namespace, service, port["name"],
-                          f"jouleward-{node[-1]}x7k2", container["name"], node)
+        discovered_target(
+            f"127.0.0.1:{agent.port}",
+            namespace,
+            service,
+            port["name"],
+            f"jouleward-{node[-1]}x7k2",
+            container["name"],
+            node,
+        )
         for node, agent in agents.items()
     ]
     # Seconds, not the shipped 15 s, so the test finishes; nothing else differs.
@@ -140,16 +163,25 @@ kubelet_timeout_s = 1
 provider = "static"
 intensity_g_per_kwh = 100.0
 """)
-            self.agents[node] = AgentProcess(self.tmp / node / "state", "--procfs", str(self.procfs[node].root),
-                                             sysfs=self.tmp / node / "sys", config=config, interval_s=0.5,
-                                             env={"NODE_NAME": node})
+            self.agents[node] = AgentProcess(
+                self.tmp / node / "state",
+                "--procfs",
+                str(self.procfs[node].root),
+                sysfs=self.tmp / node / "sys",
+                config=config,
+                interval_s=0.5,
+                env={"NODE_NAME": node},
+            )
 
     def start_pod(self, node: str, name: str, run_uid: str) -> None:
         """A worker pod of PyTorchJob llama-ft (UID ``run_uid``) on ``node``."""
         pod_uid = str(uuid.uuid4())
         kubelet = self.kubelets[node]
-        kubelet.pods = kubelet.pods + [pod_item(pod_uid, name, "research", {KUBEFLOW: "llama-ft"}, node=node,
-                                                owner=("PyTorchJob", "llama-ft", run_uid))]
+        kubelet.pods = kubelet.pods + [
+            pod_item(
+                pod_uid, name, "research", {KUBEFLOW: "llama-ft"}, node=node, owner=("PyTorchJob", "llama-ft", run_uid)
+            )
+        ]
         worker = self.cgroups.spawn(pod_dir(pod_uid), [sys.executable, "-c", BURNER, "0.15"])
         self.procfs[node].add(worker.pid)
         self.workers[name] = worker
@@ -165,9 +197,16 @@ intensity_g_per_kwh = 100.0
         port = free_port()
         self._log = open(self.tmp / "prometheus.log", "wb")
         self.prometheus = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={path}", f"--storage.tsdb.path={self.tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=self._log, stderr=subprocess.STDOUT)
+            [
+                PROMETHEUS,
+                f"--config.file={path}",
+                f"--storage.tsdb.path={self.tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         self.prom = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
 
         def ready() -> bool:
@@ -216,24 +255,49 @@ def fleet(tmp_path_factory):
         config = operator_config(objects, fleet.agents)
         config["rule_files"] = [str(rules_every_second(fleet.tmp))]
         fleet.start_prometheus(config)
-        wait_until(lambda: {r["metric"]["instance"] for r in fleet.query(
-            f'jouleward_job_energy_joules_total{{job_id="{JOB_1}"}} > 0')} == set(NODES),
-            60, interval_s=0.5, what="run 1's energy from both nodes in Prometheus")
+        wait_until(
+            lambda: (
+                {
+                    r["metric"]["instance"]
+                    for r in fleet.query(f'jouleward_job_energy_joules_total{{job_id="{JOB_1}"}} > 0')
+                }
+                == set(NODES)
+            ),
+            60,
+            interval_s=0.5,
+            what="run 1's energy from both nodes in Prometheus",
+        )
         fleet.agents["node-a"].wait_ticks(10)
         # Run 1 ends; a new PyTorchJob of the same name starts on node-a.
         fleet.stop_pod("llama-ft-worker-0")
         fleet.stop_pod("llama-ft-worker-1")
-        wait_until(lambda: all((fleet.agent_job(node, JOB_1) or {}).get("finished_at") for node in NODES),
-                   30, interval_s=0.25, what="run 1 to finish on both nodes")
+        wait_until(
+            lambda: all((fleet.agent_job(node, JOB_1) or {}).get("finished_at") for node in NODES),
+            30,
+            interval_s=0.25,
+            what="run 1 to finish on both nodes",
+        )
         fleet.start_pod("node-a", "llama-ft-worker-0", RUN_2)
-        wait_until(lambda: fleet.query(f'jouleward_job_energy_joules_total{{job_id="{JOB_2}"}} > 0'),
-                   60, interval_s=0.5, what="run 2 in Prometheus")
+        wait_until(
+            lambda: fleet.query(f'jouleward_job_energy_joules_total{{job_id="{JOB_2}"}} > 0'),
+            60,
+            interval_s=0.5,
+            what="run 2 in Prometheus",
+        )
         # Both agents' final figures for run 1 scraped, and the rules evaluated on them.
         totals = {node: sum(fleet.agent_job(node, JOB_1)["energy_j"].values()) for node in NODES}
-        wait_until(lambda: [r for r in fleet.query(
-            f'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum{{job_id="{JOB_1}"}}')
-            if float(r["value"][1]) == pytest.approx(sum(totals.values()), rel=1e-9)],
-            30, interval_s=0.5, what="the recording rule on run 1's final totals")
+        wait_until(
+            lambda: [
+                r
+                for r in fleet.query(
+                    f'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum{{job_id="{JOB_1}"}}'
+                )
+                if float(r["value"][1]) == pytest.approx(sum(totals.values()), rel=1e-9)
+            ],
+            30,
+            interval_s=0.5,
+            what="the recording rule on run 1's final totals",
+        )
         fleet.run1_totals = totals
         yield fleet
     finally:
@@ -263,10 +327,12 @@ def test_operator_target_labels_and_agent_labels_coexist(fleet):
 
 
 def test_rules_and_dashboards_group_by_the_jobs_namespace(fleet):
-    for record in ("cluster_job_namespace:jouleward_job_energy_joules:rate5m",
-                   "cluster_job_namespace:jouleward_job_emissions_grams:rate5m",
-                   "cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum",
-                   "cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:max_over_time1d"):
+    for record in (
+        "cluster_job_namespace:jouleward_job_energy_joules:rate5m",
+        "cluster_job_namespace:jouleward_job_emissions_grams:rate5m",
+        "cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum",
+        "cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:max_over_time1d",
+    ):
         result = fleet.query(record)
         assert result, record
         # research, and empty for a pod's first ticks before its metadata arrived (pod-<uid>); never jouleward.
@@ -294,8 +360,9 @@ def test_rules_and_dashboards_group_by_the_jobs_namespace(fleet):
             if variable["name"] == "job_namespace":
                 match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"])
                 selector = match.group(1).replace('$cluster', '.*')
-                values = fleet.prom.get(f"/api/v1/label/{match.group(2)}/values",
-                                        params={"match[]": selector}).json()["data"]
+                values = fleet.prom.get(f"/api/v1/label/{match.group(2)}/values", params={"match[]": selector}).json()[
+                    "data"
+                ]
                 assert values == ["research"], path.stem  # a label with an empty value is no value
     assert grouped >= 4
 
@@ -303,39 +370,58 @@ def test_rules_and_dashboards_group_by_the_jobs_namespace(fleet):
 def test_one_job_across_two_nodes_is_summed_once_by_id(fleet):
     totals = fleet.run1_totals
     assert all(value > 0 for value in totals.values()), totals
-    per_node = {r["metric"]["instance"]: float(r["value"][1]) for r in fleet.query(
-        f'sum by (instance) (jouleward_job_energy_joules_total{{job_id="{JOB_1}"}})')}
+    per_node = {
+        r["metric"]["instance"]: float(r["value"][1])
+        for r in fleet.query(f'sum by (instance) (jouleward_job_energy_joules_total{{job_id="{JOB_1}"}})')
+    }
     assert per_node == pytest.approx(totals, rel=1e-9)
     (summed,) = fleet.query(f'sum by (job_id) (jouleward_job_energy_joules_total{{job_id="{JOB_1}"}})')
     assert float(summed["value"][1]) == pytest.approx(sum(totals.values()), rel=1e-9)
     (recorded,) = fleet.query(
-        f'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum{{job_id="{JOB_1}"}}')
-    assert recorded["metric"] == {"__name__": "cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum",
-                                  "job_namespace": "research", "job_id": JOB_1, "job_name": "llama-ft"}
+        f'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum{{job_id="{JOB_1}"}}'
+    )
+    assert recorded["metric"] == {
+        "__name__": "cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:sum",
+        "job_namespace": "research",
+        "job_id": JOB_1,
+        "job_name": "llama-ft",
+    }
     assert float(recorded["value"][1]) == pytest.approx(sum(totals.values()), rel=1e-9)
     # Each node names itself: the info metric joins job series to the node.
-    nodes = {r["metric"]["node"] for r in fleet.query(
-        f'sum by (node) (jouleward_job_energy_joules_total{{job_id="{JOB_1}"}}'
-        ' * on (instance) group_left (node) jouleward_node_info)')}
+    nodes = {
+        r["metric"]["node"]
+        for r in fleet.query(
+            f'sum by (node) (jouleward_job_energy_joules_total{{job_id="{JOB_1}"}}'
+            ' * on (instance) group_left (node) jouleward_node_info)'
+        )
+    }
     assert nodes == set(NODES)
 
 
 def test_a_rerun_with_the_same_name_is_a_separate_job(fleet):
-    runs = {r["metric"]["job_id"] for r in fleet.query(
-        'count by (job_id) (jouleward_job_energy_joules_total{job_name="llama-ft"})')}
+    runs = {
+        r["metric"]["job_id"]
+        for r in fleet.query('count by (job_id) (jouleward_job_energy_joules_total{job_name="llama-ft"})')
+    }
     assert runs == {JOB_1, JOB_2}
     # The rerun starts from zero on node-a instead of continuing run 1's counter there.
-    history = fleet.prom.get("/api/v1/query", params={
-        "query": f'jouleward_job_energy_joules_total{{job_id="{JOB_2}"}}[10m]'}).json()["data"]["result"]
+    history = fleet.prom.get(
+        "/api/v1/query", params={"query": f'jouleward_job_energy_joules_total{{job_id="{JOB_2}"}}[10m]'}
+    ).json()["data"]["result"]
     assert history
     first_value = sum(float(series["values"][0][1]) for series in history)
     assert first_value < fleet.run1_totals["node-a"]
     assert fleet.agent_job("node-a", JOB_2)["first_seen"] >= fleet.agent_job("node-a", JOB_1)["finished_at"] - 1
     assert fleet.agent_job("node-b", JOB_2) is None
+
     # Budgets are per run: two series, neither the sum of both.
     def both_runs() -> dict[str, float] | None:
-        found = {r["metric"]["job_id"]: float(r["value"][1]) for r in fleet.query(
-            'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:max_over_time1d{job_name="llama-ft"}')}
+        found = {
+            r["metric"]["job_id"]: float(r["value"][1])
+            for r in fleet.query(
+                'cluster_job_namespace_job_id_job_name:jouleward_job_energy_joules_total:max_over_time1d{job_name="llama-ft"}'
+            )
+        }
         return found if set(found) == {JOB_1, JOB_2} else None
 
     budget = wait_until(both_runs, 20, interval_s=0.5, what="both runs' budget series")

@@ -1,6 +1,7 @@
 """The committed dashboards are exactly what grafana/generate.py produces,
 Grafana 11's schema (through the SDK) reads them back, and every panel is
 wired to the data source and template variables."""
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,18 @@ def targets(board: dict) -> list[dict]:
 
 
 def test_committed_json_equals_a_fresh_generation(tmp_path):
-    done = subprocess.run([sys.executable, str(GRAFANA / "generate.py"), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(GRAFANA / "generate.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in COMMITTED.glob("*.json"))
     for fresh in tmp_path.iterdir():
         assert fresh.read_text() == (COMMITTED / fresh.name).read_text(), (
-            f"{fresh.name} drifted: run python3 grafana/generate.py and commit the result")
+            f"{fresh.name} drifted: run python3 grafana/generate.py and commit the result"
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -46,11 +52,14 @@ def test_sdk_reads_the_json_back(name):
     assert again == board
 
 
-@pytest.mark.parametrize("name, variables", [
-    ("fleet", ["datasource", "cluster", "job_namespace"]),
-    ("job", ["datasource", "cluster", "job_namespace", "job_name", "job_id"]),
-    ("node", ["datasource", "cluster", "instance"]),
-])
+@pytest.mark.parametrize(
+    "name, variables",
+    [
+        ("fleet", ["datasource", "cluster", "job_namespace"]),
+        ("job", ["datasource", "cluster", "job_namespace", "job_name", "job_id"]),
+        ("node", ["datasource", "cluster", "instance"]),
+    ],
+)
 def test_template_variables(name, variables):
     board = load(name)
     found = [v["name"] for v in board["templating"]["list"]]
@@ -143,10 +152,19 @@ def test_legends_name_labels_the_query_keeps(name):
 def test_first_screen_answers_the_ops_questions():
     board = load("fleet")
     first = [p["title"] for p in board["panels"] if p["gridPos"]["y"] < 20 and p["type"] != "row"]
-    for title in ("Power now", "Energy in range", "Emissions in range", "Idle share", "Modelled share",
-                  "Top jobs by energy", "Top jobs by emissions", "Allocated-but-idle GPU energy by job",
-                  "Top namespaces by energy", "Top namespaces by emissions",
-                  "Allocated-but-idle GPU energy by namespace"):
+    for title in (
+        "Power now",
+        "Energy in range",
+        "Emissions in range",
+        "Idle share",
+        "Modelled share",
+        "Top jobs by energy",
+        "Top jobs by emissions",
+        "Allocated-but-idle GPU energy by job",
+        "Top namespaces by energy",
+        "Top namespaces by emissions",
+        "Allocated-but-idle GPU energy by namespace",
+    ):
         assert title in first, title
     (by_job,) = [p for p in board["panels"] if p["title"] == "Job power by job"]
     assert by_job["targets"][0]["expr"].startswith("topk(")
@@ -156,8 +174,14 @@ def test_links_fleet_to_job_to_node():
     for name in NAMES:
         (links,) = [load(name)["links"]]
         assert links[0]["type"] == "dashboards" and links[0]["tags"] == ["jouleward"] and links[0]["keepTime"]
-    urls = {name: [link["url"] for p in panels(load(name)) for link in p.get("fieldConfig", {}).get("defaults", {}).get("links", [])]
-            for name in NAMES}
+    urls = {
+        name: [
+            link["url"]
+            for p in panels(load(name))
+            for link in p.get("fieldConfig", {}).get("defaults", {}).get("links", [])
+        ]
+        for name in NAMES
+    }
     assert any("/d/jouleward-job/" in u and "var-job_id=${__field.labels.job_id}" in u for u in urls["fleet"])
     assert any("/d/jouleward-node/" in u and "var-instance=${__field.labels.instance}" in u for u in urls["fleet"])
     assert any("/d/jouleward-node/" in u for u in urls["job"])
@@ -171,8 +195,14 @@ def test_finished_jobs_keep_their_totals_on_screen():
 
 def test_node_dashboard_shows_the_agents_health():
     exprs = " ".join(t["expr"] for p in panels(load("node")) for t in p["targets"])
-    for metric in ("jouleward_ticks_total", "jouleward_sensor_up", "jouleward_kubelet_up",
-                   "jouleward_kubelet_metadata_stale", "jouleward_ledger_flush_timestamp_seconds",
-                   "jouleward_ledger_errors_total", "jouleward_grid_carbon_intensity_grams_per_kwh",
-                   "jouleward_carbon_intensity_errors_total"):
+    for metric in (
+        "jouleward_ticks_total",
+        "jouleward_sensor_up",
+        "jouleward_kubelet_up",
+        "jouleward_kubelet_metadata_stale",
+        "jouleward_ledger_flush_timestamp_seconds",
+        "jouleward_ledger_errors_total",
+        "jouleward_grid_carbon_intensity_grams_per_kwh",
+        "jouleward_carbon_intensity_errors_total",
+    ):
         assert metric in exprs, metric

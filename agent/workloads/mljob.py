@@ -9,28 +9,21 @@ job with its own counters, report and budget, while the name stays the
 ``job_name`` label. Pod names and other per-pod metadata go on the info
 metric only.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TypeGuard
 
-from agent.model import JobRef
+from agent.config import DEFAULT_JOB_LABELS
+from agent.model import EXTERNAL_CONTROL_CHAR_CLASS, EXTERNAL_NAME_MAX_LEN, JobRef
 from agent.workloads.kubelet import PodMeta
 
 JOB_ANNOTATION = "jouleward.io/job"
 
-# Labels the common operators put on the pods of one job, in the order tried.
-DEFAULT_JOB_LABELS = (
-    "training.kubeflow.org/job-name",  # Kubeflow training operator
-    "jobset.sigs.k8s.io/jobset-name",  # JobSet
-    "leaderworkerset.sigs.k8s.io/name",  # LeaderWorkerSet
-    "volcano.sh/job-name",  # Volcano
-    "ray.io/cluster",  # KubeRay
-    "batch.kubernetes.io/job-name",  # batch/v1 Job (also set on JobSet's child Jobs)
-)
 
 # Where the UID of the run's object is, for each name label: a pod label that
 # carries it, or OWNER: the pod's controlling owner reference, when that owner
@@ -47,8 +40,8 @@ UID_SOURCES = {
     "batch.kubernetes.io/job-name": ("batch.kubernetes.io/controller-uid", "controller-uid", OWNER),
 }
 
-MAX_JOB_NAME_LEN = 253
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_JOB_NAME_LEN = EXTERNAL_NAME_MAX_LEN
+_CONTROL = re.compile(f"[{EXTERNAL_CONTROL_CHAR_CLASS}]")
 _UID = re.compile(r"[0-9a-fA-F-]{8,64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
@@ -60,8 +53,7 @@ class PodJob:
 
 
 def _usable(value: str | None) -> TypeGuard[str]:
-    return value is not None and bool(value.strip()) and len(value) <= MAX_JOB_NAME_LEN \
-        and not _CONTROL.search(value)
+    return value is not None and bool(value.strip()) and len(value) <= MAX_JOB_NAME_LEN and not _CONTROL.search(value)
 
 
 def job_id_from_uid(uid: str) -> str:

@@ -1,5 +1,6 @@
 """Real cgroup directories for a test: processes started inside them before
 they exec, so an agent never sees them anywhere else; removed at the end."""
+
 from __future__ import annotations
 
 import os
@@ -87,11 +88,15 @@ class Cgroups:
         the agent never sees it anywhere else."""
         procs_file = str(self.make(relative) / "cgroup.procs")
         # The shell moves itself into the cgroup, then execs the command in place.
-        proc = subprocess.Popen(["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs_file, *args],
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs_file, *args], env={**os.environ, **(env or {})}
+        )
         self.procs.append(proc)
-        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == args[0].encode(),
-                   timeout_s=10, what="the command to start in its cgroup")
+        wait_until(
+            lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == args[0].encode(),
+            timeout_s=10,
+            what="the command to start in its cgroup",
+        )
         assert ProcessFacts(f"/proc/{proc.pid}").cgroup == self.path(relative)
         return proc
 

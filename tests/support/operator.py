@@ -25,6 +25,7 @@ writes the ``__meta_kubernetes_*`` labels that discovery would give the
 agent's pod as a static target: Prometheus then runs the generated
 relabelings itself, unchanged.
 """
+
 from __future__ import annotations
 
 import re
@@ -76,17 +77,33 @@ def scrape_job(monitor: dict[str, Any], index: int = 0, shard: int = 0) -> dict[
     namespaces = spec.get("namespaceSelector", {}).get("matchNames") or [meta.get("namespace", "default")]
     relabel: list[dict[str, Any]] = [{"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"}]
     for key, value in sorted(spec.get("selector", {}).get("matchLabels", {}).items()):
-        relabel.append({"action": "keep",
-                        "source_labels": [f"__meta_kubernetes_service_label_{sanitize(key)}",
-                                          f"__meta_kubernetes_service_labelpresent_{sanitize(key)}"],
-                        "regex": f"({value});true"})
+        relabel.append(
+            {
+                "action": "keep",
+                "source_labels": [
+                    f"__meta_kubernetes_service_label_{sanitize(key)}",
+                    f"__meta_kubernetes_service_labelpresent_{sanitize(key)}",
+                ],
+                "regex": f"({value});true",
+            }
+        )
     assert "port" in endpoint, "the generator here covers named ports, as the shipped ServiceMonitor uses"
-    relabel.append({"action": "keep", "source_labels": ["__meta_kubernetes_endpoint_port_name"],
-                    "regex": endpoint["port"]})
+    relabel.append(
+        {"action": "keep", "source_labels": ["__meta_kubernetes_endpoint_port_name"], "regex": endpoint["port"]}
+    )
     for kind, label in (("Node", "node"), ("Pod", "pod")):
-        relabel.append({"source_labels": ["__meta_kubernetes_endpoint_address_target_kind",
-                                          "__meta_kubernetes_endpoint_address_target_name"],
-                        "separator": ";", "regex": f"{kind};(.*)", "replacement": "${1}", "target_label": label})
+        relabel.append(
+            {
+                "source_labels": [
+                    "__meta_kubernetes_endpoint_address_target_kind",
+                    "__meta_kubernetes_endpoint_address_target_name",
+                ],
+                "separator": ";",
+                "regex": f"{kind};(.*)",
+                "replacement": "${1}",
+                "target_label": label,
+            }
+        )
     relabel += [
         {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
         {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
@@ -95,15 +112,24 @@ def scrape_job(monitor: dict[str, Any], index: int = 0, shard: int = 0) -> dict[
         {"action": "drop", "source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)"},
     ]
     if spec.get("jobLabel"):
-        relabel.append({"source_labels": [f"__meta_kubernetes_service_label_{sanitize(spec['jobLabel'])}"],
-                        "target_label": "job", "regex": "(.+)", "replacement": "${1}"})
+        relabel.append(
+            {
+                "source_labels": [f"__meta_kubernetes_service_label_{sanitize(spec['jobLabel'])}"],
+                "target_label": "job",
+                "regex": "(.+)",
+                "replacement": "${1}",
+            }
+        )
     else:
-        relabel.append({"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job",
-                        "replacement": "${1}"})
+        relabel.append(
+            {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job", "replacement": "${1}"}
+        )
     relabel.append({"target_label": "endpoint", "replacement": endpoint["port"]})
     relabel += [_relabeling(rule) for rule in endpoint.get("relabelings", [])]
-    relabel += [{"source_labels": ["__address__"], "target_label": "__tmp_hash", "modulus": 1, "action": "hashmod"},
-                {"source_labels": ["__tmp_hash"], "regex": str(shard), "action": "keep"}]
+    relabel += [
+        {"source_labels": ["__address__"], "target_label": "__tmp_hash", "modulus": 1, "action": "hashmod"},
+        {"source_labels": ["__tmp_hash"], "regex": str(shard), "action": "keep"},
+    ]
     job: dict[str, Any] = {
         "job_name": f"serviceMonitor/{meta.get('namespace', namespaces[0])}/{meta['name']}/{index}",
         "honor_labels": bool(endpoint.get("honorLabels", False)),
@@ -122,8 +148,9 @@ def scrape_job(monitor: dict[str, Any], index: int = 0, shard: int = 0) -> dict[
     return job
 
 
-def discovered_target(address: str, namespace: str, service: dict[str, Any], port_name: str, pod: str,
-                      container: str, node: str) -> dict[str, Any]:
+def discovered_target(
+    address: str, namespace: str, service: dict[str, Any], port_name: str, pod: str, container: str, node: str
+) -> dict[str, Any]:
     """A static target carrying the meta labels endpoints discovery gives a ready pod endpoint."""
     labels = {
         "__meta_kubernetes_namespace": namespace,

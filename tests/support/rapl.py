@@ -1,5 +1,6 @@
 """A powercap tree whose energy counters advance at fixed power, written the
 way the kernel presents them, from a background thread."""
+
 from __future__ import annotations
 
 import os
