@@ -15,6 +15,7 @@ The current process and every child it starts later (data-loader workers)
 belong to the job until it finishes. With no agent listening, the job is
 measured in-process with the agent's own sensors and arithmetic.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,9 +24,10 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 # Where the systemd unit and the DaemonSet put the control socket.
 DEFAULT_CONTROL_SOCKET = Path("/run/jouleward/control.sock")
@@ -182,12 +184,12 @@ class Job:
     def prime(self) -> None:
         """Standalone only: start measuring before the processes to measure exist."""
         if self._meter is None:
-            from agent.standalone import StandaloneMeter  # sensors load only when needed
+            from agent.pipeline.standalone import StandaloneMeter  # sensors load only when needed
 
             self._meter = StandaloneMeter(interval_s=self.interval_s, name=self.name)
         self._meter.prime()
 
-    def start(self, pids: list[int] | None = None) -> "Job":
+    def start(self, pids: list[int] | None = None) -> Job:
         pids = pids or self.pids or [os.getpid()]
         self._started = time.monotonic()
         if self.standalone is not True and self._meter is None:
@@ -208,7 +210,7 @@ class Job:
         if self.mode == "agent":
             self.client.add_work(self.job_id, unit, count)
         else:
-            from agent.control import validate_work
+            from agent.api.access import validate_work
 
             unit, count = validate_work(unit, count)
         self._work[unit] = self._work.get(unit, 0.0) + float(count)
@@ -222,8 +224,16 @@ class Job:
             self.summary = summary_from_agent(self.name, self.job_id, duration, answer, self._work)
         else:
             totals = self._meter.stop()
-            self.summary = JobSummary(self.name, self.job_id, "standalone", duration, totals.energy_j,
-                                      dict(self._work), totals.sources, totals.emissions_g)
+            self.summary = JobSummary(
+                self.name,
+                self.job_id,
+                "standalone",
+                duration,
+                totals.energy_j,
+                dict(self._work),
+                totals.sources,
+                totals.emissions_g,
+            )
         return self.summary
 
     def abandon(self) -> None:
@@ -234,7 +244,7 @@ class Job:
             self._meter.stop()
             self._meter = None
 
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:

@@ -1,24 +1,46 @@
 """The one configuration object, built once from defaults, a TOML file,
 ``JOULEWARD_*`` environment variables and command-line flags (in rising
 precedence). Nothing else in the agent reads the environment."""
+
 from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from agent.workloads.kubelet import DEFAULT_KUBELET_URL, DEFAULT_TOKEN_FILE
-from agent.workloads.mljob import DEFAULT_JOB_LABELS
+from agent.errors import JoulewardError
 
 DEFAULT_PORT = 9883
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
+DEFAULT_KUBELET_URL = "https://127.0.0.1:10250/pods"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_TOKEN_FILE = SERVICE_ACCOUNT_DIR / "token"
+DEFAULT_CA_FILE = SERVICE_ACCOUNT_DIR / "ca.crt"
 
-class ConfigError(ValueError):
+# Labels the common operators put on the pods of one job, in the order tried.
+DEFAULT_JOB_LABELS = (
+    "training.kubeflow.org/job-name",  # Kubeflow training operator
+    "jobset.sigs.k8s.io/jobset-name",  # JobSet
+    "leaderworkerset.sigs.k8s.io/name",  # LeaderWorkerSet
+    "volcano.sh/job-name",  # Volcano
+    "ray.io/cluster",  # KubeRay
+    "batch.kubernetes.io/job-name",  # batch/v1 Job (also set on JobSet's child Jobs)
+)
+
+
+# Where grid intensity comes from: codecarbon's world average, a fixed figure,
+# a codecarbon zone, an operator's CSV series, an Electricity Maps style API.
+CarbonProvider = Literal["world", "static", "zone", "csv", "http"]
+
+
+class ConfigError(JoulewardError, ValueError):
     """A configuration value is wrong; the message names the key or flag."""
 
 
@@ -37,7 +59,7 @@ class JobRule:
 class CarbonConfig:
     """The ``[carbon]`` table: where grid intensity comes from, and the PUE."""
 
-    provider: str = "world"  # world, static, zone, csv, http
+    provider: CarbonProvider = "world"
     intensity_g_per_kwh: float | None = None  # static; also the http fallback
     country: str = ""  # ISO 3166 alpha-3, for zone; also the http fallback
     region: str = ""  # US state, Canadian or Chinese province, Nordic bidding zone
@@ -96,6 +118,18 @@ class Config:
     gpu_visible_devices: str | None = None
     gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
     gpu_idle_power_w: float | None = None  # per GPU; default: estimated
+    # The node's name on every exported identity (jouleward_node_info{node},
+    # the GPUs' Hostname): NODE_NAME as the DaemonSet sets it from
+    # spec.nodeName, else the host name.
+    node_name: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return socket.gethostname()
+
+    @property
+    def node(self) -> str:
+        return self.node_name or self.hostname
 
     @property
     def kubelet_active(self) -> bool:
@@ -189,6 +223,10 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a list like \"0,1\" or GPU UUIDs, got {value!r}")
         return str(value)
+    if key == "node_name":
+        if not isinstance(value, str) or len(value) > 253 or re.search(r"[\x00-\x1f\x7f]", value):
+            raise ConfigError(f"{where}: expected a node name (at most 253 printable characters), got {value!r}")
+        return value.strip()
     if key == "listen":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected host:port, got {value!r}")
@@ -227,8 +265,13 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     raise ConfigError(f"{where}: unknown key")
 
 
-_CARBON_PROVIDERS = ("world", "static", "zone", "csv", "http")
-_CARBON_FLOATS = {"intensity_g_per_kwh": (0.0, 3000.0), "timeout_s": (0.1, 120.0), "poll_s": (1.0, 86400.0), "pue": (1.0, 5.0)}
+_CARBON_PROVIDERS: tuple[str, ...] = get_args(CarbonProvider)
+_CARBON_FLOATS = {
+    "intensity_g_per_kwh": (0.0, 3000.0),
+    "timeout_s": (0.1, 120.0),
+    "poll_s": (1.0, 86400.0),
+    "pue": (1.0, 5.0),
+}
 
 
 def _parse_carbon(table: Any, where: str) -> CarbonConfig:
@@ -330,23 +373,31 @@ def load_file(path: Path) -> dict[str, Any]:
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
-    known = {f.name for f in fields(Config)} - {"rules", "idle_power_w", "systemd_unit_exclude", "carbon",
-                                                "pod_job_labels"}
+    known = {f.name for f in fields(Config)} - {
+        "rules",
+        "idle_power_w",
+        "systemd_unit_exclude",
+        "carbon",
+        "pod_job_labels",
+    }
     out: dict[str, Any] = {}
     carbon: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(_ENV_PREFIX):
             continue
-        key = name[len(_ENV_PREFIX):].lower()
+        key = name[len(_ENV_PREFIX) :].lower()
         if key in known:
             out[key] = value
         elif key.startswith("carbon_"):  # JOULEWARD_CARBON_PUE=1.2 sets [carbon] pue
-            carbon[key[len("carbon_"):]] = value
+            carbon[key[len("carbon_") :]] = value
     if carbon:
         out["carbon"] = carbon
     # The operator's CUDA device restriction applies to the agent's view too.
     if "gpu_visible_devices" not in out and "CUDA_VISIBLE_DEVICES" in environ:
         out["gpu_visible_devices"] = environ["CUDA_VISIBLE_DEVICES"]
+    # Kubernetes' downward API names the node NODE_NAME (as the DaemonSet does).
+    if "node_name" not in out and environ.get("NODE_NAME", "").strip():
+        out["node_name"] = environ["NODE_NAME"]
     return out
 
 
@@ -368,14 +419,21 @@ def build(
             if key == "carbon" and isinstance(value, Mapping):
                 carbon_table.update(value)
                 value = dict(carbon_table)
-            shown = FLAG_NAMES.get(key, key.replace("_", "-")) if origin == "--" else \
-                key.upper() if origin.startswith("env") else key if re.fullmatch(r"\w+", key) else repr(key)
+            shown = (
+                FLAG_NAMES.get(key, key.replace("_", "-"))
+                if origin == "--"
+                else key.upper()
+                if origin.startswith("env")
+                else key
+                if re.fullmatch(r"\w+", key)
+                else repr(key)
+            )
             try:
                 values[key] = _coerce(key, value, "")
             except ConfigError as exc:
                 # Keep what follows the key itself, so a nested key ([carbon] pue, rules[0].cmdline) stays named.
                 message = str(exc)
-                rest = message[len(key):] if key and message.startswith(key) else f": {message}"
+                rest = message[len(key) :] if key and message.startswith(key) else f": {message}"
                 if origin.startswith("env") and key == "carbon" and rest.startswith("."):
                     sub, _, tail = rest[1:].partition(":")  # name the variable: JOULEWARD_CARBON_PUE
                     rest = f"_{sub.upper()}:{tail}"

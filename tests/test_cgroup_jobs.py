@@ -1,120 +1,23 @@
 """Real cgroups: kubepods- and Slurm-shaped cgroup directories with real
 processes in them, a real kubelet server on loopback with a bearer token, and
 a real agent process reading both."""
+
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
-from agent.workloads.procfs import ProcessFacts
 from tests.support import BURNER, AgentProcess, metric_sum, metric_values, wait_until
+from tests.support.cgroups import Cgroups, pod_dir
 from tests.support.kubelet_server import FakeKubelet, pod_item
 
 TOKEN = "kubelet-bearer-token-for-tests"
 KUBEFLOW = "training.kubeflow.org/job-name"
-JOB = "k8s-research/llama-ft"
-
-
-def cgroup_mounts() -> list[tuple[Path, str]]:
-    """(mount point, kind) for the cgroup2 mount and the v1 pids hierarchy, in that order."""
-    found = []
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 4 and fields[2] == "cgroup2":
-            found.insert(0, (Path(fields[1]), "v2"))
-        elif len(fields) >= 4 and fields[2] == "cgroup" and "pids" in fields[3].split(","):
-            found.append((Path(fields[1]), "v1"))
-    return found
-
-
-class Cgroups:
-    """Cgroup directories made for one test, removed (processes moved out first) at the end."""
-
-    def __init__(self) -> None:
-        self.mount: Path | None = None
-        self.base_name = f"jouleward-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        reasons = []
-        for mount, kind in cgroup_mounts():
-            probe = mount / self.base_name
-            try:
-                probe.mkdir()
-            except OSError as exc:
-                reasons.append(f"{mount}: mkdir: {exc.strerror}")
-                continue
-            sleeper = subprocess.Popen(["sleep", "30"])
-            try:
-                (probe / "cgroup.procs").write_text(str(sleeper.pid))
-                path = f"/{self.base_name}"
-                chosen = ProcessFacts(f"/proc/{sleeper.pid}").cgroup
-                if chosen != path:
-                    reasons.append(f"{mount}: the agent would read {chosen!r}, not {path!r}")
-                    continue
-                self.mount = mount
-                break
-            except OSError as exc:
-                reasons.append(f"{mount}: writing cgroup.procs: {exc.strerror}")
-            finally:
-                self._move_to_root(mount, sleeper.pid)
-                sleeper.kill()
-                sleeper.wait()
-                if self.mount is None:
-                    probe.rmdir()
-        if self.mount is None:
-            pytest.skip("cannot place processes in new cgroups here: " + ("; ".join(reasons) or "no cgroup mount"))
-        self.made: list[Path] = [self.mount / self.base_name]
-        self.procs: list[subprocess.Popen] = []
-
-    @staticmethod
-    def _move_to_root(mount: Path, pid: int) -> None:
-        try:
-            (mount / "cgroup.procs").write_text(str(pid))
-        except OSError:
-            pass
-
-    def path(self, relative: str) -> str:
-        """The path /proc/<pid>/cgroup will show for ``relative``."""
-        return f"/{self.base_name}/{relative}"
-
-    def make(self, relative: str) -> Path:
-        directory = self.mount / self.base_name
-        for part in relative.split("/"):
-            directory = directory / part
-            if not directory.exists():
-                directory.mkdir()
-                self.made.append(directory)
-        return directory
-
-    def spawn(self, relative: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start a process already inside the cgroup (it joins before exec), so
-        the agent never sees it anywhere else."""
-        procs_file = str(self.make(relative) / "cgroup.procs")
-        # The shell moves itself into the cgroup, then execs the command in place.
-        proc = subprocess.Popen(["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs_file, *args],
-                                env={**os.environ, **(env or {})})
-        self.procs.append(proc)
-        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == args[0].encode(),
-                   timeout_s=10, what="the command to start in its cgroup")
-        assert ProcessFacts(f"/proc/{proc.pid}").cgroup == self.path(relative)
-        return proc
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                self._move_to_root(self.mount, proc.pid)
-                proc.kill()
-            proc.wait()
-        for directory in reversed(self.made):
-            try:
-                directory.rmdir()
-            except OSError:
-                pass
-        leftovers = [str(d) for d in self.made if d.exists()]
-        assert not leftovers, f"cgroup directories left behind: {leftovers}"
+RUN_UID = "5d0c7f8e-3b2a-4e61-9f70-8a1b2c3d4e5f"  # the PyTorchJob's UID: the run's identity
+JOB = f"k8s-{RUN_UID}"
 
 
 @pytest.fixture
@@ -126,21 +29,26 @@ def cgroups():
     groups.cleanup()
 
 
-def pod_dir(uid: str) -> str:
-    return f"kubepods/burstable/pod{uid}/{uuid.uuid4().hex * 2}"
-
-
 def job_samples(samples, name, job_id, **match):
     return metric_values(samples, name, job_id=job_id, **match)
 
 
 def test_pods_and_slurm_jobs_in_real_cgroups(tmp_path, cgroups, agents):
     uid_0, uid_1, uid_late = (str(uuid.uuid4()) for _ in range(3))
-    kubelet = FakeKubelet(TOKEN, [
-        pod_item(uid, f"llama-ft-worker-{i}", "research", {KUBEFLOW: "llama-ft"}, node="gpu-node-3",
-                 owner=("PyTorchJob", "llama-ft"))
-        for i, uid in enumerate((uid_0, uid_1))
-    ])
+    kubelet = FakeKubelet(
+        TOKEN,
+        [
+            pod_item(
+                uid,
+                f"llama-ft-worker-{i}",
+                "research",
+                {KUBEFLOW: "llama-ft"},
+                node="gpu-node-3",
+                owner=("PyTorchJob", "llama-ft", RUN_UID),
+            )
+            for i, uid in enumerate((uid_0, uid_1))
+        ],
+    )
     kubelet_running = True
     try:
         burn = [sys.executable, "-c", BURNER, "0.15"]
@@ -172,13 +80,16 @@ kubelet_timeout_s = 1
             return samples if found and found[0][1] == 2 else None
 
         samples = wait_until(training_job_seen, timeout_s=30, what="both pods under one job")
-        (labels, _), = job_samples(samples, "jouleward_job_processes", JOB)
-        assert (labels["job_name"], labels["job_kind"], labels["namespace"]) == ("llama-ft", "pod", "research")
-        (info, _), = job_samples(samples, "jouleward_job_info", JOB)
+        ((labels, _),) = job_samples(samples, "jouleward_job_processes", JOB)
+        assert (labels["job_name"], labels["job_kind"], labels["job_namespace"]) == ("llama-ft", "pod", "research")
+        ((info, _),) = job_samples(samples, "jouleward_job_info", JOB)
         assert info["label_pod"] == "llama-ft-worker-0,llama-ft-worker-1"
         assert set(info["label_pod_uid"].split(",")) == {uid_0, uid_1}
-        assert (info["label_node"], info["label_owner_kind"], info["label_job_source"]) == \
-            ("gpu-node-3", "PyTorchJob", KUBEFLOW)
+        assert (info["label_node"], info["label_owner_kind"], info["label_job_source"]) == (
+            "gpu-node-3",
+            "PyTorchJob",
+            KUBEFLOW,
+        )
         for name in ("jouleward_job_energy_joules_total", "jouleward_job_cpu_seconds_total"):
             assert all("label_pod" not in l and "pod" not in l for l, _ in metric_values(samples, name))
         assert metric_sum(samples, "jouleward_kubelet_up") == 1.0
@@ -186,24 +97,34 @@ kubelet_timeout_s = 1
 
         # The unlisted pod is its own job, keyed by UID.
         late_job = f"pod-{uid_late}"
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id=late_job) > 0,
-                   timeout_s=30, what="energy for the pod without metadata")
+        wait_until(
+            lambda: metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id=late_job) > 0,
+            timeout_s=30,
+            what="energy for the pod without metadata",
+        )
 
         # Slurm: the name and user from the task's environment, both processes in the job.
-        (slurm, processes), = job_samples(samples, "jouleward_job_processes", "slurm-4242")
+        ((slurm, processes),) = job_samples(samples, "jouleward_job_processes", "slurm-4242")
         assert (slurm["job_name"], slurm["job_kind"], processes) == ("bert-pretrain", "slurm", 2.0)
-        (slurm_info, _), = job_samples(samples, "jouleward_job_info", "slurm-4242")
+        ((slurm_info, _),) = job_samples(samples, "jouleward_job_info", "slurm-4242")
         assert slurm_info["label_user"] == "alice"
 
         # Metadata for the late pod arrives: its processes move to their ML job; what the UID job
         # already booked stays there, and its counter never goes backwards.
         booked_before = metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id=late_job)
-        kubelet.pods = kubelet.pods + [pod_item(uid_late, "eval-0", "research",
-                                                {"jobset.sigs.k8s.io/jobset-name": "nightly-eval"})]
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_processes", job_id="k8s-research/nightly-eval")
-                   == 1, timeout_s=30, what="the late pod under its ML job")
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_finished", job_id=late_job) == 1,
-                   timeout_s=30, what="the UID-keyed job to finish")
+        kubelet.pods = kubelet.pods + [
+            pod_item(uid_late, "eval-0", "research", {"jobset.sigs.k8s.io/jobset-name": "nightly-eval"})
+        ]
+        wait_until(
+            lambda: metric_sum(agent.metrics(), "jouleward_job_processes", job_id="k8s-research.nightly-eval") == 1,
+            timeout_s=30,
+            what="the late pod under its ML job",
+        )
+        wait_until(
+            lambda: metric_sum(agent.metrics(), "jouleward_job_finished", job_id=late_job) == 1,
+            timeout_s=30,
+            what="the UID-keyed job to finish",
+        )
         samples = agent.metrics()
         assert metric_sum(samples, "jouleward_job_energy_joules_total", job_id=late_job) >= booked_before > 0
         assert late.poll() is None
@@ -211,8 +132,11 @@ kubelet_timeout_s = 1
         # The kubelet goes away: metadata is kept, attribution carries on, health says stale.
         kubelet.stop()
         kubelet_running = False
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_kubelet_metadata_stale") == 1.0, timeout_s=30,
-                   what="stale kubelet metadata")
+        wait_until(
+            lambda: metric_sum(agent.metrics(), "jouleward_kubelet_metadata_stale") == 1.0,
+            timeout_s=30,
+            what="stale kubelet metadata",
+        )
         before = agent.metrics()
         assert metric_sum(before, "jouleward_kubelet_up") == 0.0
         assert metric_sum(before, "jouleward_kubelet_errors_total") >= 1

@@ -15,6 +15,7 @@ own. nspawn always gives the container a PID namespace, where the DaemonSet
 has ``hostPID``; the agent reads processes through the ``--procfs`` mount,
 which is the host's ``/proc``, so it sees the host's processes either way.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,9 +80,23 @@ def image(tmp_path_factory):
     wheels = wheelhouse(rootfs, context / "requirements" / "runtime.lock")
     build_args = [f"--build-arg={key}={value}" for key, value in wheelhouse_env(WHEELS_IN_CONTAINER).items()]
     started = time.monotonic()
-    done = run(podman("build", "--isolation", "chroot", "--file", str(context / "Containerfile"),
-                      f"--build-arg=BASE_IMAGE={base}", *build_args, f"--volume={wheels}:{WHEELS_IN_CONTAINER}:ro",
-                      "--tag", TAG, str(context)), check=False, timeout_s=900)
+    done = run(
+        podman(
+            "build",
+            "--isolation",
+            "chroot",
+            "--file",
+            str(context / "Containerfile"),
+            f"--build-arg=BASE_IMAGE={base}",
+            *build_args,
+            f"--volume={wheels}:{WHEELS_IN_CONTAINER}:ro",
+            "--tag",
+            TAG,
+            str(context),
+        ),
+        check=False,
+        timeout_s=900,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     print(f"image built in {time.monotonic() - started:.1f} s")
     (config,) = json.loads(run(podman("image", "inspect", TAG)).stdout)
@@ -94,15 +109,23 @@ def image(tmp_path_factory):
 
 def expand(value: str, env: dict[str, str]) -> str:
     """Kubernetes' $(VAR) references to variables defined earlier; $$ escapes."""
-    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
-                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        value,
+    )
 
 
 def container_env(image_env: list[str], container: dict, pod: dict) -> dict[str, str]:
     env = dict(item.split("=", 1) for item in image_env)
-    fields = {"spec.nodeName": NODE_NAME, "status.hostIP": HOST_IP, "status.podIP": HOST_IP,
-              "metadata.name": "jouleward-test", "metadata.namespace": "jouleward",
-              "spec.serviceAccountName": pod.get("serviceAccountName", "default")}
+    fields = {
+        "spec.nodeName": NODE_NAME,
+        "status.hostIP": HOST_IP,
+        "status.podIP": HOST_IP,
+        "metadata.name": "jouleward-test",
+        "metadata.namespace": "jouleward",
+        "spec.serviceAccountName": pod.get("serviceAccountName", "default"),
+    }
     for item in container.get("env", []):
         if "value" in item:
             env[item["name"]] = expand(item["value"], env)
@@ -121,22 +144,31 @@ def container_env(image_env: list[str], container: dict, pod: dict) -> dict[str,
 class Pod:
     """One DaemonSet's container, run from the image's filesystem."""
 
-    def __init__(self, daemonset: dict, configmaps: dict[str, dict], image_config: dict, image_root: Path,
-                 work: Path) -> None:
+    def __init__(
+        self, daemonset: dict, configmaps: dict[str, dict], image_config: dict, image_root: Path, work: Path
+    ) -> None:
         self.pod = daemonset["spec"]["template"]["spec"]
         (self.container,) = self.pod["containers"]
         self.work = work
         env = container_env(image_config.get("Env", []), self.container, self.pod)
         self.env = env
         entrypoint = self.container.get("command") or image_config.get("Entrypoint") or []
-        args = self.container["args"] if "args" in self.container else (
-            [] if "command" in self.container else image_config.get("Cmd") or [])
+        args = (
+            self.container["args"]
+            if "args" in self.container
+            else ([] if "command" in self.container else image_config.get("Cmd") or [])
+        )
         self.argv = [expand(part, env) for part in [*entrypoint, *args]]
         security = self.container["securityContext"]
         volumes = {volume["name"]: volume for volume in self.pod["volumes"]}
         self.host_dirs: dict[str, Path] = {}  # mountPath -> directory on this machine
-        nspawn = [f"--directory={work / 'root'}", "--as-pid2", "--private-network", "--console=pipe",
-                  f"--chdir={image_config.get('WorkingDir') or '/'}"]
+        nspawn = [
+            f"--directory={work / 'root'}",
+            "--as-pid2",
+            "--private-network",
+            "--console=pipe",
+            f"--chdir={image_config.get('WorkingDir') or '/'}",
+        ]
         if security.get("readOnlyRootFilesystem"):
             nspawn.append("--read-only")
         assert security.get("runAsUser", 0) == 0, "the test maps runAsUser 0 only"
@@ -179,10 +211,12 @@ class Pod:
         dirs = {name: work / name for name in ("upper", "overlay-work", "root")}
         for path in dirs.values():
             path.mkdir(parents=True, exist_ok=True)
-        self.setup = (f"mount -t overlay overlay -o lowerdir={shlex.quote(str(image_root))},"
-                      f"upperdir={shlex.quote(str(dirs['upper']))},workdir={shlex.quote(str(dirs['overlay-work']))} "
-                      f"{shlex.quote(str(dirs['root']))}; "
-                      + "".join(f"mkdir -p {shlex.quote(str(dirs['root']) + p)}; " for p in mountpoints))
+        self.setup = (
+            f"mount -t overlay overlay -o lowerdir={shlex.quote(str(image_root))},"
+            f"upperdir={shlex.quote(str(dirs['upper']))},workdir={shlex.quote(str(dirs['overlay-work']))} "
+            f"{shlex.quote(str(dirs['root']))}; "
+            + "".join(f"mkdir -p {shlex.quote(str(dirs['root']) + p)}; " for p in mountpoints)
+        )
         self.ports = {port["name"]: port["containerPort"] for port in self.container["ports"]}
         self.running: Container | None = None
 

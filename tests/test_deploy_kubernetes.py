@@ -3,6 +3,7 @@ strictly against the oldest and newest Kubernetes that kubernetes-validate
 ships, and the objects agree with each other and with the rules file. The
 plain overlays need no CRDs; the Prometheus Operator's objects, the
 NetworkPolicy and the Grafana dashboards come as components."""
+
 from __future__ import annotations
 
 import copy
@@ -53,13 +54,17 @@ def objects(overlay: str) -> list[dict]:
 def build_overlay(directory: Path, base: str = "plain-nodes", components: list[str] = (), **extra) -> list[dict]:
     """An overlay of the user's, over one of ours, with some of our components."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "overlays" / base, directory)],
-        "components": [os.path.relpath(K8S / "components" / name, directory) for name in components],
-        **extra,
-    }))
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / base, directory)],
+                "components": [os.path.relpath(K8S / "components" / name, directory) for name in components],
+                **extra,
+            }
+        )
+    )
     return [doc for doc in yaml.safe_load_all(kustomize(directory)) if doc]
 
 
@@ -74,7 +79,9 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 def validate(path: Path, version: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, str(path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -86,8 +93,11 @@ def test_every_object_validates_strictly(overlay, version, tmp_path):
     built.write_text(yaml.safe_dump_all(docs))
     done = validate(built, version)
     assert done.returncode == 0, done.stdout + done.stderr
-    passed = {line.split("for resource ")[1].split(" against")[0] for line in done.stdout.splitlines()
-              if line.startswith("INFO") and " passed " in line}
+    passed = {
+        line.split("for resource ")[1].split(" against")[0]
+        for line in done.stdout.splitlines()
+        if line.startswith("INFO") and " passed " in line
+    }
     expected = {f"{d['kind'].lower()}/{d['metadata']['name']}" for d in docs if d["kind"] not in OPERATOR_KINDS}
     assert passed == expected
     warned = [line for line in done.stdout.splitlines() if line.startswith("WARN")]
@@ -118,8 +128,9 @@ def test_strict_validation_rejects_a_misspelt_field(tmp_path):
 @pytest.mark.skipif(KUSTOMIZE is None or KUBECTL is None, reason="needs both kustomize and kubectl")
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kubectl_kustomize_builds_the_same_objects(overlay):
-    done = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert [d for d in yaml.safe_load_all(done.stdout) if d] == objects(overlay)
 
@@ -168,7 +179,8 @@ def test_gpu_agent_sees_the_gpus_and_only_runs_on_gpu_nodes():
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
     (term,) = plain["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
     assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}]
     # The two DaemonSets own disjoint pods, and the Service reaches both.
     assert plain["spec"]["selector"] != gpu["spec"]["selector"]
@@ -192,12 +204,16 @@ def test_rbac_grants_only_the_kubelet_pods_read():
 def test_legacy_component_adds_nodes_proxy(tmp_path):
     overlay = tmp_path / "legacy"
     overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "overlays" / "plain-nodes", overlay)],
-        "components": [os.path.relpath(K8S / "components" / "kubelet-proxy-legacy", overlay)],
-    }))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / "plain-nodes", overlay)],
+                "components": [os.path.relpath(K8S / "components" / "kubelet-proxy-legacy", overlay)],
+            }
+        )
+    )
     (role,) = by_kind([d for d in yaml.safe_load_all(kustomize(overlay)) if d], "ClusterRole")
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]},
@@ -275,10 +291,14 @@ def test_agent_configuration_is_a_mounted_configmap(tmp_path):
 def test_api_tokens_come_from_an_optional_secret():
     for ds in by_kind(objects("gpu-nodes"), "DaemonSet"):
         (container,) = ds["spec"]["template"]["spec"]["containers"]
-        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
-                if "secretKeyRef" in e.get("valueFrom", {})}
-        assert refs == {"JOULEWARD_CARBON_TOKEN": {"name": "jouleward-secrets", "key": "carbon-token",
-                                                   "optional": True}}
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in container["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        assert refs == {
+            "JOULEWARD_CARBON_TOKEN": {"name": "jouleward-secrets", "key": "carbon-token", "optional": True}
+        }
     # The environment variable is one the agent reads: [carbon] token.
     assert agent_config.build(None, environ={"JOULEWARD_CARBON_TOKEN": "t0ken"}).carbon.token == "t0ken"
 
@@ -325,8 +345,9 @@ def test_network_policy_component_admits_only_prometheus_to_the_metrics_port(tmp
         ports = {p["name"] for p in ds["spec"]["template"]["spec"]["containers"][0]["ports"]}
         (rule,) = policy["spec"]["ingress"]
         assert [p["port"] for p in rule["ports"]] == ["metrics"] and "metrics" in ports
-        assert rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
-            "app.kubernetes.io/name": "prometheus"}}}]
+        assert rule["from"] == [
+            {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+        ]
 
 
 def test_dashboards_configmap_is_generated_from_the_committed_json(tmp_path):

@@ -5,6 +5,7 @@ in a copy of the repository), and the running unit is checked: ready, reached
 by an unprivileged user's ``jouleward wrap`` through the default control
 socket, flushed by ``systemctl stop``, continued after ``start``, scored by
 ``systemd-analyze security`` live, and blind to the host's secrets."""
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,10 @@ def system(tmp_path_factory) -> Iterator[Booted]:
     binds = [f"--bind={source}:{SOURCE}", f"--bind-ro={wheels}:{WHEELS_IN_CONTAINER}"]
     booted = boot(rootfs, work / "console.log", binds)
     try:
-        secrets = "\n".join(f"mkdir -p {shlex.quote(str(Path(p).parent))} && printf %s {shlex.quote(v)} > {p} "
-                            f"&& chmod 0600 {p}" for p, v in SECRETS.items())
+        secrets = "\n".join(
+            f"mkdir -p {shlex.quote(str(Path(p).parent))} && printf %s {shlex.quote(v)} > {p} && chmod 0600 {p}"
+            for p, v in SECRETS.items()
+        )
         booted.sh(f"{secrets}\nuseradd --create-home {USER}")
         # No periodic flush while the test runs: what is on disk after
         # `systemctl stop` was written by the stop.
@@ -106,9 +109,11 @@ def assert_conserved(samples) -> None:
     """Per domain, over one snapshot: idle + unattributed + sum of jobs == node."""
     for domain in ATTRIBUTED:
         node = metric_sum(samples, "jouleward_node_energy_joules_total", domain=domain)
-        parts = (metric_sum(samples, "jouleward_idle_energy_joules_total", domain=domain)
-                 + metric_sum(samples, "jouleward_unattributed_energy_joules_total", domain=domain)
-                 + metric_sum(samples, "jouleward_job_energy_joules_total", domain=domain))
+        parts = (
+            metric_sum(samples, "jouleward_idle_energy_joules_total", domain=domain)
+            + metric_sum(samples, "jouleward_unattributed_energy_joules_total", domain=domain)
+            + metric_sum(samples, "jouleward_job_energy_joules_total", domain=domain)
+        )
         assert node > 0, domain
         assert parts == pytest.approx(node, rel=1e-9, abs=1e-9), domain
 
@@ -118,8 +123,11 @@ def assert_conserved_in_the_api(system: Booted) -> None:
 
 
 def counters(samples) -> dict[tuple, float]:
-    return {(name, tuple(sorted(labels.items()))): value for name, labels, value in samples
-            if name.endswith("_total") and name.startswith("jouleward_")}
+    return {
+        (name, tuple(sorted(labels.items()))): value
+        for name, labels, value in samples
+        if name.endswith("_total") and name.startswith("jouleward_")
+    }
 
 
 def api_jobs(system: Booted) -> list[dict]:
@@ -130,11 +138,13 @@ def api_jobs(system: Booted) -> list[dict]:
 
 def ledger(system: Booted) -> dict:
     """The ledger on disk, read with the agent's own interpreter."""
-    script = ("import json, sqlite3; db = sqlite3.connect('file:/var/lib/jouleward/ledger.sqlite3?mode=ro', uri=True); "
-              "print(json.dumps({'node': {d: e for d, e in db.execute("
-              "'SELECT domain, sum(energy_j) FROM node_energy GROUP BY domain')}, "
-              "'jobs': {n + '/' + d: e for n, d, e in db.execute("
-              "'SELECT j.name, e.domain, e.energy_j FROM jobs j JOIN job_energy e ON e.job_id = j.id')}}))")
+    script = (
+        "import json, sqlite3; db = sqlite3.connect('file:/var/lib/jouleward/ledger.sqlite3?mode=ro', uri=True); "
+        "print(json.dumps({'node': {d: e for d, e in db.execute("
+        "'SELECT domain, sum(energy_j) FROM node_energy GROUP BY domain')}, "
+        "'jobs': {n + '/' + d: e for n, d, e in db.execute("
+        "'SELECT j.name, e.domain, e.energy_j FROM jobs j JOIN job_energy e ON e.job_id = j.id')}}))"
+    )
     return json.loads(system.run(["/opt/jouleward/bin/python", "-c", script]).stdout)
 
 
@@ -203,8 +213,13 @@ def test_stop_flushes_the_ledger_and_start_continues_the_counters(system):
     grown = 0
     for key, value in counters(before_stop).items():
         now = counters(after).get(key)
-        if key[0] in ("jouleward_ticks_total", "jouleward_sensor_errors_total", "jouleward_ledger_errors_total",
-                      "jouleward_kubelet_errors_total", "jouleward_carbon_intensity_errors_total"):
+        if key[0] in (
+            "jouleward_ticks_total",
+            "jouleward_sensor_errors_total",
+            "jouleward_ledger_errors_total",
+            "jouleward_kubelet_errors_total",
+            "jouleward_carbon_intensity_errors_total",
+        ):
             continue  # the process's own counters start again at zero
         if now is None:
             continue  # a finished job past its retention, or a host process's job that ended
@@ -231,8 +246,7 @@ def test_the_agent_cannot_read_the_hosts_secrets_and_still_works(system):
     wait_ready(system)
     main_pid = system.main_pid("jouleward")
     # As the agent runs: root with no capability, in the unit's mount namespace.
-    as_agent = ["nsenter", "-t", str(main_pid), "-m", "--", "setpriv", "--bounding-set=-all", "--inh-caps=-all",
-                "--"]
+    as_agent = ["nsenter", "-t", str(main_pid), "-m", "--", "setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
     as_root_without_caps = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
     for path in ["/etc/shadow", *SECRETS]:
         # Outside the unit, root without capabilities reads them as their owner...

@@ -2,6 +2,7 @@
 serving /metrics, exports nothing negative or NaN, keeps every counter
 monotonic across scrapes (``AgentProcess.scrape`` checks all three), and the
 fault shows in its health metrics."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.faultkit import (CLK_TCK, AgentProcess, FakeProcfs, Powercap, boot_ticks, conservation_gap_j,
-                      unprivileged_uid, value, write_atomic)
+from tests.faultkit import (
+    CLK_TCK,
+    AgentProcess,
+    FakeProcfs,
+    Powercap,
+    boot_ticks,
+    conservation_gap_j,
+    unprivileged_uid,
+    value,
+    write_atomic,
+)
 
 PACKAGE = "intel-rapl:0"
 DRAM = "intel-rapl:0:0"
@@ -135,8 +145,9 @@ def test_permission_flip(tmp_path):
             during = agent.settle()
             assert up(during) == 0.0
             assert errors(during) > errors(before)
-            reasons = [s["reason"] for s in agent.control().get("/v1/node").json()["sensors"]
-                       if s["device"] == "package-0"]
+            reasons = [
+                s["reason"] for s in agent.control().get("/v1/node").json()["sensors"] if s["device"] == "package-0"
+            ]
             assert any("permission denied" in reason for reason in reasons), reasons
             os.chmod(rapl.path(PACKAGE), 0o644)
             agent.settle()
@@ -366,9 +377,16 @@ def test_wall_clock_jumps_both_ways(agent_on, tmp_path):
     power is energy over monotonic time, so it stays right."""
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
-    agent, rapl = agent_on(flush_interval_s=0.5, env={
-        "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"})
+    agent, rapl = agent_on(
+        flush_interval_s=0.5,
+        env={
+            "LD_PRELOAD": str(LIBFAKETIME),
+            "FAKETIME_TIMESTAMP_FILE": str(offset),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_DONT_RESET": "1",
+        },
+    )
     load = SteadyLoad(rapl, step_j=0.5, period_s=0.02)  # about 25 W, less if the machine is busy
     load.start()
     try:

@@ -3,6 +3,7 @@ real agent's TCP listener, and the control API (the app the Unix socket
 serves) in process, with a real Agent behind it and the test's own
 credentials where the socket would supply the caller's. No 5xx, and every
 response matches the schema the agent publishes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from agent.api import create_control_app
+from agent.api.read import create_control_app
 from agent.config import Config
-from agent.daemon import Agent
+from agent.pipeline.daemon import Agent
 from tests.faultkit import AgentProcess, Powercap, as_local_peer
+
 
 @pytest.fixture(scope="module")
 def read_schema(tmp_path_factory):

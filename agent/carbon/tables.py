@@ -7,6 +7,7 @@ Every figure returned is in gCO2eq/kWh and follows codecarbon's own rules for
 the same table, so a codecarbon run and a jouleward job in one place are
 charged at the same intensity.
 """
+
 from __future__ import annotations
 
 import csv
@@ -17,6 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from agent.errors import JoulewardError
 
 # codecarbon's own constant for eGRID's lb/MWh (units.EmissionsPerKWh).
 LB_PER_MWH_TO_G_PER_KWH = 0.45359237
@@ -33,7 +36,7 @@ NORDIC_ZONES = {
 _CHINA_SUFFIX = re.compile(r"\s+(autonomous region|municipality|province|sheng|shi|zizhiqu)$")
 
 
-class CarbonTableError(LookupError):
+class CarbonTableError(JoulewardError, LookupError):
     """A country, region or cloud region is not in codecarbon's tables."""
 
 
@@ -56,6 +59,14 @@ def data_dir() -> Path:
         if (candidate / "private_infra" / "global_energy_mix.json").is_file():
             return candidate
     raise CarbonTableError("codecarbon is installed without its data files")
+
+
+def data_file(*parts: str) -> Path:
+    """One of codecarbon's data files (``hardware/cpu_power.csv``, ...)."""
+    path = data_dir().joinpath(*parts)
+    if not path.is_file():
+        raise CarbonTableError(f"codecarbon data file not found: {'/'.join(parts)}")
+    return path
 
 
 @functools.cache
@@ -142,7 +153,9 @@ def region(iso3: str, name: str) -> ZoneIntensity:
         return _china(name)
     if code in NORDIC_ZONES:
         return _nordic(code, name)
-    raise CarbonTableError(f"codecarbon has no regional table for {iso3!r}: regions exist for USA, CAN, CHN, SWE, NOR, FIN")
+    raise CarbonTableError(
+        f"codecarbon has no regional table for {iso3!r}: regions exist for USA, CAN, CHN, SWE, NOR, FIN"
+    )
 
 
 @functools.cache
@@ -162,14 +175,21 @@ def cloud(provider: str, cloud_region: str) -> ZoneIntensity:
     for row in _cloud_rows():
         if (row["provider"].lower(), row["region"].lower()) == wanted:
             return ZoneIntensity(
-                float(row["impact"]), f"{row['provider']}/{row['region']}",
-                row["countryIsoCode"], row["country_name"], row["region"],
+                float(row["impact"]),
+                f"{row['provider']}/{row['region']}",
+                row["countryIsoCode"],
+                row["country_name"],
+                row["region"],
             )
     known = ", ".join(sorted(cloud_providers()))
-    raise CarbonTableError(f"cloud region {provider}/{cloud_region} is not in codecarbon's cloud table (providers: {known})")
+    raise CarbonTableError(
+        f"cloud region {provider}/{cloud_region} is not in codecarbon's cloud table (providers: {known})"
+    )
 
 
-def lookup(country_iso3: str = "", region_name: str = "", cloud_provider: str = "", cloud_region: str = "") -> ZoneIntensity:
+def lookup(
+    country_iso3: str = "", region_name: str = "", cloud_provider: str = "", cloud_region: str = ""
+) -> ZoneIntensity:
     """The most specific zone the arguments name: cloud region, then region, then country."""
     if cloud_provider or cloud_region:
         if not (cloud_provider and cloud_region):

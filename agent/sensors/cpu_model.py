@@ -7,6 +7,7 @@ idle to ``cpu_idle_fraction`` of it; operators who know their nodes set both.
 DRAM power is a constant per GiB installed, all of it static. Readings carry
 ``source="model"``: they are estimates, not measurements.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from agent.carbon.tables import CarbonTableError, data_file
 from agent.model import DeviceEnergy, SensorStatus, TickContext
-from agent.sensors.codecarbon_data import DataFileMissing, data_file
 
 SENSOR_NAME = "cpu_model"
 DEFAULT_TDP_W = 85.0  # codecarbon's own fallback when the CPU is not in its table
@@ -83,7 +84,7 @@ def lookup_tdp(model_name: str) -> tuple[float, str] | None:
         return None
     try:
         table = _tdp_table()
-    except (DataFileMissing, OSError):
+    except (CarbonTableError, OSError):
         return None
     words = set(wanted.split())
     best: tuple[int, str, float] | None = None
@@ -139,15 +140,20 @@ class ModelSensor:
     def sample(self, ctx: TickContext) -> list[DeviceEnergy]:
         out = [
             DeviceEnergy(
-                "cpu", "cpu", "model",
+                "cpu",
+                "cpu",
+                "model",
                 self.cpu.power_w(ctx.cpu_utilization_ratio) * ctx.interval_s,
                 ctx.interval_s,
                 idle_power_w=self.cpu.idle_w,
             )
         ]
         if self.dram_w is not None:
-            out.append(DeviceEnergy("dram", "dram", "model", self.dram_w * ctx.interval_s, ctx.interval_s,
-                                    idle_power_w=self.dram_w))
+            out.append(
+                DeviceEnergy(
+                    "dram", "dram", "model", self.dram_w * ctx.interval_s, ctx.interval_s, idle_power_w=self.dram_w
+                )
+            )
         return out
 
     def status(self) -> list[SensorStatus]:

@@ -6,6 +6,7 @@ in proportion to the cluster, while the kubelet only knows its own pods.
 When the kubelet is down or slow the last known metadata stays in place and
 the poller reports itself stale; attribution by pod UID carries on.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+
+from agent.config import DEFAULT_CA_FILE, DEFAULT_KUBELET_URL, DEFAULT_TOKEN_FILE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KUBELET_URL = "https://127.0.0.1:10250/pods"
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-DEFAULT_TOKEN_FILE = SERVICE_ACCOUNT_DIR / "token"
-DEFAULT_CA_FILE = SERVICE_ACCOUNT_DIR / "ca.crt"
 # A pod list of a few hundred pods is a few MB; this only guards against a
 # misconfigured URL streaming something endless into memory.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
@@ -48,6 +48,7 @@ class PodMeta:
     annotations: Mapping[str, str] = field(default_factory=dict)
     owner_kind: str = ""
     owner_name: str = ""
+    owner_uid: str = ""  # the controlling owner's UID: new for every re-created object
     container_ids: tuple[str, ...] = ()
 
 
@@ -103,13 +104,14 @@ def parse_pod(item: Any) -> PodMeta | None:
         return None
     spec = item.get("spec") if isinstance(item.get("spec"), Mapping) else {}
     status = item.get("status") if isinstance(item.get("status"), Mapping) else {}
-    owner_kind = owner_name = ""
+    owner_kind = owner_name = owner_uid = ""
     owners = meta.get("ownerReferences")
     if isinstance(owners, list):
         refs = [o for o in owners if isinstance(o, Mapping)]
         chosen = next((o for o in refs if o.get("controller") is True), refs[0] if refs else None)
         if chosen is not None:
             owner_kind, owner_name = str(chosen.get("kind", "")), str(chosen.get("name", ""))
+            owner_uid = str(chosen.get("uid", "") or "")
     ids: list[str] = []
     for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
         statuses = status.get(key)
@@ -126,6 +128,7 @@ def parse_pod(item: Any) -> PodMeta | None:
         annotations=_str_map(meta.get("annotations")),
         owner_kind=owner_kind,
         owner_name=owner_name,
+        owner_uid=owner_uid,
         container_ids=tuple(ids),
     )
 

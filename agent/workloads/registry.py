@@ -1,4 +1,5 @@
 """Jobs registered through the control API: a set of process trees."""
+
 from __future__ import annotations
 
 import secrets
@@ -59,8 +60,9 @@ class Registry:
     generation: int = 0
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    def register(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0,
-                 job_id: str | None = None) -> RegisteredJob:
+    def register(
+        self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0, job_id: str | None = None
+    ) -> RegisteredJob:
         keys = []
         for pid in pids:
             key = read_process_key(self.procfs, pid)
@@ -123,10 +125,6 @@ class Registry:
         for job_id in emptied:
             self.finish(job_id, reason="exited")
         return emptied
-
-    def running(self) -> list[RegisteredJob]:
-        with self._lock:
-            return [job for job in self.jobs.values() if job.finished_at is None]
 
     def drop(self, job_id: str) -> None:
         with self._lock:

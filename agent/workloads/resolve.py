@@ -9,6 +9,7 @@
 
 Anything else belongs to the host: its energy is unattributed.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -79,7 +80,7 @@ class CompiledRule:
     cgroup: re.Pattern | None
 
     @classmethod
-    def of(cls, rule: JobRule) -> "CompiledRule":
+    def of(cls, rule: JobRule) -> CompiledRule:
         return cls(
             rule,
             re.compile(rule.cmdline) if rule.cmdline else None,
@@ -130,9 +131,14 @@ class JobResolver:
     ``jouleward_job_info`` of the pod and Slurm jobs seen in it.
     """
 
-    def __init__(self, registry: Registry, rules: tuple[JobRule, ...] = (),
-                 unit_exclude: tuple[str, ...] = (), pods: PodSource | None = None,
-                 pod_job_labels: tuple[str, ...] = DEFAULT_JOB_LABELS) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        rules: tuple[JobRule, ...] = (),
+        unit_exclude: tuple[str, ...] = (),
+        pods: PodSource | None = None,
+        pod_job_labels: tuple[str, ...] = DEFAULT_JOB_LABELS,
+    ) -> None:
         self.registry = registry
         self._rules = [CompiledRule.of(rule) for rule in rules]
         self._unit_exclude = unit_exclude
@@ -243,7 +249,9 @@ class JobResolver:
                 return identity
         return None
 
-    def _resolve_deferred(self, jobs: list[JobRef | None], deferred: list[tuple[int, CgroupJob, ScannedProcess]]) -> None:
+    def _resolve_deferred(
+        self, jobs: list[JobRef | None], deferred: list[tuple[int, CgroupJob, ScannedProcess]]
+    ) -> None:
         info: dict[str, list[dict[str, str]]] = {}
         seen_uids: set[str] = set()
         slurm: dict[str, list[tuple[int, ScannedProcess]]] = {}

@@ -8,6 +8,7 @@ everything that goes into it (suite, packages, the host's extra CA
 certificates), so a changed recipe builds a new tree and an unchanged one is
 reused. Builds take a file lock, so concurrent runs share one build.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,8 +100,10 @@ def debian_rootfs() -> Path:
             return target
         building = CACHE / f"rootfs-{SUITE}-{key}.building"
         shutil.rmtree(building, ignore_errors=True)
-        run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(building), MIRROR],
-            timeout_s=1200)
+        run(
+            ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE, str(building), MIRROR],
+            timeout_s=1200,
+        )
         # The host's extra CA certificates (a TLS-inspecting proxy's, say), so
         # pip inside reaches the package index the way the host does.
         for ca in _extra_cas():
@@ -130,8 +133,19 @@ class PipSettings:
 
 
 def host_pip_settings() -> PipSettings:
-    listed = subprocess.run([str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else "python3",
-                             "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60, check=False)
+    listed = subprocess.run(
+        [
+            str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists() else "python3",
+            "-m",
+            "pip",
+            "config",
+            "list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     values: dict[str, str] = {}
     for line in listed.stdout.splitlines():
         name, _, value = line.partition("=")
@@ -171,14 +185,25 @@ def wheelhouse(rootfs: Path, lock: Path) -> Path:
         shutil.rmtree(building, ignore_errors=True)
         building.mkdir(parents=True)
         pip = host_pip_settings()
-        args = [f"--directory={rootfs}", "--volatile=overlay", "--as-pid2", "--console=pipe",
-                f"--bind-ro={lock}:/run/lock.txt", f"--bind={building}:/wheels",
-                *(f"--bind-ro={path}" for path in pip.local_dirs),
-                *(f"--setenv={key}={value}" for key, value in pip.env.items()),
-                "/bin/sh", "-ec", ("python3 -m venv /opt/pip-download && /opt/pip-download/bin/pip download "
-                                   "--quiet --require-hashes --no-deps -r /run/lock.txt -d /wheels")]
-        done = run(nspawn_command(machine_name("jw-wheels"), args), check=False, timeout_s=900,
-                   stdin=subprocess.DEVNULL)
+        args = [
+            f"--directory={rootfs}",
+            "--volatile=overlay",
+            "--as-pid2",
+            "--console=pipe",
+            f"--bind-ro={lock}:/run/lock.txt",
+            f"--bind={building}:/wheels",
+            *(f"--bind-ro={path}" for path in pip.local_dirs),
+            *(f"--setenv={key}={value}" for key, value in pip.env.items()),
+            "/bin/sh",
+            "-ec",
+            (
+                "python3 -m venv /opt/pip-download && /opt/pip-download/bin/pip download "
+                "--quiet --require-hashes --no-deps -r /run/lock.txt -d /wheels"
+            ),
+        ]
+        done = run(
+            nspawn_command(machine_name("jw-wheels"), args), check=False, timeout_s=900, stdin=subprocess.DEVNULL
+        )
         assert done.returncode == 0, f"pip download in the rootfs failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         (building / ".complete").write_text("")
         building.rename(target)
@@ -230,6 +255,7 @@ class NetnsHTTPConnection(http.client.HTTPConnection):
 
 # --- containers ---
 
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -252,8 +278,21 @@ def nspawn_command(machine: str, nspawn_args: list[str], setup: str = "") -> lis
     namespace first."""
     script = f'set -e; mount -t tmpfs tmpfs /run/systemd/nspawn; {setup}\nexec systemd-nspawn "$@"'
     Path("/run/systemd/nspawn").mkdir(parents=True, exist_ok=True)
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "nspawn",
-            "--quiet", "--register=no", "--keep-unit", f"--machine={machine}", *nspawn_args]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "nspawn",
+        "--quiet",
+        "--register=no",
+        "--keep-unit",
+        f"--machine={machine}",
+        *nspawn_args,
+    ]
 
 
 @dataclass
@@ -285,6 +324,7 @@ class Container:
 
     def http(self, method: str, path: str, port: int, body: object = None) -> tuple[int, object]:
         from tests.support import http_request
+
         return http_request(NetnsHTTPConnection(self.netns, "127.0.0.1", port), method, path, body)
 
     def stop(self, timeout_s: float = 60.0) -> int:
@@ -300,11 +340,18 @@ class Container:
         return self.proc.returncode
 
 
-def start_container(machine: str, nspawn_args: list[str], log_path: Path, setup: str = "",
-                    env: dict[str, str] | None = None) -> Container:
+def start_container(
+    machine: str, nspawn_args: list[str], log_path: Path, setup: str = "", env: dict[str, str] | None = None
+) -> Container:
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(nspawn_command(machine, nspawn_args, setup), env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            nspawn_command(machine, nspawn_args, setup),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return Container(proc, log_path)
 
 
@@ -321,8 +368,15 @@ class Booted:
     container: Container
     env: dict[str, str] = field(default_factory=dict)
 
-    def run(self, argv: list[str], user: str | None = None, env: dict[str, str] | None = None,
-            cwd: str | None = None, check: bool = True, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        argv: list[str],
+        user: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        check: bool = True,
+        timeout_s: float = 600,
+    ) -> subprocess.CompletedProcess:
         unit = ["systemd-run", "--quiet", "--wait", "--pipe", "--collect", "--service-type=exec"]
         if user:
             unit.append(f"--uid={user}")
@@ -347,10 +401,18 @@ def boot(rootfs: Path, log_path: Path, binds: list[str], timeout_s: float = 120.
     """Boot ``rootfs`` with a volatile overlay (the cached tree is never
     written), a private network, and ``binds`` (nspawn --bind/--bind-ro
     arguments); returns once the system reports running."""
-    container = start_container(machine_name("jw-boot"), [
-        f"--directory={rootfs}", "--boot", "--volatile=overlay", "--private-network", "--console=passive",
-        *binds,
-    ], log_path)
+    container = start_container(
+        machine_name("jw-boot"),
+        [
+            f"--directory={rootfs}",
+            "--boot",
+            "--volatile=overlay",
+            "--private-network",
+            "--console=passive",
+            *binds,
+        ],
+        log_path,
+    )
     container.wait_for_leader("systemd", timeout_s)
     booted = Booted(container)
     deadline = time.monotonic() + timeout_s
@@ -381,6 +443,7 @@ def repo_copy(destination: Path) -> Path:
 
 # --- podman, with its storage in the cache ---
 
+
 def podman(*args: str) -> list[str]:
     storage = CACHE / "podman"
     return ["podman", "--root", str(storage / "root"), "--runroot", str(storage / "runroot"), *args]
@@ -392,8 +455,9 @@ def base_image(rootfs: Path) -> str:
     with file_lock(CACHE / "podman.lock"):
         if run(podman("image", "exists", tag), check=False).returncode != 0:
             tar = subprocess.Popen(["tar", "-C", str(rootfs), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
-            imported = subprocess.run(podman("import", "-", tag), stdin=tar.stdout, capture_output=True, text=True,
-                                      timeout=600, check=False)
+            imported = subprocess.run(
+                podman("import", "-", tag), stdin=tar.stdout, capture_output=True, text=True, timeout=600, check=False
+            )
             tar.stdout.close()  # type: ignore[union-attr]
             assert tar.wait() == 0 and imported.returncode == 0, imported.stderr
     return tag
@@ -416,8 +480,11 @@ def assert_conserved_in_the_api(get: Callable[[str], tuple[int, object]], domain
         books = {}
         for domain in domains:
             measured = sum(d["energy_j"] for d in node["devices"] if d["domain"] == domain)
-            parts = (node["idle_j"].get(domain, 0.0) + node["unattributed_j"].get(domain, 0.0)
-                     + sum(job["energy_j"].get(domain, 0.0) for job in jobs))
+            parts = (
+                node["idle_j"].get(domain, 0.0)
+                + node["unattributed_j"].get(domain, 0.0)
+                + sum(job["energy_j"].get(domain, 0.0) for job in jobs)
+            )
             books[domain] = (measured, parts)
         tried.append(books)
         if all(measured > 0 and abs(parts - measured) <= 1e-9 * measured for measured, parts in books.values()):

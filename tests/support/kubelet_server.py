@@ -1,4 +1,5 @@
 """A real HTTP server on loopback that answers like a kubelet's ``/pods``."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ def pod_item(
     labels: dict[str, str] | None = None,
     annotations: dict[str, str] | None = None,
     node: str = "node-a",
-    owner: tuple[str, str] | None = None,
+    owner: tuple[str, str] | tuple[str, str, str] | None = None,
     container_ids: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"uid": uid, "name": name, "namespace": namespace}
@@ -23,11 +24,16 @@ def pod_item(
     if annotations:
         meta["annotations"] = annotations
     if owner:
-        meta["ownerReferences"] = [{"kind": owner[0], "name": owner[1], "uid": "x", "controller": True}]
+        uid_of_owner = owner[2] if len(owner) > 2 else "x"  # type: ignore[misc]
+        meta["ownerReferences"] = [{"kind": owner[0], "name": owner[1], "uid": uid_of_owner, "controller": True}]
     return {
         "metadata": meta,
         "spec": {"nodeName": node},
-        "status": {"containerStatuses": [{"name": f"c{i}", "containerID": f"containerd://{cid}"} for i, cid in enumerate(container_ids)]},
+        "status": {
+            "containerStatuses": [
+                {"name": f"c{i}", "containerID": f"containerd://{cid}"} for i, cid in enumerate(container_ids)
+            ]
+        },
     }
 
 

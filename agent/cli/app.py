@@ -2,6 +2,7 @@
 
 Every user error prints one message naming the flag or key and exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ def _add_agent_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("--listen", help="host:port of the HTTP listener (default 127.0.0.1:9883)")
     parser.add_argument("--state-dir", dest="state_dir", help="where the ledger lives (default /var/lib/jouleward)")
-    parser.add_argument("--control-socket", dest="control_socket",
-                        help="Unix socket for control endpoints (default <state-dir>/control.sock)")
+    parser.add_argument(
+        "--control-socket",
+        dest="control_socket",
+        help="Unix socket for control endpoints (default <state-dir>/control.sock)",
+    )
     parser.add_argument("--sysfs", help="sysfs root (default /sys; /host/sys in a DaemonSet)")
     parser.add_argument("--procfs", help="procfs root (default /proc; /host/proc in a DaemonSet)")
     parser.add_argument("--interval", dest="interval_s", help="seconds between samples (default 1)")
@@ -68,8 +72,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.ledger import LedgerError
-    from agent.server import ServeError, serve
+    from agent.api.server import ServeError, serve
+    from agent.ledger.totals import LedgerError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
@@ -82,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from agent.doctor import examine, report
+    from agent.cli.doctor import examine, report
 
     text, code = report(examine(config_from_args(args)))
     print(text)
@@ -91,15 +95,15 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[str, Any]]:
     """The running agent's answer, or the state directory's ledger when no agent runs."""
-    from agent.reader import AgentNotRunning, AgentReader
+    from agent.cli.reader import AgentNotRunning, AgentReader
 
     reader = AgentReader(config.listen)
     try:
         return [reader.get_json(f"/v1/jobs/{job_id}")] if job_id else reader.jobs()
     except AgentNotRunning:
         pass
-    from agent.api_models import job_out
-    from agent.ledger import Ledger
+    from agent.api.models import job_out
+    from agent.ledger.totals import Ledger
 
     if not (config.state_dir / "ledger.sqlite3").is_file():
         raise ConfigError(f"no agent answers at {config.listen} and no ledger in {config.state_dir} (--state-dir)")
@@ -116,7 +120,7 @@ def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[
 def _report(args: argparse.Namespace) -> int:
     import time
 
-    from agent.reader import AgentAnswer, AgentNotRunning, AgentReader
+    from agent.cli.reader import AgentAnswer, AgentNotRunning, AgentReader
     from exporters import report
 
     config = config_from_args(args)
@@ -140,8 +144,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from agent.reader import AgentAnswer
-    from agent.top import energy_text
+    from agent.cli.reader import AgentAnswer
+    from agent.cli.top import energy_text
 
     try:
         jobs = _jobs_from_agent_or_ledger(config_from_args(args), None)
@@ -150,14 +154,16 @@ def _jobs(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(f"{'JOB ID':<28}{'NAME':<24}{'KIND':<11}{'STATE':<10}{'ENERGY':>12}{'CO2 g':>12}")
     for job in jobs:
-        print(f"{job['id']:<28}{job['name']:<24}{job['kind']:<11}{'running' if job['running'] else 'finished':<10}"
-              f"{energy_text(sum(job['energy_j'].values())):>12}{job.get('emissions_g', 0.0):12.3f}")
+        print(
+            f"{job['id']:<28}{job['name']:<24}{job['kind']:<11}{'running' if job['running'] else 'finished':<10}"
+            f"{energy_text(sum(job['energy_j'].values())):>12}{job.get('emissions_g', 0.0):12.3f}"
+        )
     return 0
 
 
 def _top(args: argparse.Namespace) -> int:
-    from agent.reader import AgentAnswer, AgentNotRunning, AgentReader
-    from agent.top import run_curses, snapshot
+    from agent.cli.reader import AgentAnswer, AgentNotRunning, AgentReader
+    from agent.cli.top import run_curses, snapshot
 
     config = config_from_args(args)
     reader = AgentReader(config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)))
@@ -178,7 +184,7 @@ COMMANDS = {"run": _run, "doctor": _doctor, "report": _report, "jobs": _jobs, "t
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["wrap"]:  # its own parser: everything after -- belongs to the command
-        from agent.wrap import main as wrap_main
+        from agent.cli.wrap import main as wrap_main
 
         return wrap_main(argv[1:])
     args = build_parser().parse_args(argv)

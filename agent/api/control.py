@@ -4,6 +4,7 @@ Served on the Unix control socket (callers identified by SO_PEERCRED) and, only
 when the operator configures a token, on a TCP listener that requires it.
 Every decision about who may do what is in ``agent.control``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,14 +12,12 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agent.api_models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
-from agent.control import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok
-from agent.peercred_http import peer_of
+from agent.api.access import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok
+from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
+from agent.api.peercred import peer_of
 from agent.workloads.registry import RegistrationError, UnknownJob
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 403, 404, 422)
-}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 422)}
 
 
 def caller_of(request: Request, tcp_token: str | None) -> Caller:

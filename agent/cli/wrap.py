@@ -6,6 +6,7 @@ the control socket, else measured in-process. Output passes straight through
 forwarded, and the wrapper exits with the command's status (128 + signal
 when a signal killed it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from agent.api.access import ControlError, validate_job_name, validate_labels
 from agent.client import JOB_ID_ENV, SOCKET_ENV, AgentError, AgentUnavailable, Job, JobSummary
-from agent.control import ControlError, validate_job_name, validate_labels
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _SI_KERNEL = 0x80  # si_code of signals the terminal driver sends to the whole foreground group
@@ -38,10 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="job name (default: the command's base name)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="job label, repeatable")
     parser.add_argument("--report", type=Path, metavar="FILE.json", help="write the summary as JSON to this file")
-    parser.add_argument("--emissions-csv", dest="emissions_csv", type=Path, metavar="emissions.csv",
-                        help="append the job as a row of codecarbon's emissions.csv (header written once)")
-    parser.add_argument("--socket", type=Path, help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, "
-                        "else /run/jouleward/control.sock)")
+    parser.add_argument(
+        "--emissions-csv",
+        dest="emissions_csv",
+        type=Path,
+        metavar="emissions.csv",
+        help="append the job as a row of codecarbon's emissions.csv (header written once)",
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, else /run/jouleward/control.sock)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="measure in-process even if an agent runs")
     mode.add_argument("--require-agent", action="store_true", help="fail unless the agent registers the job")
@@ -133,8 +142,9 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
             env[JOB_ID_ENV] = job.job_id
             env[SOCKET_ENV] = str(job.client.path)
         try:
-            pid = os.posix_spawnp(args.command[0], args.command, env, setsigmask=old_mask,
-                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+            pid = os.posix_spawnp(
+                args.command[0], args.command, env, setsigmask=old_mask, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)
+            )
         except OSError as exc:
             job.abandon()
             print(f"jouleward wrap: cannot run {shlex.join(args.command[:1])}: {exc.strerror}", file=err)
@@ -171,8 +181,14 @@ def _append_emissions(path: Path, job: Job, summary: JobSummary, err: TextIO) ->
             rows = job.client.request("GET", f"/v1/jobs/{summary.job_id}/report?format=json")
         else:
             now = time.time()
-            figures = {"id": summary.job_id, "name": summary.name, "energy_j": summary.energy_j,
-                       "emissions_g": summary.emissions_g, "first_seen": now - summary.duration_s, "finished_at": now}
+            figures = {
+                "id": summary.job_id,
+                "name": summary.name,
+                "energy_j": summary.energy_j,
+                "emissions_g": summary.emissions_g,
+                "first_seen": now - summary.duration_s,
+                "finished_at": now,
+            }
             rows = [report.report_row(report.job_emissions(figures, report.site_from_config(CarbonConfig()), 1.0, now))]
         report.append_csv(path, rows)
     except (AgentError, AgentUnavailable, report.ReportError, OSError) as exc:

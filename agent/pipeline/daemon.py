@@ -4,6 +4,7 @@ One ``Agent`` owns every stage. ``tick`` runs one sample; ``run`` repeats it on
 the monotonic clock until ``stop``. Everything readers need is published as an
 immutable ``Snapshot``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,15 +13,23 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agent.attribution import IdlePowerEstimator, jobs_energy_j, split_domain
+from agent.attribution.cpu import IdlePowerEstimator, jobs_energy_j, split_domain
+from agent.attribution.gpu import GpuIdleTracker
 from agent.carbon import emissions, intensity
 from agent.config import Config
-from agent.gpu_attribution import GpuIdleTracker
-from agent.ledger import JobActivity, JobRecord, Ledger
-from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
+from agent.ledger.totals import JobActivity, Ledger
+from agent.model import ATTRIBUTED_DOMAINS, NO_TOTALS, DeviceEnergy, DomainAttribution, JobRef, JobTotals, TickContext
+from agent.pipeline.snapshot import (
+    EMPTY_SNAPSHOT,
+    OVERFLOW_JOB,
+    CarbonView,
+    DurationCounts,
+    Health,
+    JobView,
+    Snapshot,
+)
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
-from agent.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, CarbonView, DeviceView, DurationCounts, Health, JobView, Snapshot
 from agent.workloads.kubelet import KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
@@ -30,9 +39,14 @@ log = logging.getLogger("jouleward")
 
 
 def kubelet_settings(config: Config) -> KubeletSettings:
-    return KubeletSettings(url=config.kubelet_url, token_file=config.kubelet_token_file, ca_file=config.kubelet_ca_file,
-                           insecure_skip_verify=config.kubelet_insecure_skip_verify, poll_s=config.kubelet_poll_s,
-                           timeout_s=config.kubelet_timeout_s)
+    return KubeletSettings(
+        url=config.kubelet_url,
+        token_file=config.kubelet_token_file,
+        ca_file=config.kubelet_ca_file,
+        insecure_skip_verify=config.kubelet_insecure_skip_verify,
+        poll_s=config.kubelet_poll_s,
+        timeout_s=config.kubelet_timeout_s,
+    )
 
 
 def read_boot_id(config: Config) -> str:
@@ -51,11 +65,8 @@ class ExportSelection:
     cap: int
     exported: set[str] = field(default_factory=set)
     overflow: set[str] = field(default_factory=set)
-    retired_overflow_j: dict[str, float] = field(default_factory=dict)
-    retired_overflow_cpu_s: float = 0.0
-    retired_overflow_work: dict[str, float] = field(default_factory=dict)
-    retired_overflow_g: float = 0.0
-    retired_overflow_gpu_idle_j: float = 0.0
+    # What overflow jobs that left memory had accumulated: the aggregate keeps it.
+    retired_overflow: JobTotals = NO_TOTALS
 
     def admit(self, job_id: str) -> None:
         if job_id in self.exported or job_id in self.overflow:
@@ -65,24 +76,31 @@ class ExportSelection:
         else:
             self.overflow.add(job_id)
 
-    def retire(self, record: JobRecord) -> None:
-        job_id = record.ref.id
+    def retire(self, job: JobView) -> None:
+        job_id = job.ref.id
         self.exported.discard(job_id)
         if job_id in self.overflow:
             self.overflow.discard(job_id)
-            for domain, energy in record.energy_j.items():
-                self.retired_overflow_j[domain] = self.retired_overflow_j.get(domain, 0.0) + energy
-            self.retired_overflow_cpu_s += record.cpu_s
-            for unit, count in record.work_units.items():
-                self.retired_overflow_work[unit] = self.retired_overflow_work.get(unit, 0.0) + count
-            self.retired_overflow_g += record.emissions_g
-            self.retired_overflow_gpu_idle_j += record.gpu_idle_j
+            self.retired_overflow = self.retired_overflow + job.totals
 
-
-def _job_view(record: JobRecord) -> JobView:
-    return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
-                   record.processes, record.finished_at, dict(record.work_units),
-                   emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j)
+    def select(self, jobs: tuple[JobView, ...]) -> list[JobView]:
+        """The exported jobs' views, then the overflow aggregate if there is one."""
+        exported: list[JobView] = []
+        overflow = self.retired_overflow
+        overflow_power: dict[str, float] = {}
+        overflow_processes = 0
+        for job in jobs:
+            job_id = job.ref.id
+            if job_id in self.exported:
+                exported.append(job)
+            elif job_id in self.overflow:
+                overflow = overflow + job.totals
+                for domain, power in job.power_w.items():
+                    overflow_power[domain] = overflow_power.get(domain, 0.0) + power
+                overflow_processes += job.processes
+        if self.overflow or self.retired_overflow.energy_j:
+            exported.append(JobView(OVERFLOW_JOB, {}, overflow_power, overflow_processes, None, overflow))
+        return exported
 
 
 class Agent:
@@ -94,15 +112,19 @@ class Agent:
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
         self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_active else None
-        self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude, pods=self.kubelet,
-                                    pod_job_labels=config.pod_job_labels)
+        self.resolver = JobResolver(
+            self.registry,
+            config.rules,
+            config.systemd_unit_exclude,
+            pods=self.kubelet,
+            pod_job_labels=config.pod_job_labels,
+        )
         self.sensor_set = sensors or build_sensors(config)
         self.boot_id = read_boot_id(config)
         self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
         self.gpu_idle = GpuIdleTracker(configured_w=config.gpu_idle_power_w)
         self.selection = ExportSelection(config.max_exported_jobs)
         self.snapshot: Snapshot = EMPTY_SNAPSHOT
-        self._views: dict[str, JobView] = {}  # exported job views of the last snapshot
         self.ticks = 0
         self.tick_durations = DurationCounts()
         self.sensor_errors: dict[tuple[str, str], int] = {}
@@ -123,7 +145,7 @@ class Agent:
                 self.selection.admit(job.ref.id)
             else:
                 self.ledger.mark_finished(job.ref.id, self.registry.finish(job.ref.id, reason="gone after restart"))
-        for job_id, record in self.ledger.jobs.items():
+        for job_id in self.ledger.job_ids():
             self.selection.admit(job_id)
 
     def _recover_downtime(self) -> None:
@@ -139,12 +161,11 @@ class Agent:
             zone = zones.get(zone_id)
             if previous is None or zone is None or not self.boot_id or previous.boot_id != self.boot_id:
                 continue
-            energy = recoverable_downtime_energy_j(previous.raw_uj, raw, max_range, now - previous.monotonic_s,
-                                                   self.config.max_zone_power_w)
+            energy = recoverable_downtime_energy_j(
+                previous.raw_uj, raw, max_range, now - previous.monotonic_s, self.config.max_zone_power_w
+            )
             if energy > 0:
-                key = (zone.domain, zone.device, "rapl")
-                self.ledger.node_energy_j[key] = self.ledger.node_energy_j.get(key, 0.0) + energy
-                self.ledger.add_unattributed(zone.domain, energy)
+                self.ledger.book_recovered(zone.domain, zone.device, "rapl", energy)
                 log.info("recovered %.1f J used by %s while the agent was down", energy, zone.device)
 
     def start_pod_metadata(self) -> None:
@@ -155,19 +176,25 @@ class Agent:
             self.kubelet.first_poll.wait(self.config.kubelet_timeout_s + 1.0)
 
     # -- control operations (called from the API) ----------------------------------
-    def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobRecord:
+    def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobView:
         job = self.registry.register(name, pids, labels, owner_uid)
         self.ledger.save_registration(job, time.time())
         self.selection.admit(job.ref.id)
-        return self.ledger.job(job.ref.id)
+        return self._job(job.ref.id)
 
-    def finish_job(self, job_id: str) -> JobRecord:
+    def finish_job(self, job_id: str) -> JobView:
         job = self.registry.finish(job_id)  # raises UnknownJob
         self.ledger.mark_finished(job_id, job)
         self.ledger.flush()
-        return self.ledger.job(job_id)
+        return self._job(job_id)
 
-    def add_work(self, job_id: str, unit: str, count: float) -> JobRecord:
+    def _job(self, job_id: str) -> JobView:
+        view = self.ledger.job(job_id)
+        if view is None:
+            raise UnknownJob(job_id)
+        return view
+
+    def add_work(self, job_id: str, unit: str, count: float) -> JobView:
         record = self.ledger.add_work(job_id, unit, count)
         if record is None:
             raise UnknownJob(job_id)
@@ -180,32 +207,43 @@ class Agent:
     def _idle_power_w(self, reading: DeviceEnergy, utilization: float) -> float:
         if reading.idle_power_w is not None:
             return reading.idle_power_w
-        estimator = self.estimators.setdefault((reading.domain, reading.device),
-                                               IdlePowerEstimator(prior_idle_fraction=self.config.cpu_idle_fraction))
+        estimator = self.estimators.setdefault(
+            (reading.domain, reading.device), IdlePowerEstimator(prior_idle_fraction=self.config.cpu_idle_fraction)
+        )
         estimator.observe(utilization, reading.power_w)
         estimate = estimator.estimate_w()
         return estimate if estimate is not None else 0.0
 
-    def _attribute(self, readings: list[DeviceEnergy], scan: Scan, job_cpu_s: dict[str, float],
-                   interval_s: float) -> tuple[list[DomainAttribution], dict[str, float]]:
+    def _attribute(
+        self, readings: list[DeviceEnergy], scan: Scan, job_cpu_s: dict[str, float], interval_s: float
+    ) -> tuple[list[DomainAttribution], dict[str, float]]:
         measured: dict[str, float] = {}
         idle_power: dict[str, float] = {}
         for reading in readings:
             if reading.domain not in ATTRIBUTED_DOMAINS or reading.domain == "gpu":
                 continue
-            utilization = scan.node.utilization_ratio if reading.utilization_ratio is None \
-                else reading.utilization_ratio
+            utilization = (
+                scan.node.utilization_ratio if reading.utilization_ratio is None else reading.utilization_ratio
+            )
             measured[reading.domain] = measured.get(reading.domain, 0.0) + reading.energy_j
             idle_power[reading.domain] = idle_power.get(reading.domain, 0.0) + self._idle_power_w(reading, utilization)
         for domain, watts in self.config.idle_power_w.items():
             if domain in idle_power:
                 idle_power[domain] = watts
-        parts = [split_domain(domain, energy, idle_power[domain], interval_s, job_cpu_s, scan.node.busy_s)
-                 for domain, energy in sorted(measured.items())]
+        parts = [
+            split_domain(domain, energy, idle_power[domain], interval_s, job_cpu_s, scan.node.busy_s)
+            for domain, energy in sorted(measured.items())
+        ]
         return parts, idle_power
 
-    def _attribute_gpus(self, readings: list[DeviceEnergy], scan: Scan, jobs: list[JobRef | None],
-                        parts: list[DomainAttribution], idle_power: dict[str, float]) -> dict[str, float]:
+    def _attribute_gpus(
+        self,
+        readings: list[DeviceEnergy],
+        scan: Scan,
+        jobs: list[JobRef | None],
+        parts: list[DomainAttribution],
+        idle_power: dict[str, float],
+    ) -> dict[str, float]:
         """Append the GPU domain's split to ``parts``; return allocated-idle joules per job."""
         gpus = [r for r in readings if r.domain == "gpu"]
         if not gpus:
@@ -247,7 +285,9 @@ class Agent:
         finished = self.registry.forget_exited([k for k in list(self.registry.keys) if k not in scan.live])
         now_unix = time.time()
         for job_id in finished:
-            self.ledger.mark_finished(job_id, self.registry.get(job_id))
+            registration = self.registry.get(job_id)
+            if registration is not None:
+                self.ledger.mark_finished(job_id, registration)
 
         activity: dict[str, JobActivity] = {}
         cpu: dict[str, float] = {}
@@ -262,17 +302,17 @@ class Agent:
         info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
         for job_id, ref in refs.items():
             activity[job_id] = JobActivity(ref, cpu[job_id], counts[job_id])
-            record = self.ledger.jobs.get(job_id)
-            if record is None:
+            if not self.ledger.has_job(job_id):
                 registration = self.registry.get(job_id)
                 self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id), registration=registration)
                 self.selection.admit(job_id)
-            elif record.ref != ref or (job_id in info and record.labels != info[job_id]):
-                self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id))
+            else:
+                self.ledger.update_identity(ref, now_unix, labels=info.get(job_id))
 
         if first_tick:
             self._recover_downtime()
-            parts, idle_power = [], {}
+            parts: list[DomainAttribution] = []
+            idle_power: dict[str, float] = {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
             gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
@@ -281,18 +321,22 @@ class Agent:
         self.ticks += 1
         self._maybe_flush(now_mono)
         self._retire(now_unix)
-        self.snapshot = self._build_snapshot(now_unix, interval_s, scan, idle_power, len(scan.processes),
-                                             time.monotonic() - started)
+        self.snapshot = self._build_snapshot(
+            now_unix, interval_s, scan, idle_power, len(scan.processes), time.monotonic() - started
+        )
         return self.snapshot
 
-    def _charge_emissions(self, now_unix: float, interval_s: float, readings: list[DeviceEnergy],
-                          jobs_j: dict[str, float]) -> None:
+    def _charge_emissions(
+        self, now_unix: float, interval_s: float, readings: list[DeviceEnergy], jobs_j: dict[str, float]
+    ) -> None:
         """Charge this tick's energy at the intensity in force during the tick."""
         self.carbon_now = self.intensity.at(emissions.interval_midpoint_s(now_unix, interval_s))
         # Platform and board channels overlap the attributed domains: counting them would double the node.
         node_j = sum(r.energy_j for r in readings if r.domain in ATTRIBUTED_DOMAINS)
         g_per_kwh, pue = self.carbon_now.grams_per_kwh, self.config.carbon.pue
-        self.ledger.book_emissions(emissions.tick_grams(jobs_j, g_per_kwh, pue), emissions.grams(node_j, g_per_kwh, pue))
+        self.ledger.book_emissions(
+            emissions.tick_grams(jobs_j, g_per_kwh, pue), emissions.grams(node_j, g_per_kwh, pue)
+        )
 
     def _maybe_flush(self, now_mono: float, force: bool = False) -> None:
         if force or now_mono - self._last_flush_mono >= self.config.flush_interval_s:
@@ -303,75 +347,62 @@ class Agent:
 
     def _retire(self, now_unix: float) -> None:
         cutoff = now_unix - self.config.finished_job_retention_s
-        for job_id, record in list(self.ledger.jobs.items()):
-            if record.finished_at is not None and record.finished_at < cutoff:
-                self.selection.retire(record)
+        for job in self.ledger.finished_before(cutoff):
+            self.selection.retire(job)
         for job_id in self.ledger.evict_finished(cutoff):
             self.registry.drop(job_id)
 
-    def _build_snapshot(self, now_unix: float, interval_s: float, scan: Scan, idle_power: dict[str, float],
-                        processes: int, duration_s: float) -> Snapshot:
-        ledger = self.ledger
-        with ledger._lock:
-            devices = tuple(
-                DeviceView(domain, device, source, energy, ledger.node_power_w.get((domain, device, source), 0.0))
-                for (domain, device, source), energy in sorted(ledger.node_energy_j.items())
-            )
-            exported: list[JobView] = []
-            overflow_energy = dict(self.selection.retired_overflow_j)
-            overflow_power: dict[str, float] = {}
-            overflow_cpu = self.selection.retired_overflow_cpu_s
-            overflow_g = self.selection.retired_overflow_g
-            overflow_gpu_idle = self.selection.retired_overflow_gpu_idle_j
-            overflow_processes = 0
-            overflow_work = dict(self.selection.retired_overflow_work)
-            running = finished = 0
-            # Views are rebuilt only for jobs the ledger changed since the last
-            # snapshot: most jobs on a busy node are idle most ticks.
-            stale, previous_views, views = ledger.views_stale, self._views, {}
-            for job_id, record in ledger.jobs.items():
-                if record.finished_at is None:
-                    running += 1
-                else:
-                    finished += 1
-                if job_id in self.selection.exported:
-                    view = previous_views.get(job_id)
-                    if view is None or job_id in stale:
-                        view = _job_view(record)
-                    views[job_id] = view
-                    exported.append(view)
-                elif job_id in self.selection.overflow:
-                    for domain, energy in record.energy_j.items():
-                        overflow_energy[domain] = overflow_energy.get(domain, 0.0) + energy
-                    for domain, power in record.power_w.items():
-                        overflow_power[domain] = overflow_power.get(domain, 0.0) + power
-                    overflow_cpu += record.cpu_s
-                    overflow_g += record.emissions_g
-                    overflow_processes += record.processes
-                    for unit, count in record.work_units.items():
-                        overflow_work[unit] = overflow_work.get(unit, 0.0) + count
-                    overflow_gpu_idle += record.gpu_idle_j
-            if self.selection.overflow or self.selection.retired_overflow_j:
-                exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
-                                        overflow_processes, None, overflow_work, emissions_g=overflow_g,
-                                        gpu_idle_j=overflow_gpu_idle))
-            self._views = views
-            stale.clear()
-            idle = dict(ledger.idle_j)
-            unattributed = dict(ledger.unattributed_j)
-            flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors
-            node_g = ledger.node_emissions_g
+    def _build_snapshot(
+        self,
+        now_unix: float,
+        interval_s: float,
+        scan: Scan,
+        idle_power: dict[str, float],
+        processes: int,
+        duration_s: float,
+    ) -> Snapshot:
+        totals = self.ledger.read()
+        devices = totals.devices
+        running = sum(1 for job in totals.jobs if job.finished_at is None)
+        finished = len(totals.jobs) - running
+        exported = self.selection.select(totals.jobs)
+        idle, unattributed = totals.idle_j, totals.unattributed_j
+        flush_unix, flush_errors = totals.last_flush_unix, totals.flush_errors
+        node_g = totals.node_emissions_g
         statuses = tuple(status for sensor in self.sensor_set.sensors for status in sensor.status())
         self.tick_durations = self.tick_durations.observe(duration_s)
-        health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,
-                        flush_unix, flush_errors, kubelet=self.kubelet.health() if self.kubelet else None)
+        health = Health(
+            self.ticks,
+            duration_s,
+            self.tick_durations,
+            statuses,
+            dict(self.sensor_errors),
+            processes,
+            running,
+            finished,
+            flush_unix,
+            flush_errors,
+            kubelet=self.kubelet.health() if self.kubelet else None,
+        )
         nvml = self.sensor_set.nvml
         gpus = tuple(sorted(nvml.views().values(), key=lambda v: v.index)) if nvml else ()
         now = self.carbon_now
-        carbon = CarbonView(now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g,
-                            self.intensity.errors_total)
-        return Snapshot(now_unix, interval_s, scan.node.utilization_ratio, devices, idle, unattributed,
-                        idle_power, tuple(exported), health, carbon=carbon, gpus=gpus)
+        carbon = CarbonView(
+            now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g, self.intensity.errors_total
+        )
+        return Snapshot(
+            now_unix,
+            interval_s,
+            scan.node.utilization_ratio,
+            devices,
+            idle,
+            unattributed,
+            idle_power,
+            tuple(exported),
+            health,
+            carbon=carbon,
+            gpus=gpus,
+        )
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:

@@ -1,5 +1,6 @@
 """HTTP API. Reads are served on the TCP listener; control endpoints
 (register, finish) only on the Unix control socket. No arithmetic here."""
+
 from __future__ import annotations
 
 import time
@@ -13,13 +14,15 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from agent.api_models import ErrorOut, JobOut, job_out
-from agent.control_api import control_router, install_error_handler as install_control_error_handler
-from agent.daemon import Agent
+from agent.api.control import control_router
+from agent.api.control import install_error_handler as install_control_error_handler
+from agent.api.models import ErrorOut, JobOut, job_out
+from agent.pipeline.daemon import Agent
 from exporters import report
 from exporters.prometheus import RenderCache
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 class DeviceOut(BaseModel):
@@ -67,11 +70,16 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def _add_read_routes(app: FastAPI, agent: Agent) -> None:
-    cache = RenderCache(lambda: agent.snapshot)
+    cache = RenderCache(lambda: agent.snapshot, node=agent.config.node, hostname=agent.config.hostname)
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}})
-    def metrics() -> Response:
-        return Response(cache.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}, OPENMETRICS_CONTENT_TYPE: {}}}},
+    )
+    def metrics(request: Request) -> Response:
+        body, content_type = cache.negotiate(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -83,23 +91,36 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         age = time.time() - snap.timestamp_unix
         ready = agent.ticks >= 2 and age < max(5 * agent.config.interval_s, 10.0)
         if not ready:
-            return JSONResponse({"detail": "no complete sample yet" if agent.ticks < 2 else
-                                 f"last sample is {age:.0f} s old"}, status_code=503)
+            return JSONResponse(
+                {"detail": "no complete sample yet" if agent.ticks < 2 else f"last sample is {age:.0f} s old"},
+                status_code=503,
+            )
         return {"status": "ready", "ticks": agent.ticks}
 
     @app.get("/v1/node", response_model=NodeOut)
     def node() -> NodeOut:
         snap = agent.snapshot
         return NodeOut(
-            timestamp=snap.timestamp_unix, cpu_utilization_ratio=snap.cpu_utilization_ratio,
-            devices=[DeviceOut(domain=d.domain, device=d.device, source=d.source, energy_j=d.energy_j,
-                               power_w=d.power_w) for d in snap.devices],
-            idle_j=dict(snap.idle_j), unattributed_j=dict(snap.unattributed_j), idle_power_w=dict(snap.idle_power_w),
-            sensors=[SensorOut(sensor=s.sensor, device=s.device, up=s.up, reason=s.reason)
-                     for s in snap.health.sensors],
-            carbon=CarbonOut(grams_per_kwh=snap.carbon.grams_per_kwh, zone=snap.carbon.zone,
-                             source=snap.carbon.source, pue=snap.carbon.pue,
-                             emissions_g=snap.carbon.node_emissions_g, provider_errors=snap.carbon.provider_errors),
+            timestamp=snap.timestamp_unix,
+            cpu_utilization_ratio=snap.cpu_utilization_ratio,
+            devices=[
+                DeviceOut(domain=d.domain, device=d.device, source=d.source, energy_j=d.energy_j, power_w=d.power_w)
+                for d in snap.devices
+            ],
+            idle_j=dict(snap.idle_j),
+            unattributed_j=dict(snap.unattributed_j),
+            idle_power_w=dict(snap.idle_power_w),
+            sensors=[
+                SensorOut(sensor=s.sensor, device=s.device, up=s.up, reason=s.reason) for s in snap.health.sensors
+            ],
+            carbon=CarbonOut(
+                grams_per_kwh=snap.carbon.grams_per_kwh,
+                zone=snap.carbon.zone,
+                source=snap.carbon.source,
+                pue=snap.carbon.pue,
+                emissions_g=snap.carbon.node_emissions_g,
+                provider_errors=snap.carbon.provider_errors,
+            ),
         )
 
     @app.get("/v1/jobs", response_model=list[JobOut])
@@ -114,8 +135,9 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         return job_out(record)
 
     @app.get("/v1/jobs/{job_id}/report", response_class=Response, responses={404: {"model": ErrorOut}})
-    def job_report(job_id: str, format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})]
-                   = "csv") -> Response:
+    def job_report(
+        job_id: str, format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})] = "csv"
+    ) -> Response:
         """The job in codecarbon's emissions.csv format (csv, json or text)."""
         if format not in report.FORMATS:
             raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
@@ -124,8 +146,9 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
             raise HTTPException(404, f"no job {job_id!r}")
         gpus = sum(1 for d in agent.snapshot.devices if d.domain == "gpu")
         site = report.site_from_config(agent.config.carbon, agent.config.procfs, gpus)
-        row = report.report_row(report.job_emissions(job_out(record).model_dump(), site,
-                                                     agent.config.carbon.pue, time.time()))
+        row = report.report_row(
+            report.job_emissions(job_out(record).model_dump(), site, agent.config.carbon.pue, time.time())
+        )
         media = {"csv": "text/csv", "json": "application/json", "text": "text/plain"}[format]
         return Response(report.render([row], format), media_type=f"{media}; charset=utf-8")
 
@@ -146,9 +169,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             # Starlette lists only the first route's methods; a path served by
             # two routes (GET and POST /v1/jobs) must list both.
-            methods = [method for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
-                       if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
-                              for route in request.app.routes)]
+            methods = [
+                method
+                for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
+                if any(
+                    route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes
+                )
+            ]
             return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(methods)})
         return await http_exception_handler(request, exc)
 

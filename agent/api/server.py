@@ -1,5 +1,6 @@
 """Runs the sampler and the HTTP servers (TCP reads, Unix-socket control)
 until SIGTERM or SIGINT, then flushes the ledger and returns."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import uvicorn
 
-from agent.api import create_control_app, create_read_app
+from agent.api.peercred import PeerCredH11Protocol
+from agent.api.read import create_control_app, create_read_app
 from agent.config import Config
-from agent.daemon import Agent
-from agent.peercred_http import PeerCredH11Protocol
+from agent.pipeline.daemon import Agent
 
 log = logging.getLogger("jouleward")
 
@@ -68,10 +69,26 @@ def serve(config: Config, stop: threading.Event | None = None) -> None:
     stop = stop or threading.Event()
 
     servers = [
-        uvicorn.Server(uvicorn.Config(create_read_app(agent, control_token), host=host, port=port, log_level="warning",
-                                      access_log=False, lifespan="off")),
-        uvicorn.Server(uvicorn.Config(create_control_app(agent), uds=str(socket_path), log_level="warning",
-                                      access_log=False, lifespan="off", http=PeerCredH11Protocol)),
+        uvicorn.Server(
+            uvicorn.Config(
+                create_read_app(agent, control_token),
+                host=host,
+                port=port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+            )
+        ),
+        uvicorn.Server(
+            uvicorn.Config(
+                create_control_app(agent),
+                uds=str(socket_path),
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                http=PeerCredH11Protocol,
+            )
+        ),
     ]
 
     async def run_servers() -> None:
@@ -89,8 +106,13 @@ def serve(config: Config, stop: threading.Event | None = None) -> None:
         signal.signal(signal.SIGINT, request_stop)
     sampler.start()
     http_thread.start()
-    log.info("jouleward listening on %s:%d, control socket %s, sensors: %s", host, port, socket_path,
-             ", ".join(sensor.name for sensor in agent.sensor_set.sensors))
+    log.info(
+        "jouleward listening on %s:%d, control socket %s, sensors: %s",
+        host,
+        port,
+        socket_path,
+        ", ".join(sensor.name for sensor in agent.sensor_set.sensors),
+    )
     while not stop.wait(0.5):
         if not http_thread.is_alive():
             log.error("HTTP servers stopped unexpectedly")

@@ -17,16 +17,25 @@ Pure arithmetic: no I/O, no clock. Per GPU and tick:
 
 So ``idle + unattributed + sum(jobs) == measured`` for every GPU.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
-from agent.gpu_model import SPLIT_MEMORY, SPLIT_SM, GpuDeviceView, GpuProcess, split_method
-from agent.model import DeviceEnergy, DomainAttribution
+from agent.model import (
+    SPLIT_MEMORY,
+    SPLIT_SM,
+    DeviceEnergy,
+    DomainAttribution,
+    GpuDeviceView,
+    GpuProcess,
+    GpuSplitMethod,
+    split_method,
+)
 
-SPLIT_NONE = "none"  # no process held the GPU
+SPLIT_NONE = GpuSplitMethod.NONE
 # Ticks at or below this utilisation count as the GPU's low end of power.
 LOW_UTILIZATION_RATIO = 0.05
 
@@ -69,7 +78,7 @@ class GpuSplit:
     """How one GPU's tick energy was split."""
 
     device: str
-    method: str  # sm, memory, equal, none
+    method: GpuSplitMethod
     measured_j: float
     idle_j: float  # to the node's idle counter
     unattributed_j: float
@@ -86,7 +95,7 @@ class GpuAttribution:
     devices: tuple[GpuSplit, ...] = ()
 
 
-def _weights(processes: tuple[GpuProcess, ...], method: str) -> list[float]:
+def _weights(processes: tuple[GpuProcess, ...], method: GpuSplitMethod) -> list[float]:
     if method == SPLIT_SM:
         return [max(p.sm_utilization_pct or 0.0, 0.0) for p in processes]
     if method == SPLIT_MEMORY:
@@ -144,9 +153,7 @@ def attribute_gpus(
     """Split every GPU's tick energy; ``views`` and ``idle_power_w`` are keyed
     by device label (``gpu-0``)."""
     splits = tuple(
-        split_gpu(e, views.get(e.device), idle_power_w.get(e.device), job_of)
-        for e in energies
-        if e.domain == "gpu"
+        split_gpu(e, views.get(e.device), idle_power_w.get(e.device), job_of) for e in energies if e.domain == "gpu"
     )
     jobs: dict[str, float] = {}
     allocated: dict[str, float] = {}
@@ -191,8 +198,9 @@ class GpuIdleTracker:
             # A GPU whose process list is unknown may be held: it says nothing
             # about the unheld idle power.
             held = view is None or not view.processes_known or bool(view.processes)
-            seen = observe_idle(self.seen.get(reading.device, IdleObservations()), reading.power_w,
-                                reading.utilization_ratio, held)
+            seen = observe_idle(
+                self.seen.get(reading.device, IdleObservations()), reading.power_w, reading.utilization_ratio, held
+            )
             self.seen[reading.device] = seen
             idle[reading.device] = estimated_idle_power_w(seen, self.configured_w)
         return attribute_gpus(energies, views, idle, job_of), idle
