@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-DEFAULT_CONTROL_SOCKET = Path("/var/lib/jouleward/control.sock")
+# Where the systemd unit and the DaemonSet put the control socket.
+DEFAULT_CONTROL_SOCKET = Path("/run/jouleward/control.sock")
 SOCKET_ENV = "JOULEWARD_CONTROL_SOCKET"
 JOB_ID_ENV = "JOULEWARD_JOB_ID"
 

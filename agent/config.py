@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -137,6 +138,18 @@ class Config:
     work_source_poll_s: float = 10.0
     work_source_timeout_s: float = 2.0
     work_source_max_body_bytes: int = 4 * 1024 * 1024
+    # The node's name on every exported identity (jouleward_node_info{node},
+    # the GPUs' Hostname): NODE_NAME as the DaemonSet sets it from
+    # spec.nodeName, else the host name.
+    node_name: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return socket.gethostname()
+
+    @property
+    def node(self) -> str:
+        return self.node_name or self.hostname
 
     @property
     def kubelet_active(self) -> bool:
@@ -232,6 +245,10 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a list like \"0,1\" or GPU UUIDs, got {value!r}")
         return str(value)
+    if key == "node_name":
+        if not isinstance(value, str) or len(value) > 253 or re.search(r"[\x00-\x1f\x7f]", value):
+            raise ConfigError(f"{where}: expected a node name (at most 253 printable characters), got {value!r}")
+        return value.strip()
     if key == "listen":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected host:port, got {value!r}")
@@ -446,6 +463,9 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     # The operator's CUDA device restriction applies to the agent's view too.
     if "gpu_visible_devices" not in out and "CUDA_VISIBLE_DEVICES" in environ:
         out["gpu_visible_devices"] = environ["CUDA_VISIBLE_DEVICES"]
+    # Kubernetes' downward API names the node NODE_NAME (as the DaemonSet does).
+    if "node_name" not in out and environ.get("NODE_NAME", "").strip():
+        out["node_name"] = environ["NODE_NAME"]
     return out
 
 

@@ -262,6 +262,7 @@ class GpuDeviceView:
     # False where the process list could not be read (so nobody is known to
     # hold the GPU, and its energy cannot be split).
     processes_known: bool = True
+    pci_bus_id: str = ""  # "00000000:17:00.0"; "" where the driver does not say
 
     @property
     def split_method(self) -> GpuSplitMethod:

@@ -92,6 +92,7 @@ def test_any_flag_value_is_accepted_or_names_the_flag(flag, text):
         ('[[rules]]\nname = "a"\ncmdline = "("\n', [], "rules[0].cmdline"),
         ("[idle_power_w]\ncpu = -3\n", [], "idle_power_w.cpu"),
         ("listen = 9883\n", [], "listen"),
+        ('node_name = "gpu\\u0007node"\n', [], "node_name"),
         ("no_such_key = 1\n", [], "no_such_key"),
         ("interval_s = \n", [], "not valid TOML"),
         ("", ["--interval", "0"], "--interval"),

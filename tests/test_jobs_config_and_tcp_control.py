@@ -24,6 +24,19 @@ def write_toml(path: Path, text: str) -> Path:
     return path
 
 
+def test_node_name_from_the_downward_api_else_the_host_name(tmp_path):
+    import socket
+
+    assert build(environ={}).node == socket.gethostname()
+    assert build(environ={"NODE_NAME": "gpu-node-7"}).node == "gpu-node-7"
+    assert build(environ={"NODE_NAME": "  "}).node == socket.gethostname()
+    # The agent's own variable wins over the DaemonSet's, the environment over the file.
+    assert build(environ={"NODE_NAME": "a", "JOULEWARD_NODE_NAME": "b"}).node == "b"
+    (tmp_path / "agent.toml").write_text('node_name = "from-file"\n')
+    assert build(tmp_path / "agent.toml", environ={}).node == "from-file"
+    assert build(tmp_path / "agent.toml", environ={"NODE_NAME": "from-env"}).node == "from-env"
+
+
 def test_kubelet_settings_from_toml_and_environment(tmp_path):
     toml = write_toml(
         tmp_path / "agent.toml",

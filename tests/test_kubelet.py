@@ -118,3 +118,33 @@ def test_overdue_poll_counts_as_stale(kubelet, token_file):
     assert not poller.health().stale
     clock[0] = 66.0
     assert poller.health().stale and poller.health().up
+
+
+def test_the_controlling_owner_and_its_uid_come_from_owner_references():
+    from agent.workloads.kubelet import parse_pod
+
+    pod = parse_pod(
+        {
+            "metadata": {
+                "uid": "p1",
+                "name": "w-0",
+                "namespace": "ml",
+                "ownerReferences": [
+                    {"kind": "Node", "name": "n1", "uid": "node-uid"},
+                    {
+                        "kind": "PyTorchJob",
+                        "name": "ft",
+                        "uid": "6f1c1a7e-0b1d-4c55-9a3e-1d2b3c4d5e6f",
+                        "controller": True,
+                    },
+                ],
+            }
+        }
+    )
+    assert (pod.owner_kind, pod.owner_name, pod.owner_uid) == (
+        "PyTorchJob",
+        "ft",
+        "6f1c1a7e-0b1d-4c55-9a3e-1d2b3c4d5e6f",
+    )
+    bare = parse_pod({"metadata": {"uid": "p2", "name": "x", "namespace": "ml"}})
+    assert (bare.owner_kind, bare.owner_uid) == ("", "")

@@ -22,6 +22,7 @@ from exporters import report
 from exporters.prometheus import RenderCache
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 class DeviceOut(BaseModel):
@@ -69,11 +70,16 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def _add_read_routes(app: FastAPI, agent: Agent) -> None:
-    cache = RenderCache(lambda: agent.snapshot)
+    cache = RenderCache(lambda: agent.snapshot, node=agent.config.node, hostname=agent.config.hostname)
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}})
-    def metrics() -> Response:
-        return Response(cache.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}, OPENMETRICS_CONTENT_TYPE: {}}}},
+    )
+    def metrics(request: Request) -> Response:
+        body, content_type = cache.negotiate(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:

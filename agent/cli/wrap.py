@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket",
         type=Path,
-        help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, else /var/lib/jouleward/control.sock)",
+        help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, else /run/jouleward/control.sock)",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="measure in-process even if an agent runs")

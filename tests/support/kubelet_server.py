@@ -15,7 +15,7 @@ def pod_item(
     labels: dict[str, str] | None = None,
     annotations: dict[str, str] | None = None,
     node: str = "node-a",
-    owner: tuple[str, str] | None = None,
+    owner: tuple[str, str] | tuple[str, str, str] | None = None,
     container_ids: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"uid": uid, "name": name, "namespace": namespace}
@@ -24,7 +24,8 @@ def pod_item(
     if annotations:
         meta["annotations"] = annotations
     if owner:
-        meta["ownerReferences"] = [{"kind": owner[0], "name": owner[1], "uid": "x", "controller": True}]
+        uid_of_owner = owner[2] if len(owner) > 2 else "x"  # type: ignore[misc]
+        meta["ownerReferences"] = [{"kind": owner[0], "name": owner[1], "uid": uid_of_owner, "controller": True}]
     return {
         "metadata": meta,
         "spec": {"nodeName": node},
