@@ -89,7 +89,7 @@ def test_pod_annotation_names_the_endpoint_at_the_pod_ip():
     no_ip = PodMeta(uid="u3", name="y", namespace="serve", annotations={"jouleward.io/work-metrics": "8000"})
     targets = pod_targets([pod, bad, no_ip], ("batch.kubernetes.io/job-name",))
     assert [(t.job_id, t.url, t.engine) for t in targets] == [
-        ("k8s-serve/llama", "http://10.1.2.3:8000/metrics", Engine.VLLM)
+        ("k8s-serve.llama", "http://10.1.2.3:8000/metrics", Engine.VLLM)
     ]
 
 
