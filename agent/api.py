@@ -16,6 +16,7 @@ from starlette.routing import Match
 from agent.api_models import ErrorOut, JobOut, job_out
 from agent.control_api import control_router, install_error_handler as install_control_error_handler
 from agent.daemon import Agent
+from agent.http_guard import RequestGuard
 from exporters import report
 from exporters.prometheus import RenderCache
 
@@ -73,8 +74,14 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
     def metrics() -> Response:
         return Response(cache.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    @app.get("/healthz", responses={503: {"model": ErrorOut}})
+    def healthz() -> Any:
+        """Liveness: fails once the sampler has not completed a tick for ``sampler_stall_s``."""
+        since = agent.seconds_since_tick()
+        limit = agent.config.sampler_stall_after_s
+        if since is not None and since > limit:
+            return JSONResponse({"detail": f"sampler stalled: no tick for {since:.0f} s "
+                                           f"(sampler_stall_s {limit:g} s)"}, status_code=503)
         return {"status": "ok", "ticks": agent.ticks}
 
     @app.get("/readyz", responses={503: {"model": ErrorOut}})
@@ -132,8 +139,9 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
 
 # Validation errors are one message string (see _validation_message), not
 # FastAPI's default list, and a body that is not JSON is a 400: the schema
-# must say so.
-_INVALID: dict[int | str, dict[str, Any]] = {400: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+# must say so. A body over max_request_body_bytes is a 413, one that does not
+# arrive within request_timeout_s a 408 (agent.http_guard).
+_INVALID: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 408, 413, 422)}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -159,6 +167,9 @@ def create_read_app(agent: Agent, control_token: str | None = None) -> FastAPI:
     app = FastAPI(title="jouleward", version="0.1.0", responses=_INVALID)
     _install_error_handlers(app)
     _add_read_routes(app, agent)
+    # Authenticated before the body is read: an unauthenticated caller learns nothing of validation.
+    app.add_middleware(RequestGuard, max_body_bytes=agent.config.max_request_body_bytes,
+                       timeout_s=agent.config.request_timeout_s, bearer_token=control_token or None)
     if control_token:
         install_control_error_handler(app)
         app.include_router(control_router(agent, tcp_token=control_token))
@@ -170,6 +181,8 @@ def create_control_app(agent: Agent) -> FastAPI:
     app = FastAPI(title="jouleward control", version="0.1.0", responses=_INVALID)
     _install_error_handlers(app)
     _add_read_routes(app, agent)
+    app.add_middleware(RequestGuard, max_body_bytes=agent.config.max_request_body_bytes,
+                       timeout_s=agent.config.request_timeout_s)
 
     # Register, finish and work units, with the caller's uid checked (agent.control).
     install_control_error_handler(app)

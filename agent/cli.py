@@ -15,6 +15,7 @@ from agent import __version__
 from agent.config import Config, ConfigError, build
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the agent ran and a part of it died: a service manager should restart it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def _run(args: argparse.Namespace) -> int:
     from agent.ledger import LedgerError
-    from agent.server import ServeError, serve
+    from agent.server import ServeError, ServeFailed, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
@@ -78,6 +79,9 @@ def _run(args: argparse.Namespace) -> int:
     except (LedgerError, ServeError) as exc:
         print(f"jouleward: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ServeFailed as exc:
+        print(f"jouleward: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

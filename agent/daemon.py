@@ -107,6 +107,7 @@ class Agent:
         self.tick_durations = DurationCounts()
         self.sensor_errors: dict[tuple[str, str], int] = {}
         self._last_mono: float | None = None
+        self._last_tick_done_mono: float | None = None
         self._last_flush_mono = time.monotonic()
         self._stop = threading.Event()
         self._tick_lock = threading.Lock()
@@ -283,7 +284,13 @@ class Agent:
         self._retire(now_unix)
         self.snapshot = self._build_snapshot(now_unix, interval_s, scan, idle_power, len(scan.processes),
                                              time.monotonic() - started)
+        self._last_tick_done_mono = time.monotonic()
         return self.snapshot
+
+    def seconds_since_tick(self) -> float | None:
+        """Seconds since the last tick completed; None before the first."""
+        done = self._last_tick_done_mono
+        return None if done is None else time.monotonic() - done
 
     def _charge_emissions(self, now_unix: float, interval_s: float, readings: list[DeviceEnergy],
                           jobs_j: dict[str, float]) -> None:

@@ -12,14 +12,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import uvicorn
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
-
 from agent.control import Caller, peer_credentials
+from agent.http_guard import DeadlineH11Protocol
 
 STATE_KEY = "jouleward_peer"
 
 
-class PeerCredH11Protocol(H11Protocol):
+class PeerCredH11Protocol(DeadlineH11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
