@@ -12,12 +12,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from agent.api_models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
-from agent.control import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok
+from agent.control import (Caller, ControlError, authorize_job_change, authorize_register, bearer_ok,
+                           pids_as_seen_here)
 from agent.peercred_http import peer_of
-from agent.workloads.registry import RegistrationError, UnknownJob
+from agent.workloads.registry import AlreadyRegistered, RegistrationError, UnknownJob
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (401, 403, 404, 422)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
 }
 
 
@@ -38,14 +39,14 @@ def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
     @router.post("/v1/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
     def register(body: JobRegistration, request: Request) -> JobOut:
         caller = caller_of(request, tcp_token)
-        pids = list(dict.fromkeys(body.pids)) if body.pids else ([caller.pid] if caller.pid else [])
-        if not pids:
-            raise ControlError(422, "pids: a TCP caller must name the processes")
+        pids = pids_as_seen_here(caller, list(dict.fromkeys(body.pids)))
         for pid in pids:
             authorize_register(caller, pid, procfs)
         owner = caller.uid if caller.uid is not None else 0
         try:
             record = agent.register_job(body.name, pids, body.labels, owner_uid=owner)
+        except AlreadyRegistered as exc:
+            raise ControlError(409, str(exc)) from None
         except RegistrationError as exc:
             raise ControlError(404, str(exc)) from None
         return job_out(record)

@@ -224,6 +224,8 @@ class Agent:
 
     def _tick(self) -> Snapshot:
         started = time.monotonic()
+        # Registrations from now on may name processes this scan does not list: they are judged next tick.
+        epoch = self.registry.epoch
         scan = self.scanner.scan()
         now_mono = time.monotonic()
         interval_s = 0.0 if self._last_mono is None else now_mono - self._last_mono
@@ -245,7 +247,8 @@ class Agent:
         jobs = self.resolver.resolve(scan.processes)
         self.resolver.forget(scan.exited)
         # Registered processes not seen now, exited since the last scan or before the first one.
-        finished = self.registry.forget_exited([k for k in list(self.registry.keys) if k not in scan.live])
+        finished = self.registry.forget_exited([k for k in self.registry.keys_joined_by(epoch)
+                                                if k not in scan.live])
         now_unix = time.time()
         for job_id in finished:
             self.ledger.mark_finished(job_id, self.registry.get(job_id))
