@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -16,6 +17,7 @@ from starlette.routing import Match
 from agent.api_models import ErrorOut, JobOut, job_out
 from agent.control_api import control_router, install_error_handler as install_control_error_handler
 from agent.daemon import Agent
+from agent.ledger import JobRecord
 from agent.http_guard import RequestGuard
 from exporters import report
 from exporters.prometheus import RenderCache
@@ -113,28 +115,52 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
     def jobs(limit: Annotated[int, Field(ge=1, le=10000)] = 1000) -> list[JobOut]:
         return [job_out(record) for record in agent.ledger.all_jobs(limit)]
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
-    def job(job_id: str) -> JobOut:
+    def _target(request: Request) -> tuple[str, bool]:
+        """The job id and whether its report is asked for. Kubernetes job ids
+        hold ``/`` (``k8s-<namespace>/<job>``): read from the raw path, an
+        encoded ``%2F`` is part of the id and only a literal ``/report`` ends it."""
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        tail = raw.split(b"?", 1)[0][len(b"/v1/jobs/"):]
+        parts = tail.split(b"/")
+        if len(parts) > 1 and parts[-1] == b"report":
+            job_id = unquote(b"/".join(parts[:-1]).decode("latin-1"))
+            whole = unquote(tail.decode("latin-1"))
+            # "k8s-ns/report" unencoded: the job named report, unless a job "k8s-ns" exists.
+            if agent.ledger.job(job_id) is None and agent.ledger.job(whole) is not None:
+                return whole, False
+            return job_id, True
+        return unquote(tail.decode("latin-1")), False
+
+    def _record(job_id: str) -> JobRecord:
         record = agent.ledger.job(job_id)
         if record is None:
             raise HTTPException(404, f"no job {job_id!r}")
-        return job_out(record)
+        return record
 
-    @app.get("/v1/jobs/{job_id}/report", response_class=Response, responses={404: {"model": ErrorOut}})
-    def job_report(job_id: str, format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})]
-                   = "csv") -> Response:
-        """The job in codecarbon's emissions.csv format (csv, json or text)."""
+    def _report(record: JobRecord, format: str) -> Response:
         if format not in report.FORMATS:
             raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
-        record = agent.ledger.job(job_id)
-        if record is None:
-            raise HTTPException(404, f"no job {job_id!r}")
         gpus = sum(1 for d in agent.snapshot.devices if d.domain == "gpu")
         site = report.site_from_config(agent.config.carbon, agent.config.procfs, gpus)
         row = report.report_row(report.job_emissions(job_out(record).model_dump(), site,
                                                      agent.config.carbon.pue, time.time()))
         media = {"csv": "text/csv", "json": "application/json", "text": "text/plain"}[format]
         return Response(report.render([row], format), media_type=f"{media}; charset=utf-8")
+
+    # Declared before the job route: both take ids with "/" (path converters), this one ends in /report.
+    @app.get("/v1/jobs/{job_id:path}/report", response_class=Response, responses={404: {"model": ErrorOut}})
+    def job_report(job_id: str, request: Request,
+                   format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})] = "csv") -> Any:
+        """The job in codecarbon's emissions.csv format (csv, json or text)."""
+        target, is_report = _target(request)
+        if not is_report:
+            return JSONResponse(job_out(_record(target)).model_dump())
+        return _report(_record(target), format)
+
+    @app.get("/v1/jobs/{job_id:path}", response_model=JobOut, responses={404: {"model": ErrorOut}})
+    def job(job_id: str, request: Request) -> JobOut:
+        """One job; ids may hold "/" (Kubernetes jobs), encoded as %2F or not."""
+        return job_out(_record(_target(request)[0]))
 
 
 # Validation errors are one message string (see _validation_message), not

@@ -99,7 +99,7 @@ def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[
 
     reader = AgentReader(config.listen)
     try:
-        return [reader.get_json(f"/v1/jobs/{job_id}")] if job_id else reader.jobs()
+        return [reader.job(job_id)] if job_id else reader.jobs()
     except AgentNotRunning:
         pass
     from agent.api_models import job_out

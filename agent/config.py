@@ -17,7 +17,7 @@ from agent.workloads.mljob import DEFAULT_JOB_LABELS
 DEFAULT_PORT = 9883
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 # Where the shipped deployments put the control socket (deploy/systemd,
-# deploy/kubernetes), then the state directory's default.
+# deploy/kubernetes), then the default state directory's.
 DEFAULT_CONTROL_SOCKETS = (Path("/run/jouleward/control.sock"), Path("/var/lib/jouleward/control.sock"))
 
 

@@ -56,5 +56,8 @@ class AgentReader:
     def jobs(self, limit: int = 1000) -> list[dict[str, Any]]:
         return self.get_json("/v1/jobs", limit=str(limit))
 
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.get_json(f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}")
+
     def report(self, job_id: str, fmt: str) -> str:
         return self.get_text(f"/v1/jobs/{urllib.parse.quote(job_id, safe='')}/report", format=fmt)

@@ -16,8 +16,10 @@ import signal
 import sys
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote
 
-from agent.client import JOB_ID_ENV, SOCKET_ENV, AgentError, AgentUnavailable, Job, JobSummary
+from agent.client import JOB_ID_ENV, SOCKET_ENV, AgentError, AgentUnavailable, Job, JobSummary, first_socket
+from agent.config import ConfigError, build
 from agent.control import ControlError, validate_job_name, validate_labels
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -40,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, metavar="FILE.json", help="write the summary as JSON to this file")
     parser.add_argument("--emissions-csv", dest="emissions_csv", type=Path, metavar="emissions.csv",
                         help="append the job as a row of codecarbon's emissions.csv (header written once)")
-    parser.add_argument("--socket", type=Path, help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, "
-                        "else /var/lib/jouleward/control.sock)")
+    # Located as every command locates the agent: flags, then JOULEWARD_* variables, then --config.
+    parser.add_argument("--config", type=Path, help="TOML configuration file (its control_socket, state_dir)")
+    parser.add_argument("--state-dir", dest="state_dir", help="the agent's state directory")
+    parser.add_argument("--control-socket", "--socket", dest="control_socket", type=Path,
+                        help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, else <state-dir>/control.sock, "
+                        "/run/jouleward/control.sock or /var/lib/jouleward/control.sock, the first that exists)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="measure in-process even if an agent runs")
     mode.add_argument("--require-agent", action="store_true", help="fail unless the agent registers the job")
@@ -69,6 +75,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UsageError(exc.message.replace("name:", "--name:").replace("labels", "--label")) from None
     if not 0.05 <= args.interval <= 60:
         raise UsageError("--interval: expected 0.05..60 seconds")
+    try:
+        config = build(file_path=args.config, flags={"state_dir": args.state_dir, "control_socket": args.control_socket})
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    args.socket = first_socket(config.control_socket_candidates)
     return args
 
 
@@ -114,6 +125,7 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         job = Job(args.name, args.labels, socket_path=args.socket, standalone=False, interval_s=args.interval)
+        fallback = ""
         try:
             if args.standalone:
                 raise AgentUnavailable("standalone requested")
@@ -122,12 +134,19 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
             if args.require_agent:
                 print(f"jouleward wrap: {exc}", file=err)
                 return 2
+            fallback = "standalone"
+        except AgentError as exc:
+            if exc.status != 409 or args.require_agent:
+                print(f"jouleward wrap: the agent refused the job: {exc.message}", file=err)
+                return 2
+            # Already inside a registered job (a Slurm prolog's, an outer wrap): the agent books
+            # the command there; its own figures are measured here.
+            print(f"jouleward wrap: {exc.message}; measuring this command standalone", file=err)
+            fallback = "standalone"
+        if fallback:
             # Measured here: the command is the root, so the meter's own work is not charged to it.
             job = Job(args.name, args.labels, standalone=True, interval_s=args.interval)
             job.prime()
-        except AgentError as exc:
-            print(f"jouleward wrap: the agent refused the job: {exc.message}", file=err)
-            return 2
         env = dict(os.environ)
         if job.mode == "agent":
             env[JOB_ID_ENV] = job.job_id
@@ -136,17 +155,28 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
             pid = os.posix_spawnp(args.command[0], args.command, env, setsigmask=old_mask,
                                   setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
         except OSError as exc:
-            job.abandon()
+            try:
+                job.abandon()
+            except (AgentError, AgentUnavailable, OSError):
+                pass
             print(f"jouleward wrap: cannot run {shlex.join(args.command[:1])}: {exc.strerror}", file=err)
             return 127 if isinstance(exc, FileNotFoundError) else 126
         if job.mode != "agent":
             job.start([pid])
         _wait(pid, signals)
-        summary = job.finish()
+        summary: JobSummary | None = None
+        try:
+            summary = job.finish()  # the agent samples once more first: the last partial interval is the job's
+        except (AgentError, AgentUnavailable, OSError) as exc:
+            # The command ran; its status is the answer whatever became of the agent.
+            print(f"jouleward wrap: cannot finish job {job.job_id} with the agent ({exc}); no energy figures",
+                  file=err)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    if summary is None:
+        return code if code >= 0 else 128 - code
     print(format_summary(summary), file=err)
     if args.emissions_csv is not None:
         _append_emissions(args.emissions_csv, job, summary, err)
@@ -168,14 +198,14 @@ def _append_emissions(path: Path, job: Job, summary: JobSummary, err: TextIO) ->
 
     try:
         if job.mode == "agent":
-            rows = job.client.request("GET", f"/v1/jobs/{summary.job_id}/report?format=json")
+            rows = job.client.request("GET", f"/v1/jobs/{quote(summary.job_id, safe='')}/report?format=json")
         else:
             now = time.time()
             figures = {"id": summary.job_id, "name": summary.name, "energy_j": summary.energy_j,
                        "emissions_g": summary.emissions_g, "first_seen": now - summary.duration_s, "finished_at": now}
             rows = [report.report_row(report.job_emissions(figures, report.site_from_config(CarbonConfig()), 1.0, now))]
         report.append_csv(path, rows)
-    except (AgentError, AgentUnavailable, report.ReportError, OSError) as exc:
+    except (AgentError, AgentUnavailable, report.ReportError, OSError, ValueError) as exc:
         print(f"jouleward wrap: cannot append to {path}: {exc}", file=err)
 
 
