@@ -41,7 +41,7 @@ def test_a_registration_during_a_tick_is_not_finished_by_that_tick(agent, spawne
     not finish its job as exited."""
     conn_path = agent.socket_path
     jobs = []
-    for index in range(80):
+    for index in range(150):
         proc = subprocess.Popen(["sleep", "120"])
         spawned.append(proc)
         status, job = http_request(UnixHTTPConnection(conn_path), "POST", "/v1/jobs",
