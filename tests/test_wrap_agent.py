@@ -32,7 +32,7 @@ def test_the_last_partial_interval_is_charged_to_the_job(tmp_path):
     agent = AgentProcess(tmp_path / "state", interval_s=30)
     try:
         report = tmp_path / "r.json"
-        done = jouleward("wrap", "--require-agent", "--control-socket", agent.socket_path, "--report", str(report),
+        done = jouleward("wrap", "--require-agent", "--socket", agent.socket_path, "--report", str(report),
                          "--", sys.executable, "-c", BURN.format(s=1.5))
         assert done.returncode == 0, done.stderr
         summary = json.loads(report.read_text())
@@ -47,7 +47,7 @@ def test_the_last_partial_interval_is_charged_to_the_job(tmp_path):
 
 def test_wrap_keeps_the_commands_status_when_the_agent_vanishes(tmp_path):
     agent = AgentProcess(tmp_path / "state")
-    wrapped = subprocess.Popen([sys.executable, "-m", "agent.cli", "wrap", "--require-agent", "--control-socket",
+    wrapped = subprocess.Popen([sys.executable, "-m", "agent.cli", "wrap", "--require-agent", "--socket",
                                 agent.socket_path, "--", "sh", "-c", "sleep 2; exit 7"], cwd=REPO, env=clean_env(),
                                stderr=subprocess.PIPE, text=True)
     try:
@@ -113,7 +113,7 @@ def test_a_wrap_inside_a_registered_job_runs_standalone_instead_of_stealing_it(t
     try:
         inner_report = tmp_path / "inner.json"
         inner = f"{sys.executable} -m agent.cli wrap --report {inner_report} -- sh -c 'exit 4'"
-        done = jouleward("wrap", "--require-agent", "--control-socket", agent.socket_path, "--", "sh", "-c",
+        done = jouleward("wrap", "--require-agent", "--socket", agent.socket_path, "--", "sh", "-c",
                          f"{inner}; echo inner=$?", env=clean_env(JOULEWARD_CONTROL_SOCKET=agent.socket_path))
         assert done.returncode == 0, done.stderr
         assert "inner=4" in done.stdout
