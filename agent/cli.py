@@ -97,7 +97,7 @@ def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[
     """The running agent's answer, or the state directory's ledger when no agent runs."""
     from agent.reader import AgentNotRunning, AgentReader
 
-    reader = AgentReader(config.listen)
+    reader = AgentReader(config.listen, control_sockets=config.control_socket_candidates)
     try:
         return [reader.job(job_id)] if job_id else reader.jobs()
     except AgentNotRunning:
@@ -125,7 +125,8 @@ def _report(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     try:
-        rows = json.loads(AgentReader(config.listen).report(args.job_id, "json"))
+        rows = json.loads(AgentReader(config.listen, control_sockets=config.control_socket_candidates)
+                          .report(args.job_id, "json"))
     except AgentNotRunning:
         jobs = _jobs_from_agent_or_ledger(config, args.job_id)
         site = report.site_from_config(config.carbon, config.procfs)
@@ -164,7 +165,8 @@ def _top(args: argparse.Namespace) -> int:
     from agent.top import run_curses, snapshot
 
     config = config_from_args(args)
-    reader = AgentReader(config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)))
+    reader = AgentReader(config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)),
+                         control_sockets=config.control_socket_candidates)
     if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
         try:
             sys.stdout.write(snapshot(reader))

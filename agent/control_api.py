@@ -12,8 +12,14 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from agent.api_models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
-from agent.control import (Caller, ControlError, authorize_job_change, authorize_register, bearer_ok,
-                           pids_as_seen_here)
+from agent.control import (
+    Caller,
+    ControlError,
+    authorize_job_change,
+    authorize_register,
+    bearer_ok,
+    pids_as_seen_here,
+)
 from agent.peercred_http import peer_of
 from agent.workloads.registry import AlreadyRegistered, RegistrationError, UnknownJob
 

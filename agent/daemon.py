@@ -168,7 +168,8 @@ class Agent:
         registration = self.registry.get(job_id)
         if registration is not None and registration.finished_at is None:
             try:
-                self.tick()
+                if self.try_tick(wait_s=max(2 * self.config.interval_s, 2.0)) is None:
+                    log.warning("no sample before finishing %s: the sampler is busy", job_id)
             except Exception:  # the job must still finish; the next tick books the interval
                 log.exception("sample before finishing %s failed", job_id)
         job = self.registry.finish(job_id)  # raises UnknownJob
@@ -229,6 +230,16 @@ class Agent:
     def tick(self) -> Snapshot:
         with self._tick_lock:
             return self._tick()
+
+    def try_tick(self, wait_s: float) -> Snapshot | None:
+        """One sample, unless another tick holds the lock for ``wait_s``
+        (None): a stalled sampler must not hang an API call."""
+        if not self._tick_lock.acquire(timeout=wait_s):
+            return None
+        try:
+            return self._tick()
+        finally:
+            self._tick_lock.release()
 
     def _tick(self) -> Snapshot:
         started = time.monotonic()

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import quote
 
-from agent.client import JOB_ID_ENV, SOCKET_ENV, AgentError, AgentUnavailable, Job, JobSummary, first_socket
+from agent.client import (
+    JOB_ID_ENV,
+    SOCKET_ENV,
+    AgentError,
+    AgentUnavailable,
+    Job,
+    JobSummary,
+    first_socket,
+)
 from agent.config import ConfigError, build
 from agent.control import ControlError, validate_job_name, validate_labels
 

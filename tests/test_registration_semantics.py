@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, AgentProcess, UnixHTTPConnection, http_request, wait_until
+from tests.support import (
+    REPO,
+    AgentProcess,
+    UnixHTTPConnection,
+    http_request,
+    wait_until,
+)
 
 
 @pytest.fixture

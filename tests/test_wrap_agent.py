@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agent.config import Config
 from tests.faultkit import FakeProcfs, Powercap, boot_ticks
-from tests.support import REPO, AgentProcess, wait_until
+from tests.support import REPO, AgentProcess, free_port, wait_until
 from tests.support.kubelet_server import FakeKubelet, pod_item
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
@@ -161,3 +161,23 @@ def test_job_ids_with_a_slash_are_served_by_id_report_and_the_cli(tmp_path):
     finally:
         agent.stop()
         kubelet.stop()
+
+
+def test_jobs_and_report_reach_the_agent_over_its_control_socket_when_the_listener_is_elsewhere(tmp_path):
+    agent = AgentProcess(tmp_path / "state")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        _, job = agent.control("POST", "/v1/jobs", {"name": "via-socket", "pids": [sleeper.pid]})
+        # This shell's configuration names a port nothing listens on and an empty state directory.
+        elsewhere = ("--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "empty"))
+        env = clean_env(JOULEWARD_CONTROL_SOCKET=agent.socket_path)
+        listed = jouleward("jobs", *elsewhere, env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert job["id"] in listed.stdout and "via-socket" in listed.stdout
+        done = jouleward("report", job["id"], "--format", "json", *elsewhere, env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)[0]["run_id"] == job["id"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        agent.stop()
