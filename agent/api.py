@@ -2,6 +2,7 @@
 (register, finish) only on the Unix control socket. No arithmetic here."""
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any
 from urllib.parse import unquote
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Match
 
 from agent.api_models import ErrorOut, JobOut, job_out
@@ -23,6 +25,38 @@ from exporters import report
 from exporters.prometheus import RenderCache
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class JobIdConvertor(Convertor[str]):
+    """A job id in a path: "/" allowed (Kubernetes jobs are k8s-<namespace>/<job>),
+    but not ending in a sub-resource's name, so /finish, /work and /report
+    stay their own routes (and a 405 lists only their methods)."""
+
+    regex = r"(?:(?!/(?:finish|work|report)/?$).)+(?<!/)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("jobid", JobIdConvertor())
+
+
+class EncodedSlashes:
+    """Routing on the decoded path would read k8s-ns%2Fwork as a /work
+    request; keep an encoded slash apart (the handlers read the raw path)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        raw = scope.get("raw_path") if scope["type"] == "http" else None
+        if raw and raw.startswith(b"/v1/jobs/") and b"%2f" in raw.lower():
+            marked = re.sub(rb"%2[fF]", b"%00", raw.split(b"?", 1)[0])
+            scope = {**scope, "path": unquote(marked.decode("latin-1"))}
+        await self.app(scope, receive, send)
 
 
 class DeviceOut(BaseModel):
@@ -147,8 +181,8 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         media = {"csv": "text/csv", "json": "application/json", "text": "text/plain"}[format]
         return Response(report.render([row], format), media_type=f"{media}; charset=utf-8")
 
-    # Declared before the job route: both take ids with "/" (path converters), this one ends in /report.
-    @app.get("/v1/jobs/{job_id:path}/report", response_class=Response, responses={404: {"model": ErrorOut}})
+    # Declared before the job route: both take ids with "/", this one ends in /report.
+    @app.get("/v1/jobs/{job_id:jobid}/report", response_class=Response, responses={404: {"model": ErrorOut}})
     def job_report(job_id: str, request: Request,
                    format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})] = "csv") -> Any:
         """The job in codecarbon's emissions.csv format (csv, json or text)."""
@@ -157,7 +191,7 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
             return JSONResponse(job_out(_record(target)).model_dump())
         return _report(_record(target), format)
 
-    @app.get("/v1/jobs/{job_id:path}", response_model=JobOut, responses={404: {"model": ErrorOut}})
+    @app.get("/v1/jobs/{job_id:jobid}", response_model=JobOut, responses={404: {"model": ErrorOut}})
     def job(job_id: str, request: Request) -> JobOut:
         """One job; ids may hold "/" (Kubernetes jobs), encoded as %2F or not."""
         return job_out(_record(_target(request)[0]))
@@ -194,6 +228,7 @@ def create_read_app(agent: Agent, control_token: str | None = None) -> FastAPI:
     _install_error_handlers(app)
     _add_read_routes(app, agent)
     # Authenticated before the body is read: an unauthenticated caller learns nothing of validation.
+    app.add_middleware(EncodedSlashes)
     app.add_middleware(RequestGuard, max_body_bytes=agent.config.max_request_body_bytes,
                        timeout_s=agent.config.request_timeout_s, bearer_token=control_token or None)
     if control_token:
@@ -207,6 +242,7 @@ def create_control_app(agent: Agent) -> FastAPI:
     app = FastAPI(title="jouleward control", version="0.1.0", responses=_INVALID)
     _install_error_handlers(app)
     _add_read_routes(app, agent)
+    app.add_middleware(EncodedSlashes)
     app.add_middleware(RequestGuard, max_body_bytes=agent.config.max_request_body_bytes,
                        timeout_s=agent.config.request_timeout_s)
 

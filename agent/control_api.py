@@ -65,6 +65,7 @@ def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
 
     @router.post("/v1/jobs/{job_id}/finish", response_model=JobOut, responses=ERRORS)
     def finish(job_id: str, request: Request) -> JobOut:
+        job_id = job_id.replace("\x00", "/")  # an encoded slash (agent.api.EncodedSlashes)
         _owned(caller_of(request, tcp_token), job_id)
         try:
             return job_out(agent.finish_job(job_id))
@@ -73,6 +74,7 @@ def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
 
     @router.post("/v1/jobs/{job_id}/work", response_model=JobOut, responses=ERRORS)
     def add_work(job_id: str, body: WorkReport, request: Request) -> JobOut:
+        job_id = job_id.replace("\x00", "/")  # an encoded slash (agent.api.EncodedSlashes)
         _owned(caller_of(request, tcp_token), job_id)
         try:
             return job_out(agent.add_work(job_id, body.unit, body.count))

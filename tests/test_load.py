@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import re
+import subprocess
 import threading
 import time
 
@@ -15,6 +16,7 @@ import pytest
 from tests.faultkit import AgentProcess, Powercap
 
 SCRAPERS = 50
+POOL = 64  # processes the registrations name in turn
 
 
 _BAD_VALUE = re.compile(rb"^[^#].* (-|NaN|[+-]Inf)", re.MULTILINE)
@@ -58,6 +60,7 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
     context = multiprocessing.get_context("fork")
     stop, results = context.Event(), context.Queue()
     scrapers = None
+    pool: list[subprocess.Popen] = []
     try:
         agent.wait_ready()
         agent.settle()
@@ -65,7 +68,10 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
         scrapers.start()
         failures: list[str] = []
         registered: list[str] = []
-        pid = os.getpid()  # a live process the registrations can name
+        # Live processes the registrations name; a process belongs to one running job at a
+        # time, so the job last registered on one is finished before it is named again.
+        pool += [subprocess.Popen(["sleep", "600"]) for _ in range(POOL)]
+        holder: dict[int, str] = {}
         started = time.monotonic()
         with agent.control() as control:
             index = 0
@@ -73,6 +79,11 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
                 due = started + index / rate_per_s
                 if due > now:
                     time.sleep(due - now)
+                pid = pool[index % POOL].pid
+                if pid in holder:
+                    finished = control.post(f"/v1/jobs/{holder.pop(pid)}/finish")
+                    if finished.status_code != 200:
+                        failures.append(f"finish on {pid}: {finished.status_code} {finished.text}")
                 response = control.post("/v1/jobs", json={"name": f"load-{index}", "pids": [pid],
                                                            "labels": {"batch": str(index % 7)}})
                 if response.status_code != 201:
@@ -80,9 +91,7 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
                 else:
                     job_id = response.json()["id"]
                     registered.append(job_id)
-                    finished = control.post(f"/v1/jobs/{job_id}/finish") if index % 10 == 0 else None
-                    if finished is not None and finished.status_code != 200:
-                        failures.append(f"finish {job_id}: {finished.status_code} {finished.text}")
+                    holder[pid] = job_id
                 index += 1
             elapsed = time.monotonic() - started
             stop.set()
@@ -101,6 +110,9 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
         assert agent.terminate() == 0
         assert "Traceback" not in agent.log
     finally:
+        for proc in pool:
+            proc.kill()
+            proc.wait()
         stop.set()
         if scrapers is not None and scrapers.is_alive():
             scrapers.kill()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agent.config import Config
 from tests.faultkit import FakeProcfs, Powercap, boot_ticks
-from tests.support import REPO, AgentProcess, free_port, wait_until
+from tests.support import REPO, AgentProcess, UnixHTTPConnection, free_port, wait_until
 from tests.support.kubelet_server import FakeKubelet, pod_item
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
@@ -125,16 +125,21 @@ def test_a_wrap_inside_a_registered_job_runs_standalone_instead_of_stealing_it(t
 
 
 POD_UID = "5d1f3a2b-0000-4c1d-8e2f-000000000000"
+WORK_UID = "5d1f3a2b-1111-4c1d-8e2f-111111111111"
 
 
 def test_job_ids_with_a_slash_are_served_by_id_report_and_the_cli(tmp_path):
     """A Kubernetes job, ``k8s-<namespace>/<name>``, from a fixture procfs and a real kubelet server."""
     procfs = FakeProcfs(tmp_path / "proc")
-    procfs.add(4242, boot_ticks() - 100, 0)
-    (procfs.root / "4242" / "cgroup").write_text(
-        f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/cri-containerd-{'e' * 64}.scope\n")
+    for pid, uid in ((4242, POD_UID), (4243, WORK_UID)):
+        procfs.add(pid, boot_ticks() - 100, 0)
+        (procfs.root / str(pid) / "cgroup").write_text(
+            f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/cri-containerd-{'e' * 64}.scope\n")
     kubelet = FakeKubelet(None, [pod_item(POD_UID, "llama-ft-worker-0", "research",
-                                          {"training.kubeflow.org/job-name": "llama-ft"})], tls=False)
+                                          {"training.kubeflow.org/job-name": "llama-ft"}),
+                                 # A job whose name is also a sub-resource's: only its encoded id is unambiguous.
+                                 pod_item(WORK_UID, "work-0", "research", {"batch.kubernetes.io/job-name": "work"})],
+                          tls=False)
     Powercap(tmp_path / "sys")
     agent = AgentProcess(tmp_path / "state", "--procfs", str(procfs.root), sysfs=tmp_path / "sys",
                          env={"JOULEWARD_KUBELET_ENABLED": "true", "JOULEWARD_KUBELET_URL": kubelet.url,
@@ -152,6 +157,17 @@ def test_job_ids_with_a_slash_are_served_by_id_report_and_the_cli(tmp_path):
             status, rows = agent.get(path)
             assert status == 200 and rows[0]["run_id"] == job_id, (path, rows)
         assert agent.get("/v1/jobs/k8s-research%2Fnope")[0] == 404
+        status, job = agent.get("/v1/jobs/k8s-research%2Fwork")
+        assert status == 200 and job["id"] == "k8s-research/work"
+        status, rows = agent.get("/v1/jobs/k8s-research%2Fwork/report?format=json")
+        assert status == 200 and rows[0]["run_id"] == "k8s-research/work"
+        # A registered job's sub-resources are still their own routes (405 lists their one method).
+        conn = UnixHTTPConnection(agent.socket_path)
+        conn.request("GET", "/v1/jobs/r-000000000000/finish")
+        response = conn.getresponse()
+        assert (response.status, response.getheader("allow")) == (405, "POST")
+        conn.close()
+        assert agent.get("/v1/jobs/r-000000000000/finish")[0] == 404  # no control routes on TCP without a token
         listen = f"127.0.0.1:{agent.port}"
         done = jouleward("report", job_id, "--format", "json", "--listen", listen)
         assert done.returncode == 0, done.stderr
