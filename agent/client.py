@@ -207,7 +207,7 @@ class Job:
     def prime(self) -> None:
         """Standalone only: start measuring before the processes to measure exist."""
         if self._meter is None:
-            from agent.standalone import StandaloneMeter  # sensors load only when needed
+            from agent.pipeline.standalone import StandaloneMeter  # sensors load only when needed
 
             self._meter = StandaloneMeter(interval_s=self.interval_s, name=self.name)
         self._meter.prime()
@@ -233,7 +233,7 @@ class Job:
         if self.mode == "agent":
             self.client.add_work(self.job_id, unit, count)
         else:
-            from agent.control import validate_work
+            from agent.api.access import validate_work
 
             unit, count = validate_work(unit, count)
         self._work[unit] = self._work.get(unit, 0.0) + float(count)

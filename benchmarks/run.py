@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from agent.config import Config  # noqa: E402
-from agent.daemon import Agent  # noqa: E402
+from agent.pipeline.daemon import Agent  # noqa: E402
 from benchmarks.workload import Sleepers, churn, write_powercap  # noqa: E402
 from exporters.prometheus import SnapshotCollector, make_registry, render  # noqa: E402
 
@@ -149,7 +149,7 @@ def scrape_cost(workdir: Path, jobs: int, reps: int) -> float:
             agent.register_job(f"bench-{i}", [pid], {"team": "bench"})
         agent.tick()
         agent.tick()
-        registry = make_registry(SnapshotCollector(lambda: agent.snapshot))
+        registry = make_registry(SnapshotCollector(lambda: agent.pipeline.snapshot))
         cost = cpu_per_call_s(lambda: render(registry), reps)
         agent.close()
     return cost

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from agent.snapshot import Snapshot
+from agent.pipeline.snapshot import Snapshot
 
 JOB_LABELS = ["job_id", "job_name", "job_kind", "namespace"]
 

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from agent import __version__
 from agent.model import ATTRIBUTED_DOMAINS
-from agent.snapshot import JobView, Snapshot
+from agent.pipeline.snapshot import JobView, Snapshot
 from exporters.gpu import gpu_families
 
 JOB_LABELS = ["job_id", "job_name", "job_kind", "namespace"]

@@ -260,8 +260,8 @@ def as_local_peer(app):
     """The control app as the Unix socket serves it to this process: the
     socket's protocol puts the peer's credentials into every request's state;
     in process, this wrapper does the same for the test's own uid and pid."""
-    from agent.control import Caller
-    from agent.peercred_http import STATE_KEY
+    from agent.api.access import Caller
+    from agent.api.peercred import STATE_KEY
 
     caller = Caller(uid=os.getuid(), pid=os.getpid(), via="unix")
 

@@ -7,7 +7,7 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agent.attribution import IdlePowerEstimator, conservation_error_j, split_domain
+from agent.attribution.cpu import IdlePowerEstimator, conservation_error_j, split_domain
 
 energies = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
 odd_floats = st.one_of(energies, st.just(float("nan")), st.just(float("inf")), st.just(-1.0),

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.api import create_control_app
+from agent.api.read import create_control_app
 from agent.config import Config, ConfigError, build
-from agent.daemon import Agent
+from agent.pipeline.daemon import Agent
 from exporters.prometheus import RenderCache
 from tests.faultkit import ROOT, FakeProcfs, Powercap, as_local_peer, boot_ticks, parse_exposition, value
 
@@ -133,7 +133,7 @@ def test_awkward_names_and_labels_survive_exposition(tmp_path):
         assert response.status_code == 422 and "control characters" in response.json()["detail"], response.text
     agent.tick()
     agent.tick()
-    text = RenderCache(lambda: agent.snapshot).render()
+    text = RenderCache(lambda: agent.pipeline.snapshot).render()
     _promtool_check(text)
     samples = parse_exposition(text.decode())
     for job_id, name in registered.items():
@@ -151,7 +151,7 @@ def _name_stream(tmp_path: Path, total: int, batch: int = 1000, cap: int = 50) -
                                       state_dir=tmp_path / "state", max_exported_jobs=cap,
                                       finished_job_retention_s=0.0, flush_interval_s=0.0))
     agent.tick()
-    cache = RenderCache(lambda: agent.snapshot)
+    cache = RenderCache(lambda: agent.pipeline.snapshot)
     sizes = []
     pid = 1000
     for round_index in range(total // batch):

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from agent.config import build
-from agent.daemon import Agent
+from agent.pipeline.daemon import Agent
 from exporters.prometheus import SnapshotCollector, make_registry, render
 from tests.support import metric_sum, metric_values, parse_metrics, start_burner
 
@@ -19,7 +19,7 @@ def test_jobs_past_the_cap_go_to_overflow_and_totals_are_conserved(tmp_path, pro
         processes.append(start_burner(0.05, env={"JOULEWARD_JOB": f"job-{index}"}))
     time.sleep(0.5)
     agent = Agent(config)
-    registry = make_registry(SnapshotCollector(lambda: agent.snapshot))
+    registry = make_registry(SnapshotCollector(lambda: agent.pipeline.snapshot))
     previous_other = {}
     try:
         for _ in range(8):
@@ -64,7 +64,7 @@ def test_no_label_named_job_and_no_nan(tmp_path):
         agent.tick()
         time.sleep(0.1)
         agent.tick()
-        text = render(make_registry(SnapshotCollector(lambda: agent.snapshot))).decode()
+        text = render(make_registry(SnapshotCollector(lambda: agent.pipeline.snapshot))).decode()
     finally:
         agent.close()
     for name, labels, value in parse_metrics(text):

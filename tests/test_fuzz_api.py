@@ -12,9 +12,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from agent.api import create_control_app
+from agent.api.read import create_control_app
 from agent.config import Config
-from agent.daemon import Agent
+from agent.pipeline.daemon import Agent
 from tests.faultkit import AgentProcess, Powercap, as_local_peer
 
 @pytest.fixture(scope="module")

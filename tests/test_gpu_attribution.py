@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.gpu_attribution import (
+from agent.attribution.gpu import (
     IdleObservations,
     attribute_gpus,
     estimated_idle_power_w,

@@ -125,7 +125,7 @@ def test_a_streamed_body_is_cut_off_at_the_cap_and_memory_stays_flat(agent):
     assert status == 413 and "over the limit of 16384 bytes" in body["detail"]
     assert sent < 16 * 1024 * 1024, f"the agent read {sent} bytes before refusing"
     assert rss_kib(agent.proc.pid) - before < 20 * 1024
-    assert agent.control("GET", "/healthz")[0] == 200
+    assert agent.api.access("GET", "/healthz")[0] == 200
 
 
 def test_the_body_cap_is_configurable(tmp_path, sleeper):
@@ -206,7 +206,7 @@ def test_slow_and_lying_requests_do_not_hold_other_requests(agent):
         for _ in range(5):
             t0 = time.monotonic()
             assert agent.get("/healthz")[0] == 200
-            assert agent.control("GET", "/healthz")[0] == 200
+            assert agent.api.access("GET", "/healthz")[0] == 200
             assert time.monotonic() - t0 < 1.0
         status, answer, _ = read_response(lying)
         assert status == 408 and "request_timeout_s" in answer["detail"]
@@ -241,13 +241,13 @@ def test_a_second_agent_on_the_same_state_directory_exits_2_and_leaves_the_first
     assert f"pid {agent.proc.pid}" in second.stderr
     assert "Traceback" not in second.stderr
     assert os.stat(agent.socket_path).st_ino == inode
-    assert agent.control("GET", "/healthz")[0] == 200
+    assert agent.api.access("GET", "/healthz")[0] == 200
     # Another state directory, but the first agent's socket: refused too, socket untouched.
     third = run_agent("--state-dir", str(agent.state_dir.parent / "other"), "--control-socket", agent.socket_path,
                       "--listen", f"127.0.0.1:{free_port()}")
     assert third.returncode == 2 and "another process is listening" in third.stderr, third.stderr
     assert os.stat(agent.socket_path).st_ino == inode
-    assert agent.control("GET", "/healthz")[0] == 200
+    assert agent.api.access("GET", "/healthz")[0] == 200
 
 
 def test_a_control_socket_path_that_is_not_a_socket_is_refused_not_deleted(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.model import ProcessKey
-from agent.snapshot import EMPTY_SNAPSHOT, Health
+from agent.pipeline.snapshot import EMPTY_SNAPSHOT, Health
 from agent.workloads.kubelet import KubeletHealth, KubeletPoller, KubeletSettings
 from exporters.prometheus import SnapshotCollector, make_registry, render
 from agent.workloads.procfs import ProcessFacts, ScannedProcess

@@ -73,7 +73,7 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
         pool += [subprocess.Popen(["sleep", "600"]) for _ in range(POOL)]
         holder: dict[int, str] = {}
         started = time.monotonic()
-        with agent.control() as control:
+        with agent.api.access() as control:
             index = 0
             while (now := time.monotonic()) - started < duration_s:
                 due = started + index / rate_per_s

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.gpu_attribution import attribute_gpus
+from agent.attribution.gpu import attribute_gpus
 from agent.model import TickContext
 from agent.sensors.nvml import NvmlSensor, NvmlUnavailable, select_visible
 from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build

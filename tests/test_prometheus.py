@@ -25,7 +25,7 @@ def agent_with_jobs(tmp_path, processes, agents):
     agents.append(agent)
     sleeper = subprocess.Popen(["sleep", "120"])
     processes.append(sleeper)
-    status, job = agent.control("POST", "/v1/jobs", {
+    status, job = agent.api.access("POST", "/v1/jobs", {
         "name": 'quote " back \\ slash ünï', "pids": [sleeper.pid],
         "labels": {"team": "vision", "run_id": "42", "pod_name": 'a"b'}})
     assert status == 201, job

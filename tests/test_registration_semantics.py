@@ -66,7 +66,7 @@ def test_a_registration_during_a_tick_is_not_finished_by_that_tick(agent, spawne
     # And a job whose process really exits is still finished.
     short = subprocess.Popen(["sleep", "0.3"])
     spawned.append(short)
-    _, job = agent.control("POST", "/v1/jobs", {"name": "short", "pids": [short.pid]})
+    _, job = agent.api.access("POST", "/v1/jobs", {"name": "short", "pids": [short.pid]})
     short.wait()
     wait_until(lambda: agent.get(f"/v1/jobs/{job['id']}")[1]["running"] is False, timeout_s=10,
                what="the exited job to finish")
@@ -76,13 +76,13 @@ def test_a_process_belongs_to_one_registered_job(agent, spawned):
     parent = subprocess.Popen(["sh", "-c", "sleep 120 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
     spawned.append(parent)
     child_pid = int(parent.stdout.readline())
-    status, first = agent.control("POST", "/v1/jobs", {"name": "first", "pids": [parent.pid]})
+    status, first = agent.api.access("POST", "/v1/jobs", {"name": "first", "pids": [parent.pid]})
     assert status == 201
-    status, again = agent.control("POST", "/v1/jobs", {"name": "again", "pids": [parent.pid]})
+    status, again = agent.api.access("POST", "/v1/jobs", {"name": "again", "pids": [parent.pid]})
     assert status == 409
     assert again["detail"] == f"pid {parent.pid} already belongs to registered job {first['id']!r}"
     # A descendant is the job's too, seen by a tick or not.
-    status, nested = agent.control("POST", "/v1/jobs", {"name": "nested", "pids": [child_pid]})
+    status, nested = agent.api.access("POST", "/v1/jobs", {"name": "nested", "pids": [child_pid]})
     assert status == 409
     assert nested["detail"] == (f"pid {child_pid} already belongs to registered job {first['id']!r} "
                                 f"through its ancestor {parent.pid}")
@@ -90,8 +90,8 @@ def test_a_process_belongs_to_one_registered_job(agent, spawned):
     agent.wait_ticks(3)
     assert agent.get(f"/v1/jobs/{first['id']}")[1]["processes"] == 2
     # Once the first job is finished, its processes are free again.
-    assert agent.control("POST", f"/v1/jobs/{first['id']}/finish", {})[0] == 200
-    status, later = agent.control("POST", "/v1/jobs", {"name": "later", "pids": [child_pid]})
+    assert agent.api.access("POST", f"/v1/jobs/{first['id']}/finish", {})[0] == 200
+    status, later = agent.api.access("POST", "/v1/jobs", {"name": "later", "pids": [child_pid]})
     assert status == 201 and later["name"] == "later"
 
 
@@ -104,13 +104,13 @@ def test_thread_ids_and_missing_pids_are_refused(agent, spawned):
     spawned.append(proc)
     tid = int(proc.stdout.readline())
     assert tid != proc.pid and Path(f"/proc/{tid}/stat").exists()  # the kernel answers for a tid too
-    status, answer = agent.control("POST", "/v1/jobs", {"name": "thread", "pids": [tid]})
+    status, answer = agent.api.access("POST", "/v1/jobs", {"name": "thread", "pids": [tid]})
     assert status == 400
     assert answer["detail"] == f"pid {tid}: a thread of process {proc.pid}, not a process; register the process"
     # No pids: not the HTTP client's own short-lived process, but a 422.
-    status, answer = agent.control("POST", "/v1/jobs", {"name": "who"})
+    status, answer = agent.api.access("POST", "/v1/jobs", {"name": "who"})
     assert status == 422 and answer["detail"] == "pids: Field required"
-    status, answer = agent.control("POST", "/v1/jobs", {"name": "ok", "pids": [proc.pid]})
+    status, answer = agent.api.access("POST", "/v1/jobs", {"name": "ok", "pids": [proc.pid]})
     assert status == 201
 
 

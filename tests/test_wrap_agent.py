@@ -151,7 +151,7 @@ def test_job_ids_with_a_slash_are_served_by_id_report_and_the_cli(tmp_path):
         for path in ("/v1/jobs/k8s-research%2Fllama-ft", "/v1/jobs/k8s-research/llama-ft"):
             status, job = agent.get(path)
             assert status == 200 and job["id"] == job_id and job["namespace"] == "research", (path, job)
-            assert agent.control("GET", path)[1]["id"] == job_id
+            assert agent.api.access("GET", path)[1]["id"] == job_id
         for path in ("/v1/jobs/k8s-research%2Fllama-ft/report?format=json",
                      "/v1/jobs/k8s-research/llama-ft/report?format=json"):
             status, rows = agent.get(path)
@@ -183,7 +183,7 @@ def test_jobs_and_report_reach_the_agent_over_its_control_socket_when_the_listen
     agent = AgentProcess(tmp_path / "state")
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        _, job = agent.control("POST", "/v1/jobs", {"name": "via-socket", "pids": [sleeper.pid]})
+        _, job = agent.api.access("POST", "/v1/jobs", {"name": "via-socket", "pids": [sleeper.pid]})
         # This shell's configuration names a port nothing listens on and an empty state directory.
         elsewhere = ("--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "empty"))
         env = clean_env(JOULEWARD_CONTROL_SOCKET=agent.socket_path)

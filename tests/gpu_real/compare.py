@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.gpu_attribution import attribute_gpus
+from agent.attribution.gpu import attribute_gpus
 from agent.model import TickContext
 from agent.sensors.nvml import NvmlSensor
 

@@ -12,15 +12,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from agent.attribution import IdlePowerEstimator, jobs_energy_j, split_domain
+from agent.attribution.cpu import IdlePowerEstimator, jobs_energy_j, split_domain
 from agent.carbon import emissions, intensity
 from agent.config import Config
-from agent.gpu_attribution import GpuIdleTracker
-from agent.ledger import JobActivity, JobRecord, Ledger
+from agent.attribution.gpu import GpuIdleTracker
+from agent.ledger.totals import JobActivity, JobRecord, Ledger
 from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
-from agent.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, CarbonView, DeviceView, DurationCounts, Health, JobView, Snapshot
+from agent.pipeline.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, CarbonView, DeviceView, DurationCounts, Health, JobView, Snapshot
 from agent.workloads.kubelet import KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key

@@ -16,7 +16,7 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from agent.control import bearer_ok
+from agent.api.access import bearer_ok
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import uvicorn
 
-from agent.control import Caller, peer_credentials
-from agent.http_guard import DeadlineH11Protocol
+from agent.api.access import Caller, peer_credentials
+from agent.api.http_guard import DeadlineH11Protocol
 
 STATE_KEY = "jouleward_peer"
 

@@ -16,11 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.routing import Match
 
-from agent.api_models import ErrorOut, JobOut, job_out
-from agent.control_api import control_router, install_error_handler as install_control_error_handler
-from agent.daemon import Agent
-from agent.ledger import JobRecord
-from agent.http_guard import RequestGuard
+from agent.api.models import ErrorOut, JobOut, job_out
+from agent.api.control import control_router, install_error_handler as install_control_error_handler
+from agent.pipeline.daemon import Agent
+from agent.ledger.totals import JobRecord
+from agent.api.http_guard import RequestGuard
 from exporters import report
 from exporters.prometheus import RenderCache
 
@@ -104,7 +104,7 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def _add_read_routes(app: FastAPI, agent: Agent) -> None:
-    cache = RenderCache(lambda: agent.snapshot)
+    cache = RenderCache(lambda: agent.pipeline.snapshot)
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}})
     def metrics() -> Response:
@@ -122,7 +122,7 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.get("/readyz", responses={503: {"model": ErrorOut}})
     def readyz() -> Any:
-        snap = agent.snapshot
+        snap = agent.pipeline.snapshot
         age = time.time() - snap.timestamp_unix
         ready = agent.ticks >= 2 and age < max(5 * agent.config.interval_s, 10.0)
         if not ready:
@@ -132,7 +132,7 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.get("/v1/node", response_model=NodeOut)
     def node() -> NodeOut:
-        snap = agent.snapshot
+        snap = agent.pipeline.snapshot
         return NodeOut(
             timestamp=snap.timestamp_unix, cpu_utilization_ratio=snap.cpu_utilization_ratio,
             devices=[DeviceOut(domain=d.domain, device=d.device, source=d.source, energy_j=d.energy_j,
@@ -174,7 +174,7 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
     def _report(record: JobRecord, format: str) -> Response:
         if format not in report.FORMATS:
             raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
-        gpus = sum(1 for d in agent.snapshot.devices if d.domain == "gpu")
+        gpus = sum(1 for d in agent.pipeline.snapshot.devices if d.domain == "gpu")
         site = report.site_from_config(agent.config.carbon, agent.config.procfs, gpus)
         row = report.report_row(report.job_emissions(job_out(record).model_dump(), site,
                                                      agent.config.carbon.pue, time.time()))
@@ -200,7 +200,7 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
 # Validation errors are one message string (see _validation_message), not
 # FastAPI's default list, and a body that is not JSON is a 400: the schema
 # must say so. A body over max_request_body_bytes is a 413, one that does not
-# arrive within request_timeout_s a 408 (agent.http_guard).
+# arrive within request_timeout_s a 408 (agent.api.http_guard).
 _INVALID: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 408, 413, 422)}
 
 
@@ -246,7 +246,7 @@ def create_control_app(agent: Agent) -> FastAPI:
     app.add_middleware(RequestGuard, max_body_bytes=agent.config.max_request_body_bytes,
                        timeout_s=agent.config.request_timeout_s)
 
-    # Register, finish and work units, with the caller's uid checked (agent.control).
+    # Register, finish and work units, with the caller's uid checked (agent.api.access).
     install_control_error_handler(app)
     app.include_router(control_router(agent))
     return app

@@ -2,7 +2,7 @@
 
 Served on the Unix control socket (callers identified by SO_PEERCRED) and, only
 when the operator configures a token, on a TCP listener that requires it.
-Every decision about who may do what is in ``agent.control``.
+Every decision about who may do what is in ``agent.api.access``.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agent.api_models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
-from agent.control import (
+from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
+from agent.api.access import (
     Caller,
     ControlError,
     authorize_job_change,
@@ -20,7 +20,7 @@ from agent.control import (
     bearer_ok,
     pids_as_seen_here,
 )
-from agent.peercred_http import peer_of
+from agent.api.peercred import peer_of
 from agent.workloads.registry import AlreadyRegistered, RegistrationError, UnknownJob
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -38,7 +38,7 @@ def caller_of(request: Request, tcp_token: str | None) -> Caller:
 
 
 def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
-    """``agent`` is ``agent.daemon.Agent`` (register_job, finish_job, add_work, registered, ledger)."""
+    """``agent`` is ``agent.pipeline.daemon.Agent`` (register_job, finish_job, add_work, registered, ledger)."""
     router = APIRouter()
     procfs = agent.config.procfs
 

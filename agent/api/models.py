@@ -5,21 +5,21 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
-from agent.control import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
-from agent.ledger import JobRecord
+from agent.api.access import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
+from agent.ledger.totals import JobRecord
 
 MAX_PIDS = 64
 
 
 def _delegate(check, *args: Any):
-    """Run a framework-free validator from agent.control inside pydantic."""
+    """Run a framework-free validator from agent.api.access inside pydantic."""
     try:
         return check(*args)
     except ControlError as exc:
         raise ValueError(exc.message) from None
 
 
-# The schema states what agent.control enforces, so that a client (or a
+# The schema states what agent.api.access enforces, so that a client (or a
 # fuzzer) can tell a valid request from the schema alone: the name is
 # stripped of whitespace, then 1-128 characters with no control characters.
 _CONTROL = r"\x00-\x1f\x7f-\x9f"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.config import Config
-from agent.daemon import Agent
+from agent.pipeline.daemon import Agent
 
 
 @dataclass

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from agent.reader import AgentAnswer, AgentNotRunning, AgentReader
+from agent.cli.reader import AgentAnswer, AgentNotRunning, AgentReader
 
 SORTS: dict[str, tuple[str, Callable[[dict[str, Any]], Any]]] = {
     "p": ("power", lambda job: -sum(job.get("power_w", {}).values())),

@@ -69,8 +69,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.ledger import LedgerError
-    from agent.server import ServeError, ServeFailed, serve
+    from agent.ledger.totals import LedgerError
+    from agent.api.server import ServeError, ServeFailed, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from agent.doctor import examine, report
+    from agent.cli.doctor import examine, report
 
     text, code = report(examine(config_from_args(args)))
     print(text)
@@ -95,15 +95,15 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[str, Any]]:
     """The running agent's answer, or the state directory's ledger when no agent runs."""
-    from agent.reader import AgentNotRunning, AgentReader
+    from agent.cli.reader import AgentNotRunning, AgentReader
 
     reader = AgentReader(config.listen, control_sockets=config.control_socket_candidates)
     try:
         return [reader.job(job_id)] if job_id else reader.jobs()
     except AgentNotRunning:
         pass
-    from agent.api_models import job_out
-    from agent.ledger import Ledger
+    from agent.api.models import job_out
+    from agent.ledger.totals import Ledger
 
     if not (config.state_dir / "ledger.sqlite3").is_file():
         raise ConfigError(f"no agent answers at {config.listen} and no ledger in {config.state_dir} (--state-dir)")
@@ -120,7 +120,7 @@ def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[
 def _report(args: argparse.Namespace) -> int:
     import time
 
-    from agent.reader import AgentAnswer, AgentNotRunning, AgentReader
+    from agent.cli.reader import AgentAnswer, AgentNotRunning, AgentReader
     from exporters import report
 
     config = config_from_args(args)
@@ -145,8 +145,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from agent.reader import AgentAnswer
-    from agent.top import energy_text
+    from agent.cli.reader import AgentAnswer
+    from agent.cli.top import energy_text
 
     try:
         jobs = _jobs_from_agent_or_ledger(config_from_args(args), None)
@@ -161,8 +161,8 @@ def _jobs(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    from agent.reader import AgentAnswer, AgentNotRunning, AgentReader
-    from agent.top import run_curses, snapshot
+    from agent.cli.reader import AgentAnswer, AgentNotRunning, AgentReader
+    from agent.cli.top import run_curses, snapshot
 
     config = config_from_args(args)
     reader = AgentReader(config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)),
@@ -184,7 +184,7 @@ COMMANDS = {"run": _run, "doctor": _doctor, "report": _report, "jobs": _jobs, "t
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["wrap"]:  # its own parser: everything after -- belongs to the command
-        from agent.wrap import main as wrap_main
+        from agent.cli.wrap import main as wrap_main
 
         return wrap_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -1,0 +1,1 @@
+"""The HTTP edges: read app, control app, request/response models, peer credentials, servers."""

@@ -1,0 +1,1 @@
+"""Pure attribution arithmetic: CPU/DRAM split, idle estimation, GPU split."""

@@ -1,0 +1,1 @@
+"""Per-job, per-domain and per-device energy totals, and their SQLite storage."""

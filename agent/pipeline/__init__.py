@@ -1,0 +1,1 @@
+"""The tick: stage calls in order, export selection, the immutable snapshot."""
