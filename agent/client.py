@@ -24,9 +24,10 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from agent.config import DEFAULT_CONTROL_SOCKETS
@@ -212,7 +213,7 @@ class Job:
             self._meter = StandaloneMeter(interval_s=self.interval_s, name=self.name)
         self._meter.prime()
 
-    def start(self, pids: list[int] | None = None) -> "Job":
+    def start(self, pids: list[int] | None = None) -> Job:
         pids = pids or self.pids or [os.getpid()]
         self._started = time.monotonic()
         if self.standalone is not True and self._meter is None:
@@ -259,7 +260,7 @@ class Job:
             self._meter.stop()
             self._meter = None
 
-    def __enter__(self) -> "Job":
+    def __enter__(self) -> Job:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:

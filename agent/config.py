@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
-from agent.workloads.kubelet import DEFAULT_KUBELET_URL, DEFAULT_TOKEN_FILE
-from agent.workloads.mljob import DEFAULT_JOB_LABELS
+from agent.errors import JoulewardError
 
 DEFAULT_PORT = 9883
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -20,8 +20,23 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 # deploy/kubernetes), then the default state directory's.
 DEFAULT_CONTROL_SOCKETS = (Path("/run/jouleward/control.sock"), Path("/var/lib/jouleward/control.sock"))
 
+DEFAULT_KUBELET_URL = "https://127.0.0.1:10250/pods"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_TOKEN_FILE = SERVICE_ACCOUNT_DIR / "token"
+DEFAULT_CA_FILE = SERVICE_ACCOUNT_DIR / "ca.crt"
 
-class ConfigError(ValueError):
+# Labels the common operators put on the pods of one job, in the order tried.
+DEFAULT_JOB_LABELS = (
+    "training.kubeflow.org/job-name",  # Kubeflow training operator
+    "jobset.sigs.k8s.io/jobset-name",  # JobSet
+    "leaderworkerset.sigs.k8s.io/name",  # LeaderWorkerSet
+    "volcano.sh/job-name",  # Volcano
+    "ray.io/cluster",  # KubeRay
+    "batch.kubernetes.io/job-name",  # batch/v1 Job (also set on JobSet's child Jobs)
+)
+
+
+class ConfigError(JoulewardError, ValueError):
     """A configuration value is wrong; the message names the key or flag."""
 
 

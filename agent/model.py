@@ -5,8 +5,17 @@ CPU-seconds, ``interval_s`` seconds of the monotonic clock.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from enum import StrEnum
+from typing import Literal, NamedTuple
+
+Domain = Literal["cpu", "dram", "gpu", "platform", "board"]
+# How a device's energy was measured.
+EnergySource = Literal["rapl", "hwmon", "hwmon_power", "model", "nvml_energy", "nvml_power"]
+# How a job was found: first match wins, in this order (overflow: the
+# aggregate of jobs beyond the export cap).
+JobKind = Literal["registered", "pod", "slurm", "systemd", "env", "rule", "overflow"]
 
 # Domains whose energy is attributed to jobs. Other domains (``platform`` from
 # RAPL psys, ``board`` from hwmon) are exported per node only: they overlap the
@@ -18,9 +27,9 @@ ATTRIBUTED_DOMAINS = ("cpu", "dram", "gpu")
 class DeviceEnergy:
     """Energy one device used during one tick."""
 
-    domain: str  # cpu, dram, gpu, platform, board
+    domain: Domain
     device: str  # package-0, dram-0, gpu-0, ...
-    source: str  # rapl, hwmon, model, nvml_energy, nvml_power
+    source: EnergySource
     energy_j: float
     interval_s: float
     # Static power the source itself knows (a power model does); None means the
@@ -71,7 +80,7 @@ class JobRef:
 
     id: str
     name: str
-    kind: str  # registered, pod, slurm, systemd, env, rule
+    kind: JobKind
     namespace: str = ""
 
 
@@ -87,3 +96,169 @@ class DomainAttribution:
     idle_j: float
     unattributed_j: float
     jobs_j: dict[str, float] = field(default_factory=dict)
+
+
+def _sum(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+    if not b:
+        return a if isinstance(a, dict) else dict(a)
+    total = dict(a)
+    for key, value in b.items():
+        total[key] = total.get(key, 0.0) + value
+    return total
+
+
+@dataclass(frozen=True, slots=True)
+class JobTotals:
+    """Everything one job (or a sum of jobs: the overflow) has accumulated.
+
+    The one per-job totals type: the ledger books into it, the snapshot, the
+    overflow aggregate, the API and the reports read it. A new per-job figure
+    is a field here and a term in ``__add__``; the ledger books and stores it,
+    an exporter shows it. Values are never mutated once built.
+    """
+
+    energy_j: dict[str, float] = field(default_factory=dict)  # by domain
+    cpu_s: float = 0.0
+    work_units: dict[str, float] = field(default_factory=dict)  # reported work, by unit
+    emissions_g: float = 0.0  # gCO2eq, PUE included, each tick at the intensity in force
+    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
+
+    def __add__(self, other: JobTotals) -> JobTotals:
+        return JobTotals(
+            energy_j=_sum(self.energy_j, other.energy_j),
+            cpu_s=self.cpu_s + other.cpu_s,
+            work_units=_sum(self.work_units, other.work_units),
+            emissions_g=self.emissions_g + other.emissions_g,
+            gpu_idle_j=self.gpu_idle_j + other.gpu_idle_j,
+        )
+
+    @property
+    def total_energy_j(self) -> float:
+        return sum(self.energy_j.values())
+
+
+NO_TOTALS = JobTotals()
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """One job as readers see it: identity, state and totals, immutable.
+
+    The ledger hands these out (``Ledger.job``, ``Ledger.jobs_view``); the
+    snapshot, the API and the exporters read them.
+    """
+
+    ref: JobRef
+    labels: dict[str, str]
+    power_w: dict[str, float]  # over the last tick, by domain
+    processes: int
+    finished_at: float | None
+    totals: JobTotals = NO_TOTALS
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self.finished_at is None
+
+    @property
+    def energy_j(self) -> dict[str, float]:
+        return self.totals.energy_j
+
+    @property
+    def cpu_s(self) -> float:
+        return self.totals.cpu_s
+
+    @property
+    def work_units(self) -> dict[str, float]:
+        return self.totals.work_units
+
+    @property
+    def emissions_g(self) -> float:
+        return self.totals.emissions_g
+
+    @property
+    def gpu_idle_j(self) -> float:
+        return self.totals.gpu_idle_j
+
+    @property
+    def total_energy_j(self) -> float:
+        return self.totals.total_energy_j
+
+    @property
+    def total_power_w(self) -> float:
+        return sum(self.power_w.values())
+
+
+# -- validation limits: every stage and edge checks names against these ----
+JOB_NAME_MAX_LEN = 128  # a registered job's name, after stripping whitespace
+LABELS_MAX = 32
+LABEL_KEY_MAX_LEN = 63
+LABEL_VALUE_MAX_LEN = 256
+WORK_COUNT_MAX = 1e15  # units of work in one report
+PIDS_MAX = 64  # root processes in one registration
+# Names taken from the cluster (pod annotations and labels, Slurm job names and
+# users): Kubernetes' DNS-subdomain length.
+EXTERNAL_NAME_MAX_LEN = 253
+# Characters refused in names and label values, as a regular-expression class:
+# C0, DEL and C1 for what callers send; C0 and DEL for names taken from the
+# cluster.
+CONTROL_CHAR_CLASS = r"\x00-\x1f\x7f-\x9f"
+EXTERNAL_CONTROL_CHAR_CLASS = r"\x00-\x1f\x7f"
+
+# -- GPUs: what the NVML sensor reports about each GPU over one tick, beyond energy --
+
+class GpuSplitMethod(StrEnum):
+    """How a GPU's active energy is split among the processes holding it."""
+
+    SM = "sm"  # by share of summed per-process SM utilisation
+    MEMORY = "memory"  # by share of GPU memory held: no usable utilisation
+    EQUAL = "equal"  # equally: neither utilisation nor memory known
+    NONE = "none"  # no process held the GPU
+
+
+SPLIT_SM, SPLIT_MEMORY, SPLIT_EQUAL = GpuSplitMethod.SM, GpuSplitMethod.MEMORY, GpuSplitMethod.EQUAL
+
+
+@dataclass(frozen=True, slots=True)
+class GpuProcess:
+    """One process holding a GPU context during the tick (host pid)."""
+
+    pid: int
+    used_memory_bytes: int
+    # Mean SM utilisation of the process over the tick's samples, 0..100;
+    # None where the driver gives no per-process utilisation (MIG, old drivers).
+    sm_utilization_pct: float | None = None
+    gpu_instance_id: int | None = None  # MIG GPU instance, where MIG is on
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDeviceView:
+    """Identity, state and processes of one GPU for the last tick."""
+
+    index: int
+    device: str  # gpu-<index>: the label energy is reported under
+    uuid: str
+    name: str
+    utilization_ratio: float | None
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    power_limit_w: float | None
+    mig_enabled: bool
+    processes: tuple[GpuProcess, ...] = ()
+    # False where the process list could not be read (so nobody is known to
+    # hold the GPU, and its energy cannot be split).
+    processes_known: bool = True
+
+    @property
+    def split_method(self) -> GpuSplitMethod:
+        return split_method(self.processes)
+
+
+def split_method(processes: tuple[GpuProcess, ...] | list[GpuProcess]) -> GpuSplitMethod:
+    """Which rule splits a GPU's active energy among these processes."""
+    if any((p.sm_utilization_pct or 0.0) > 0 for p in processes):
+        return SPLIT_SM
+    if any(p.used_memory_bytes > 0 for p in processes):
+        return SPLIT_MEMORY
+    return SPLIT_EQUAL

@@ -7,8 +7,8 @@ time, so a benchmark killed halfway leaves nothing behind for long.
 from __future__ import annotations
 
 import os
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"
@@ -43,7 +43,7 @@ class Sleepers:
                 pass
         self.pids = []
 
-    def __enter__(self) -> "Sleepers":
+    def __enter__(self) -> Sleepers:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,10 +13,11 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from agent.carbon.emissions import J_PER_KWH
 

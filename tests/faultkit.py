@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
 from tests.support import free_port  # noqa: F401  (re-exported for the fault tests)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,15 @@ import time
 
 import pytest
 
-from tests.support import (AgentProcess, cpu_seconds, metric_sum, metric_values, start_burner, two_socket_server,
-                           wait_until)
+from tests.support import (
+    AgentProcess,
+    cpu_seconds,
+    metric_sum,
+    metric_values,
+    start_burner,
+    two_socket_server,
+    wait_until,
+)
 
 ATTRIBUTED = ("cpu", "dram")
 
@@ -187,7 +194,8 @@ def test_control_api_rejects_bad_input_with_clear_4xx(tmp_path, agents):
     # control endpoints are not on the TCP listener
     status, _ = agent.get("/metrics")
     assert status == 200
-    import http.client, json as _json
+    import http.client
+    import json as _json
     conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=5)
     conn.request("POST", "/v1/jobs", body=_json.dumps({"name": "x", "pids": [1]}),
                  headers={"Content-Type": "application/json"})

@@ -25,7 +25,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build as build_fake_nvml
+from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState
+from tests.fakenvml.build import build as build_fake_nvml
 from tests.support import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

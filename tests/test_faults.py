@@ -17,8 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.faultkit import (CLK_TCK, AgentProcess, FakeProcfs, Powercap, boot_ticks, conservation_gap_j,
-                      unprivileged_uid, value, write_atomic)
+from tests.faultkit import (
+    CLK_TCK,
+    AgentProcess,
+    FakeProcfs,
+    Powercap,
+    boot_ticks,
+    conservation_gap_j,
+    unprivileged_uid,
+    value,
+    write_atomic,
+)
 
 PACKAGE = "intel-rapl:0"
 DRAM = "intel-rapl:0:0"

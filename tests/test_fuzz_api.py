@@ -17,6 +17,7 @@ from agent.config import Config
 from agent.pipeline.daemon import Agent
 from tests.faultkit import AgentProcess, Powercap, as_local_peer
 
+
 @pytest.fixture(scope="module")
 def read_schema(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fuzz-read")

@@ -11,8 +11,7 @@ from agent.attribution.gpu import (
     observe_idle,
     split_gpu,
 )
-from agent.gpu_model import GpuDeviceView, GpuProcess
-from agent.model import DeviceEnergy
+from agent.model import DeviceEnergy, GpuDeviceView, GpuProcess
 
 
 def view(device="gpu-0", processes=(), known=True):

@@ -11,10 +11,10 @@ import pytest
 from agent.model import ProcessKey
 from agent.pipeline.snapshot import EMPTY_SNAPSHOT, Health
 from agent.workloads.kubelet import KubeletHealth, KubeletPoller, KubeletSettings
-from exporters.prometheus import SnapshotCollector, make_registry, render
 from agent.workloads.procfs import ProcessFacts, ScannedProcess
 from agent.workloads.registry import Registry
 from agent.workloads.resolve import JobResolver
+from exporters.prometheus import SnapshotCollector, make_registry, render
 from tests.support import metric_sum, parse_metrics, wait_until
 from tests.support.kubelet_server import FakeKubelet, pod_item
 

@@ -4,7 +4,6 @@ registration, every scrape valid; the scrape p99 is reported."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import re
 import subprocess
 import threading

@@ -12,7 +12,7 @@ import pytest
 from agent.config import JobRule
 from agent.model import ProcessKey
 from agent.workloads.procfs import ProcessScanner, parse_stat
-from agent.workloads.registry import Registry, RegistrationError
+from agent.workloads.registry import RegistrationError, Registry
 from agent.workloads.resolve import JobResolver, job_from_cgroup
 from tests.support import BURNER
 

@@ -14,25 +14,29 @@ import math
 import re
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-MAX_JOB_NAME_LEN = 128
-MAX_LABELS = 32
-MAX_LABEL_KEY_LEN = 63
-MAX_LABEL_VALUE_LEN = 256
-MAX_WORK_COUNT = 1e15
+from agent.errors import JoulewardError
+from agent.model import CONTROL_CHAR_CLASS
+from agent.model import JOB_NAME_MAX_LEN as MAX_JOB_NAME_LEN
+from agent.model import LABEL_KEY_MAX_LEN as MAX_LABEL_KEY_LEN
+from agent.model import LABEL_VALUE_MAX_LEN as MAX_LABEL_VALUE_LEN
+from agent.model import LABELS_MAX as MAX_LABELS
+from agent.model import WORK_COUNT_MAX as MAX_WORK_COUNT
+
 WELL_KNOWN_UNITS = ("samples", "tokens", "requests")
 
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_CHARS = re.compile(f"[{CONTROL_CHAR_CLASS}]")
 # Label keys become Prometheus label names (``label_<key>``), so they keep to
 # that charset.
 _LABEL_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNIT = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
-class ControlError(Exception):
+class ControlError(JoulewardError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
 from agent.api.access import (
     Caller,
     ControlError,
@@ -20,6 +19,7 @@ from agent.api.access import (
     bearer_ok,
     pids_as_seen_here,
 )
+from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
 from agent.api.peercred import peer_of
 from agent.workloads.registry import AlreadyRegistered, RegistrationError, UnknownJob
 

@@ -1,14 +1,15 @@
 """Request and response bodies of the HTTP API (the OpenAPI schema)."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+import dataclasses
+import typing
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, create_model, field_validator
 
 from agent.api.access import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
-from agent.ledger.totals import JobRecord
-
-MAX_PIDS = 64
+from agent.model import CONTROL_CHAR_CLASS, JOB_NAME_MAX_LEN, LABEL_KEY_MAX_LEN, LABEL_VALUE_MAX_LEN, JobTotals, JobView
+from agent.model import PIDS_MAX as MAX_PIDS
 
 
 def _delegate(check, *args: Any):
@@ -22,11 +23,12 @@ def _delegate(check, *args: Any):
 # The schema states what agent.api.access enforces, so that a client (or a
 # fuzzer) can tell a valid request from the schema alone: the name is
 # stripped of whitespace, then 1-128 characters with no control characters.
-_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_CONTROL = CONTROL_CHAR_CLASS
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-NAME_PATTERN = f"^[{_SPACE}]*[^{_CONTROL}{_SPACE}]([^{_CONTROL}]{{0,126}}[^{_CONTROL}{_SPACE}])?[{_SPACE}]*$"
-LABELS_SCHEMA = {"maxProperties": MAX_LABELS, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,62}$"},
-                 "additionalProperties": {"type": "string", "maxLength": 256, "pattern": f"^[^{_CONTROL}]*$"}}
+NAME_PATTERN = f"^[{_SPACE}]*[^{_CONTROL}{_SPACE}]([^{_CONTROL}]{{0,{JOB_NAME_MAX_LEN - 2}}}[^{_CONTROL}{_SPACE}])?[{_SPACE}]*$"
+LABELS_SCHEMA: dict[str, Any] = {"maxProperties": MAX_LABELS, "propertyNames": {"pattern": f"^[A-Za-z_][A-Za-z0-9_]{{0,{LABEL_KEY_MAX_LEN - 1}}}$"},
+                 "additionalProperties": {"type": "string", "maxLength": LABEL_VALUE_MAX_LEN,
+                                          "pattern": f"^[^{_CONTROL}]*$"}}
 
 
 def _whole(value: Any) -> Any:
@@ -66,34 +68,39 @@ class WorkReport(BaseModel):
         return _delegate(validate_work, value, 0)[0]
 
 
-class JobOut(BaseModel):
+class _JobIdentityOut(BaseModel):
     id: str
     name: str
     kind: str
     namespace: str
     labels: dict[str, str]
     running: bool
-    energy_j: dict[str, float]
     power_w: dict[str, float]
-    cpu_s: float
     processes: int
-    work_units: dict[str, float]
     first_seen: float
     last_seen: float
     finished_at: float | None
-    emissions_g: float = 0.0  # gCO2eq, PUE included
-    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
+
+
+# Every per-job figure of the one totals type, so the API cannot miss one.
+if TYPE_CHECKING:
+    class JobOut(_JobIdentityOut):
+        """One job: identity and state above, then every field of ``JobTotals``."""
+else:
+    _TOTALS_HINTS = typing.get_type_hints(JobTotals)
+    JobOut = create_model("JobOut", __base__=_JobIdentityOut,
+                          **{f.name: (_TOTALS_HINTS[f.name], ...) for f in dataclasses.fields(JobTotals)})
 
 
 class ErrorOut(BaseModel):
     detail: str
 
 
-def job_out(record: JobRecord) -> JobOut:
+def job_out(job: JobView) -> JobOut:
+    ref, totals = job.ref, job.totals
     return JobOut(
-        id=record.ref.id, name=record.ref.name, kind=record.ref.kind, namespace=record.ref.namespace,
-        labels=dict(record.labels), running=record.finished_at is None, energy_j=dict(record.energy_j),
-        power_w=dict(record.power_w), cpu_s=record.cpu_s, processes=record.processes,
-        work_units=dict(record.work_units), first_seen=record.first_seen, last_seen=record.last_seen,
-        finished_at=record.finished_at, emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j,
+        id=ref.id, name=ref.name, kind=ref.kind, namespace=ref.namespace, labels=dict(job.labels),
+        running=job.finished_at is None, power_w=dict(job.power_w), processes=job.processes,
+        first_seen=job.first_seen, last_seen=job.last_seen, finished_at=job.finished_at,
+        **{f.name: getattr(totals, f.name) for f in dataclasses.fields(JobTotals)},
     )

@@ -7,10 +7,7 @@ per-request ``state`` that uvicorn copies into each scope.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import uvicorn
+from typing import Any
 
 from agent.api.access import Caller, peer_credentials
 from agent.api.http_guard import DeadlineH11Protocol
@@ -30,18 +27,3 @@ def peer_of(state: Any) -> Caller | None:
     """The Unix-socket caller behind a request (``request.state``), if any."""
     return getattr(state, STATE_KEY, None)
 
-
-def unix_server(app: Any, path: str, log_level: str = "warning") -> "uvicorn.Server":
-    """A uvicorn server for ``app`` on a Unix socket anyone may connect to:
-    SO_PEERCRED, not file permissions, decides what a caller may do."""
-    import os
-
-    import uvicorn
-
-    try:
-        os.unlink(path)  # a stale socket from an earlier run would keep its old mode
-    except FileNotFoundError:
-        pass
-    config = uvicorn.Config(app, uds=path, http=PeerCredH11Protocol, log_level=log_level, lifespan="off",
-                            access_log=False)
-    return uvicorn.Server(config)

@@ -12,15 +12,16 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from agent.api.models import ErrorOut, JobOut, job_out
-from agent.api.control import control_router, install_error_handler as install_control_error_handler
-from agent.pipeline.daemon import Agent
-from agent.ledger.totals import JobRecord
+from agent.api.control import control_router
+from agent.api.control import install_error_handler as install_control_error_handler
 from agent.api.http_guard import RequestGuard
+from agent.api.models import ErrorOut, JobOut, job_out
+from agent.ledger.totals import JobRecord
+from agent.pipeline.daemon import Agent
 from exporters import report
 from exporters.prometheus import RenderCache
 

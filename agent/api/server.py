@@ -15,11 +15,11 @@ from typing import Any
 
 import uvicorn
 
+from agent.api.http_guard import MAX_HEADER_BYTES, DeadlineH11Protocol, with_header_timeout
+from agent.api.peercred import PeerCredH11Protocol
 from agent.api.read import create_control_app, create_read_app
 from agent.config import Config
 from agent.pipeline.daemon import Agent
-from agent.api.http_guard import MAX_HEADER_BYTES, DeadlineH11Protocol, with_header_timeout
-from agent.api.peercred import PeerCredH11Protocol
 
 log = logging.getLogger("jouleward")
 

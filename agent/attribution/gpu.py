@@ -20,13 +20,21 @@ So ``idle + unattributed + sum(jobs) == measured`` for every GPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
-from agent.gpu_model import SPLIT_MEMORY, SPLIT_SM, GpuDeviceView, GpuProcess, split_method
-from agent.model import DeviceEnergy, DomainAttribution
+from agent.model import (
+    SPLIT_MEMORY,
+    SPLIT_SM,
+    DeviceEnergy,
+    DomainAttribution,
+    GpuDeviceView,
+    GpuProcess,
+    GpuSplitMethod,
+    split_method,
+)
 
-SPLIT_NONE = "none"  # no process held the GPU
+SPLIT_NONE = GpuSplitMethod.NONE
 # Ticks at or below this utilisation count as the GPU's low end of power.
 LOW_UTILIZATION_RATIO = 0.05
 
@@ -69,7 +77,7 @@ class GpuSplit:
     """How one GPU's tick energy was split."""
 
     device: str
-    method: str  # sm, memory, equal, none
+    method: GpuSplitMethod
     measured_j: float
     idle_j: float  # to the node's idle counter
     unattributed_j: float
@@ -86,7 +94,7 @@ class GpuAttribution:
     devices: tuple[GpuSplit, ...] = ()
 
 
-def _weights(processes: tuple[GpuProcess, ...], method: str) -> list[float]:
+def _weights(processes: tuple[GpuProcess, ...], method: GpuSplitMethod) -> list[float]:
     if method == SPLIT_SM:
         return [max(p.sm_utilization_pct or 0.0, 0.0) for p in processes]
     if method == SPLIT_MEMORY:

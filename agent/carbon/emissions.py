@@ -6,7 +6,7 @@ own rate rather than at an average applied at the end.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 J_PER_KWH = 3.6e6
 

@@ -16,9 +16,9 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from agent.carbon import tables
 
@@ -88,7 +88,7 @@ def parse_timestamp(text: str) -> float:
         pass
     parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 
@@ -238,7 +238,7 @@ class HttpProvider:
         self._thread.join(timeout=self._timeout_s + 1.0)
 
 
-def _fallback(carbon: "CarbonConfig") -> StaticProvider:
+def _fallback(carbon: CarbonConfig) -> StaticProvider:
     if carbon.intensity_g_per_kwh is not None:
         return StaticProvider(carbon.intensity_g_per_kwh, carbon.zone, "static")
     if carbon.country or carbon.cloud_provider:
@@ -246,15 +246,16 @@ def _fallback(carbon: "CarbonConfig") -> StaticProvider:
     return StaticProvider(tables.world_average(), "world", "codecarbon")
 
 
-def from_config(carbon: "CarbonConfig") -> IntensityProvider:
+def from_config(carbon: CarbonConfig) -> IntensityProvider:
     """The provider the ``[carbon]`` table asks for. Raises ConfigError naming the key."""
     from agent.config import ConfigError
 
     try:
         if carbon.provider == "static":
-            return StaticProvider(carbon.intensity_g_per_kwh, carbon.zone or carbon.country, "static")
+            # The config requires the value for this provider (ConfigError otherwise).
+            return StaticProvider(cast(float, carbon.intensity_g_per_kwh), carbon.zone or carbon.country, "static")
         if carbon.provider == "csv":
-            return CsvSeriesProvider(carbon.csv_path, carbon.zone or carbon.country)
+            return CsvSeriesProvider(cast(Path, carbon.csv_path), carbon.zone or carbon.country)
         if carbon.provider == "http":
             return HttpProvider(carbon.url, carbon.zone, _fallback(carbon), carbon.token, carbon.timeout_s, carbon.poll_s)
         return _fallback(carbon)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.errors import JoulewardError
+
 # codecarbon's own constant for eGRID's lb/MWh (units.EmissionsPerKWh).
 LB_PER_MWH_TO_G_PER_KWH = 0.45359237
 
@@ -33,7 +35,7 @@ NORDIC_ZONES = {
 _CHINA_SUFFIX = re.compile(r"\s+(autonomous region|municipality|province|sheng|shi|zizhiqu)$")
 
 
-class CarbonTableError(LookupError):
+class CarbonTableError(JoulewardError, LookupError):
     """A country, region or cloud region is not in codecarbon's tables."""
 
 
@@ -56,6 +58,14 @@ def data_dir() -> Path:
         if (candidate / "private_infra" / "global_energy_mix.json").is_file():
             return candidate
     raise CarbonTableError("codecarbon is installed without its data files")
+
+
+def data_file(*parts: str) -> Path:
+    """One of codecarbon's data files (``hardware/cpu_power.csv``, ...)."""
+    path = data_dir().joinpath(*parts)
+    if not path.is_file():
+        raise CarbonTableError(f"codecarbon data file not found: {'/'.join(parts)}")
+    return path
 
 
 @functools.cache

@@ -69,8 +69,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.ledger.totals import LedgerError
     from agent.api.server import ServeError, ServeFailed, serve
+    from agent.ledger.totals import LedgerError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)

@@ -8,8 +8,9 @@ snapshot instead.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from agent.cli.reader import AgentAnswer, AgentNotRunning, AgentReader
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import quote
 
+from agent.api.access import ControlError, validate_job_name, validate_labels
 from agent.client import (
     JOB_ID_ENV,
     SOCKET_ENV,
@@ -28,7 +29,6 @@ from agent.client import (
     first_socket,
 )
 from agent.config import ConfigError, build
-from agent.api.access import ControlError, validate_job_name, validate_labels
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _SI_KERNEL = 0x80  # si_code of signals the terminal driver sends to the whole foreground group

@@ -1,5 +1,14 @@
 """Cumulative energy per node, domain and job: in memory, durable in SQLite.
 
+Readers and writers go through ``Ledger``'s methods, never its fields or its
+lock. Writing: ``book_tick`` (one tick's split), ``book_emissions``,
+``book_recovered`` (energy used while the agent was down), ``ensure_job`` /
+``update_identity``, ``add_work``, ``mark_finished``, ``save_registration``,
+``evict_finished``, ``flush``. Reading: ``read`` (everything a snapshot
+needs, copied under the lock), ``job``, ``all_jobs``, ``jobs``, ``has_job``,
+``finished_before``, ``registered_jobs``, ``saved_counters``. Jobs come out
+as immutable ``JobView``s carrying one ``JobTotals``.
+
 The in-memory totals are authoritative while the agent runs; ``flush`` writes
 the rows that changed since the last flush in one transaction (WAL journal),
 so a crash loses at most one flush interval and never leaves a half-written
@@ -12,10 +21,13 @@ import math
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 
-from agent.model import DeviceEnergy, DomainAttribution, JobRef, ProcessKey
+from agent.errors import JoulewardError
+from agent.model import NO_TOTALS, DeviceEnergy, DomainAttribution, JobRef, JobTotals, JobView, ProcessKey
 from agent.workloads.registry import RegisteredJob
 
 SCHEMA = """
@@ -46,25 +58,53 @@ CREATE TABLE IF NOT EXISTS node_emissions (id INTEGER PRIMARY KEY CHECK (id = 0)
 GPU_IDLE_ROW = "gpu_idle"
 
 
-class LedgerError(RuntimeError):
-    pass
+class LedgerError(JoulewardError, RuntimeError):
+    """The ledger's SQLite file cannot be opened."""
 
 
-@dataclass
+@dataclass(eq=False)
 class JobRecord:
+    """The ledger's own, mutable state of one job; readers get ``view()``."""
+
     ref: JobRef
-    labels: dict[str, str]
+    labels: dict[str, str]  # replaced, never mutated: views share it
     first_seen: float
     last_seen: float
     finished_at: float | None = None
-    cpu_s: float = 0.0
-    energy_j: dict[str, float] = field(default_factory=dict)
-    power_w: dict[str, float] = field(default_factory=dict)
+    totals: JobTotals = NO_TOTALS
+    power_w: dict[str, float] = field(default_factory=dict)  # replaced, never mutated
     processes: int = 0
     registration: RegisteredJob | None = None
-    work_units: dict[str, float] = field(default_factory=dict)  # reported work, by unit
-    emissions_g: float = 0.0  # gCO2eq, each tick charged at the intensity in force during it
-    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
+    _view: JobView | None = None  # the last view handed out, while nothing changed
+
+    def view(self) -> JobView:
+        view = self._view
+        if view is None:
+            view = self._view = JobView(self.ref, self.labels, self.power_w, self.processes, self.finished_at,
+                                        self.totals, self.first_seen, self.last_seen)
+        return view
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTotal:
+    domain: str
+    device: str
+    source: str
+    energy_j: float
+    power_w: float  # over the last tick
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerReading:
+    """What a snapshot needs of the ledger, copied in one go."""
+
+    devices: tuple[DeviceTotal, ...]  # sorted by (domain, device, source)
+    idle_j: dict[str, float]
+    unattributed_j: dict[str, float]
+    node_emissions_g: float
+    jobs: tuple[JobView, ...]  # every job in memory, in admission order
+    last_flush_unix: float | None
+    flush_errors: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +122,13 @@ class SavedCounter:
     max_range_uj: int
     boot_id: str
     monotonic_s: float
+
+
+def _fresh(record: JobRecord) -> JobView:
+    """A view with the current last_seen: the cached one skips that field,
+    which changes on every tick a job is seen, so snapshots can reuse views."""
+    view = record.view()
+    return view if view.last_seen == record.last_seen else replace(view, last_seen=record.last_seen)
 
 
 def _registration_to_json(job: RegisteredJob) -> str:
@@ -119,16 +166,13 @@ class Ledger:
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"cannot open the ledger in {state_dir}: {exc}") from None
         self._lock = threading.RLock()
-        self.node_energy_j: dict[tuple[str, str, str], float] = {}
-        self.node_power_w: dict[tuple[str, str, str], float] = {}
-        self.idle_j: dict[str, float] = {}
-        self.unattributed_j: dict[str, float] = {}
-        self.jobs: dict[str, JobRecord] = {}
+        self._node_energy_j: dict[tuple[str, str, str], float] = {}
+        self._node_power_w: dict[tuple[str, str, str], float] = {}
+        self._idle_j: dict[str, float] = {}
+        self._unattributed_j: dict[str, float] = {}
+        self._jobs: dict[str, JobRecord] = {}
         self.node_emissions_g = 0.0
         self._dirty_jobs: set[str] = set()  # to write at the next flush
-        # Jobs whose exported view must be rebuilt: the snapshot builder reuses
-        # the views of the others, and clears this set.
-        self.views_stale: set[str] = set()
         self.last_flush_unix: float | None = None
         self.flush_errors = 0
         self.last_flush_error = ""
@@ -138,17 +182,17 @@ class Ledger:
     def _load(self) -> None:
         db = self._db
         for row in db.execute("SELECT domain, device, source, energy_j FROM node_energy"):
-            self.node_energy_j[(row["domain"], row["device"], row["source"])] = row["energy_j"]
+            self._node_energy_j[(row["domain"], row["device"], row["source"])] = row["energy_j"]
         for row in db.execute("SELECT domain, idle_j, unattributed_j FROM domain_totals"):
-            self.idle_j[row["domain"]] = row["idle_j"]
-            self.unattributed_j[row["domain"]] = row["unattributed_j"]
+            self._idle_j[row["domain"]] = row["idle_j"]
+            self._unattributed_j[row["domain"]] = row["unattributed_j"]
         energy: dict[str, dict[str, float]] = {}
         for row in db.execute("SELECT job_id, domain, energy_j FROM job_energy"):
             energy.setdefault(row["job_id"], {})[row["domain"]] = row["energy_j"]
         # Finished jobs stay in SQLite; only running ones come back into memory.
         for row in db.execute("SELECT * FROM jobs WHERE finished_at IS NULL"):
-            self.jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}), self._work_of(row["id"]))
-            self.jobs[row["id"]].emissions_g = self._saved_emissions_g(row["id"])
+            self._jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}), self._work_of(row["id"]),
+                                                          self._saved_emissions_g(row["id"]))
         for row in db.execute("SELECT emissions_g FROM node_emissions"):
             self.node_emissions_g = row["emissions_g"]
 
@@ -161,20 +205,19 @@ class Ledger:
                 self._db.execute("SELECT unit, count FROM job_work WHERE job_id = ?", (job_id,))}
 
     @staticmethod
-    def _record_from_row(row: sqlite3.Row, energy: dict[str, float], work: dict[str, float]) -> JobRecord:
+    def _record_from_row(row: sqlite3.Row, energy: dict[str, float], work: dict[str, float],
+                         emissions_g: float) -> JobRecord:
         energy = dict(energy)
         gpu_idle_j = energy.pop(GPU_IDLE_ROW, 0.0)
         return JobRecord(
-            gpu_idle_j=gpu_idle_j,
             ref=JobRef(row["id"], row["name"], row["kind"], row["namespace"]),
             labels=json.loads(row["labels"]),
             first_seen=row["first_seen"],
             last_seen=row["last_seen"],
             finished_at=row["finished_at"],
-            cpu_s=row["cpu_s"],
-            energy_j=dict(energy),
+            totals=JobTotals(energy_j=energy, cpu_s=row["cpu_s"], work_units=dict(work), emissions_g=emissions_g,
+                             gpu_idle_j=gpu_idle_j),
             registration=_registration_from_row(row) if row["registration"] else None,
-            work_units=dict(work),
         )
 
     def saved_counters(self) -> dict[str, SavedCounter]:
@@ -185,11 +228,13 @@ class Ledger:
 
     def registered_jobs(self) -> list[RegisteredJob]:
         """Registered jobs that had not finished when the agent last stopped."""
-        return [r.registration for r in self.jobs.values() if r.registration and r.finished_at is None]
+        return [r.registration for r in self._jobs.values() if r.registration and r.finished_at is None]
 
     def _changed(self, job_id: str) -> None:
         self._dirty_jobs.add(job_id)
-        self.views_stale.add(job_id)
+        record = self._jobs.get(job_id)
+        if record is not None:
+            record._view = None
 
     # -- booking -------------------------------------------------------------
     def book_tick(
@@ -202,39 +247,45 @@ class Ledger:
         gpu_idle_j: dict[str, float] | None = None,
     ) -> None:
         with self._lock:
-            stale = self.views_stale
+            jobs = self._jobs
+            # Each job's growth this tick, added to its totals once.
+            job_energy: dict[str, dict[str, float]] = {}
+            idle_gpu: dict[str, float] = {}
             for job_id, energy_j in (gpu_idle_j or {}).items():
-                record = self.jobs.get(job_id)
-                if record is not None:
-                    record.gpu_idle_j += energy_j
-                    stale.add(job_id)
-            self.node_power_w = {}
+                if job_id in jobs:
+                    idle_gpu[job_id] = idle_gpu.get(job_id, 0.0) + energy_j
+            self._node_power_w = {}
             for reading in devices:
                 key = (reading.domain, reading.device, reading.source)
-                self.node_energy_j[key] = self.node_energy_j.get(key, 0.0) + reading.energy_j
-                self.node_power_w[key] = reading.power_w
+                self._node_energy_j[key] = self._node_energy_j.get(key, 0.0) + reading.energy_j
+                self._node_power_w[key] = reading.power_w
             job_power: dict[str, dict[str, float]] = {}
             for part in parts:
-                self.idle_j[part.domain] = self.idle_j.get(part.domain, 0.0) + part.idle_j
-                self.unattributed_j[part.domain] = self.unattributed_j.get(part.domain, 0.0) + part.unattributed_j
+                self._idle_j[part.domain] = self._idle_j.get(part.domain, 0.0) + part.idle_j
+                self._unattributed_j[part.domain] = self._unattributed_j.get(part.domain, 0.0) + part.unattributed_j
                 for job_id, energy_j in part.jobs_j.items():
-                    record = self.jobs.get(job_id)
-                    if record is None:
+                    if job_id not in jobs:
                         continue
-                    record.energy_j[part.domain] = record.energy_j.get(part.domain, 0.0) + energy_j
+                    grown = job_energy.setdefault(job_id, {})
+                    grown[part.domain] = grown.get(part.domain, 0.0) + energy_j
                     job_power.setdefault(job_id, {})[part.domain] = energy_j / interval_s if interval_s > 0 else 0.0
-                    stale.add(job_id)
             no_power: dict[str, float] = {}
-            for job_id, record in self.jobs.items():
+            for job_id, record in jobs.items():
                 seen = activity.get(job_id)
+                cpu_s = seen.cpu_s if seen is not None else 0.0
+                energy = job_energy.get(job_id)
+                idle = idle_gpu.get(job_id)
+                if energy is not None or idle is not None or cpu_s:
+                    record.totals = record.totals + JobTotals(energy_j=energy or {}, cpu_s=cpu_s,
+                                                              gpu_idle_j=idle or 0.0)
+                    record._view = None
                 power = job_power.get(job_id, no_power)
                 if power != record.power_w:
                     record.power_w = power
-                    stale.add(job_id)
+                    record._view = None
                 if seen is not None:
-                    if seen.cpu_s or seen.processes != record.processes or record.finished_at is not None:
-                        stale.add(job_id)
-                    record.cpu_s += seen.cpu_s
+                    if seen.processes != record.processes or record.finished_at is not None:
+                        record._view = None
                     record.processes = seen.processes
                     record.last_seen = now_unix
                     if record.registration is None:
@@ -246,7 +297,7 @@ class Ledger:
                     self._changed(job_id)
                 elif record.processes:
                     record.processes = 0
-                    stale.add(job_id)
+                    record._view = None
 
     def book_emissions(self, jobs_g: dict[str, float], node_g: float) -> None:
         """Add one tick's emissions to the jobs and the node (grams, never negative)."""
@@ -254,19 +305,20 @@ class Ledger:
             if node_g > 0 and math.isfinite(node_g):
                 self.node_emissions_g += node_g
             for job_id, grams in jobs_g.items():
-                record = self.jobs.get(job_id)
+                record = self._jobs.get(job_id)
                 if record is not None and grams > 0 and math.isfinite(grams):
-                    record.emissions_g += grams
+                    record.totals = record.totals + JobTotals(emissions_g=grams)
                     self._changed(job_id)
 
     def ensure_job(self, ref: JobRef, now_unix: float, labels: dict[str, str] | None = None,
-                   registration: RegisteredJob | None = None) -> JobRecord:
-        """The record for a job, created (or brought back from SQLite) if needed."""
+                   registration: RegisteredJob | None = None) -> JobView:
+        """A job, created (or brought back from SQLite) if needed; its name,
+        labels and registration updated where given."""
         with self._lock:
-            record = self.jobs.get(ref.id)
+            record = self._jobs.get(ref.id)
             if record is None:
                 record = self._load_job(ref.id) or JobRecord(ref, dict(labels or {}), now_unix, now_unix)
-                self.jobs[ref.id] = record
+                self._jobs[ref.id] = record
             elif record.ref != ref:
                 record.ref = ref  # a name learnt later (a Slurm job's, from its environment)
             if registration is not None:
@@ -276,7 +328,17 @@ class Ledger:
             elif labels is not None:
                 record.labels = dict(labels)
             self._changed(ref.id)
-            return record
+            return record.view()
+
+    def has_job(self, job_id: str) -> bool:
+        """Whether the job is in memory (running, or finished and retained)."""
+        return job_id in self._jobs
+
+    def update_identity(self, ref: JobRef, now_unix: float, labels: dict[str, str] | None = None) -> None:
+        """Take a name learnt later (a Slurm job's) or new info labels, where they differ."""
+        record = self._jobs.get(ref.id)
+        if record is None or record.ref != ref or (labels is not None and record.labels != labels):
+            self.ensure_job(ref, now_unix, labels=labels)
 
     def _load_job(self, job_id: str) -> JobRecord | None:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -284,52 +346,60 @@ class Ledger:
             return None
         energy = {r["domain"]: r["energy_j"] for r in
                   self._db.execute("SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (job_id,))}
-        record = self._record_from_row(row, energy, self._work_of(job_id))
-        record.emissions_g = self._saved_emissions_g(job_id)
-        return record
+        return self._record_from_row(row, energy, self._work_of(job_id), self._saved_emissions_g(job_id))
 
-    def add_work(self, job_id: str, unit: str, count: float) -> JobRecord | None:
+    def add_work(self, job_id: str, unit: str, count: float) -> JobView | None:
         """Add reported units of work (samples, tokens, ...); durable with the next flush."""
         with self._lock:
-            record = self.jobs.get(job_id)
+            record = self._jobs.get(job_id)
             if record is None:
                 return None
-            record.work_units[unit] = record.work_units.get(unit, 0.0) + count
+            record.totals = record.totals + JobTotals(work_units={unit: count})
             self._changed(job_id)
-            return record
+            return _fresh(record)
 
-    def add_unattributed(self, domain: str, energy_j: float) -> None:
+    def book_recovered(self, domain: str, device: str, source: str, energy_j: float) -> None:
+        """Energy a device's counter shows was used while the agent was down:
+        the node's total grows, and nobody's job is charged for it."""
         if energy_j > 0 and math.isfinite(energy_j):
             with self._lock:
-                self.unattributed_j[domain] = self.unattributed_j.get(domain, 0.0) + energy_j
+                key = (domain, device, source)
+                self._node_energy_j[key] = self._node_energy_j.get(key, 0.0) + energy_j
+                self._unattributed_j[domain] = self._unattributed_j.get(domain, 0.0) + energy_j
 
     def mark_finished(self, job_id: str, registration: RegisteredJob) -> None:
         with self._lock:
-            record = self.jobs.get(job_id)
+            record = self._jobs.get(job_id)
             if record is not None:
                 record.registration = registration
                 record.finished_at = registration.finished_at
                 self._changed(job_id)
 
+    def finished_before(self, older_than_unix: float) -> list[JobView]:
+        """Jobs in memory that finished before the given time."""
+        with self._lock:
+            return [r.view() for r in self._jobs.values()
+                    if r.finished_at is not None and r.finished_at < older_than_unix]
+
     def evict_finished(self, older_than_unix: float) -> list[str]:
         """Drop finished jobs from memory (they stay in SQLite). Flush first."""
         with self._lock:
-            gone = [job_id for job_id, r in self.jobs.items()
+            gone = [job_id for job_id, r in self._jobs.items()
                     if r.finished_at is not None and r.finished_at < older_than_unix
                     and job_id not in self._dirty_jobs]
             for job_id in gone:
-                del self.jobs[job_id]
+                del self._jobs[job_id]
             return gone
 
     # -- persistence ---------------------------------------------------------
     def save_registration(self, job: RegisteredJob, now_unix: float) -> None:
         """Write a registration through at once: it must survive a crash."""
-        record = self.ensure_job(job.ref, now_unix, registration=job)
         with self._lock:
-            self._write_job(record)
+            self.ensure_job(job.ref, now_unix, registration=job)
+            self._write_job(self._jobs[job.ref.id])
 
     def _write_job(self, record: JobRecord) -> None:
-        ref = record.ref
+        ref, totals = record.ref, record.totals
         self._db.execute(
             "INSERT INTO jobs (id, name, kind, namespace, labels, first_seen, last_seen, finished_at, cpu_s, "
             "registration) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET name=excluded.name, "
@@ -337,22 +407,22 @@ class Ledger:
             "last_seen=excluded.last_seen, finished_at=excluded.finished_at, cpu_s=excluded.cpu_s, "
             "registration=excluded.registration",
             (ref.id, ref.name, ref.kind, ref.namespace, json.dumps(record.labels), record.first_seen,
-             record.last_seen, record.finished_at, record.cpu_s,
+             record.last_seen, record.finished_at, totals.cpu_s,
              _registration_to_json(record.registration) if record.registration else None),
         )
         self._db.executemany(
             "INSERT INTO job_energy (job_id, domain, energy_j) VALUES (?,?,?) "
             "ON CONFLICT(job_id, domain) DO UPDATE SET energy_j=excluded.energy_j",
-            [(ref.id, domain, energy) for domain, energy in record.energy_j.items()]
-            + ([(ref.id, GPU_IDLE_ROW, record.gpu_idle_j)] if record.gpu_idle_j > 0 else []),
+            [(ref.id, domain, energy) for domain, energy in totals.energy_j.items()]
+            + ([(ref.id, GPU_IDLE_ROW, totals.gpu_idle_j)] if totals.gpu_idle_j > 0 else []),
         )
         self._db.executemany(
             "INSERT INTO job_work (job_id, unit, count) VALUES (?,?,?) "
             "ON CONFLICT(job_id, unit) DO UPDATE SET count=excluded.count",
-            [(ref.id, unit, count) for unit, count in record.work_units.items()],
+            [(ref.id, unit, count) for unit, count in totals.work_units.items()],
         )
         self._db.execute("INSERT INTO job_emissions VALUES (?,?) ON CONFLICT(job_id) DO UPDATE SET "
-                         "emissions_g=excluded.emissions_g", (ref.id, record.emissions_g))
+                         "emissions_g=excluded.emissions_g", (ref.id, totals.emissions_g))
 
     def flush(self, counters: dict[str, tuple[int, int]] | None = None, boot_id: str = "",
               monotonic_s: float = 0.0) -> bool:
@@ -364,18 +434,18 @@ class Ledger:
                 db.executemany(
                     "INSERT INTO node_energy VALUES (?,?,?,?) ON CONFLICT(domain, device, source) "
                     "DO UPDATE SET energy_j=excluded.energy_j",
-                    [(*key, energy) for key, energy in self.node_energy_j.items()],
+                    [(*key, energy) for key, energy in self._node_energy_j.items()],
                 )
                 db.executemany(
                     "INSERT INTO domain_totals VALUES (?,?,?) ON CONFLICT(domain) DO UPDATE SET "
                     "idle_j=excluded.idle_j, unattributed_j=excluded.unattributed_j",
-                    [(d, self.idle_j.get(d, 0.0), self.unattributed_j.get(d, 0.0))
-                     for d in set(self.idle_j) | set(self.unattributed_j)],
+                    [(d, self._idle_j.get(d, 0.0), self._unattributed_j.get(d, 0.0))
+                     for d in set(self._idle_j) | set(self._unattributed_j)],
                 )
                 db.execute("INSERT INTO node_emissions VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
                            "emissions_g=excluded.emissions_g", (self.node_emissions_g,))
                 for job_id in self._dirty_jobs:
-                    record = self.jobs.get(job_id)
+                    record = self._jobs.get(job_id)
                     if record is not None:
                         self._write_job(record)
                 for zone_id, (raw, max_range) in (counters or {}).items():
@@ -397,31 +467,58 @@ class Ledger:
             return True
 
     # -- queries -------------------------------------------------------------
-    def job(self, job_id: str) -> JobRecord | None:
+    @property
+    def jobs(self) -> Mapping[str, JobView]:
+        """Every job in memory, by id (a copy)."""
         with self._lock:
-            record = self.jobs.get(job_id)
+            return MappingProxyType({job_id: r.view() for job_id, r in self._jobs.items()})
+
+    def job_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._jobs)
+
+    def read(self) -> LedgerReading:
+        """Node, domain and job totals, copied under the lock. Views of jobs
+        that did not change since the last read are the same objects."""
+        with self._lock:
+            power = self._node_power_w
+            return LedgerReading(
+                devices=tuple(DeviceTotal(domain, device, source, energy, power.get((domain, device, source), 0.0))
+                              for (domain, device, source), energy in sorted(self._node_energy_j.items())),
+                idle_j=dict(self._idle_j),
+                unattributed_j=dict(self._unattributed_j),
+                node_emissions_g=self.node_emissions_g,
+                jobs=tuple(r.view() for r in self._jobs.values()),
+                last_flush_unix=self.last_flush_unix,
+                flush_errors=self.flush_errors,
+            )
+
+    def job(self, job_id: str) -> JobView | None:
+        with self._lock:
+            record = self._jobs.get(job_id)
             if record is not None:
-                return record
+                return _fresh(record)
             try:
-                return self._load_job(job_id)
+                loaded = self._load_job(job_id)
             except sqlite3.Error:
                 return None
+            return loaded.view() if loaded is not None else None
 
-    def all_jobs(self, limit: int = 1000) -> list[JobRecord]:
+    def all_jobs(self, limit: int = 1000) -> list[JobView]:
         """Jobs in memory plus finished ones from SQLite, newest first."""
         with self._lock:
-            records = dict(self.jobs)
+            views = {job_id: _fresh(r) for job_id, r in self._jobs.items()}
             try:
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY last_seen DESC LIMIT ?", (limit,)).fetchall()
             except sqlite3.Error:
                 rows = []
             for row in rows:
-                if row["id"] not in records:
+                if row["id"] not in views:
                     energy = {r["domain"]: r["energy_j"] for r in self._db.execute(
                         "SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (row["id"],))}
-                    records[row["id"]] = self._record_from_row(row, energy, self._work_of(row["id"]))
-                    records[row["id"]].emissions_g = self._saved_emissions_g(row["id"])
-        return sorted(records.values(), key=lambda r: r.last_seen, reverse=True)[:limit]
+                    views[row["id"]] = self._record_from_row(row, energy, self._work_of(row["id"]),
+                                                             self._saved_emissions_g(row["id"])).view()
+        return sorted(views.values(), key=lambda v: v.last_seen, reverse=True)[:limit]
 
     def close(self) -> None:
         with self._lock:

@@ -13,14 +13,23 @@ import time
 from dataclasses import dataclass, field
 
 from agent.attribution.cpu import IdlePowerEstimator, jobs_energy_j, split_domain
+from agent.attribution.gpu import GpuIdleTracker
 from agent.carbon import emissions, intensity
 from agent.config import Config
-from agent.attribution.gpu import GpuIdleTracker
-from agent.ledger.totals import JobActivity, JobRecord, Ledger
-from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, TickContext
+from agent.ledger.totals import JobActivity, Ledger
+from agent.model import ATTRIBUTED_DOMAINS, NO_TOTALS, DeviceEnergy, DomainAttribution, JobRef, JobTotals, TickContext
+from agent.pipeline.snapshot import (
+    EMPTY_SNAPSHOT,
+    OVERFLOW_JOB,
+    CarbonView,
+    DeviceView,
+    DurationCounts,
+    Health,
+    JobView,
+    Snapshot,
+)
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
-from agent.pipeline.snapshot import EMPTY_SNAPSHOT, OVERFLOW_JOB, CarbonView, DeviceView, DurationCounts, Health, JobView, Snapshot
 from agent.workloads.kubelet import KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
@@ -52,11 +61,8 @@ class ExportSelection:
     cap: int
     exported: set[str] = field(default_factory=set)
     overflow: set[str] = field(default_factory=set)
-    retired_overflow_j: dict[str, float] = field(default_factory=dict)
-    retired_overflow_cpu_s: float = 0.0
-    retired_overflow_work: dict[str, float] = field(default_factory=dict)
-    retired_overflow_g: float = 0.0
-    retired_overflow_gpu_idle_j: float = 0.0
+    # What overflow jobs that left memory had accumulated: the aggregate keeps it.
+    retired_overflow: JobTotals = NO_TOTALS
 
     def admit(self, job_id: str) -> None:
         if job_id in self.exported or job_id in self.overflow:
@@ -66,24 +72,31 @@ class ExportSelection:
         else:
             self.overflow.add(job_id)
 
-    def retire(self, record: JobRecord) -> None:
-        job_id = record.ref.id
+    def retire(self, job: JobView) -> None:
+        job_id = job.ref.id
         self.exported.discard(job_id)
         if job_id in self.overflow:
             self.overflow.discard(job_id)
-            for domain, energy in record.energy_j.items():
-                self.retired_overflow_j[domain] = self.retired_overflow_j.get(domain, 0.0) + energy
-            self.retired_overflow_cpu_s += record.cpu_s
-            for unit, count in record.work_units.items():
-                self.retired_overflow_work[unit] = self.retired_overflow_work.get(unit, 0.0) + count
-            self.retired_overflow_g += record.emissions_g
-            self.retired_overflow_gpu_idle_j += record.gpu_idle_j
+            self.retired_overflow = self.retired_overflow + job.totals
 
-
-def _job_view(record: JobRecord) -> JobView:
-    return JobView(record.ref, dict(record.labels), dict(record.energy_j), dict(record.power_w), record.cpu_s,
-                   record.processes, record.finished_at, dict(record.work_units),
-                   emissions_g=record.emissions_g, gpu_idle_j=record.gpu_idle_j)
+    def select(self, jobs: tuple[JobView, ...]) -> list[JobView]:
+        """The exported jobs' views, then the overflow aggregate if there is one."""
+        exported: list[JobView] = []
+        overflow = self.retired_overflow
+        overflow_power: dict[str, float] = {}
+        overflow_processes = 0
+        for job in jobs:
+            job_id = job.ref.id
+            if job_id in self.exported:
+                exported.append(job)
+            elif job_id in self.overflow:
+                overflow = overflow + job.totals
+                for domain, power in job.power_w.items():
+                    overflow_power[domain] = overflow_power.get(domain, 0.0) + power
+                overflow_processes += job.processes
+        if self.overflow or self.retired_overflow.energy_j:
+            exported.append(JobView(OVERFLOW_JOB, {}, overflow_power, overflow_processes, None, overflow))
+        return exported
 
 
 class Agent:
@@ -103,7 +116,6 @@ class Agent:
         self.gpu_idle = GpuIdleTracker(configured_w=config.gpu_idle_power_w)
         self.selection = ExportSelection(config.max_exported_jobs)
         self.snapshot: Snapshot = EMPTY_SNAPSHOT
-        self._views: dict[str, JobView] = {}  # exported job views of the last snapshot
         self.ticks = 0
         self.tick_durations = DurationCounts()
         self.sensor_errors: dict[tuple[str, str], int] = {}
@@ -125,7 +137,7 @@ class Agent:
                 self.selection.admit(job.ref.id)
             else:
                 self.ledger.mark_finished(job.ref.id, self.registry.finish(job.ref.id, reason="gone after restart"))
-        for job_id, record in self.ledger.jobs.items():
+        for job_id in self.ledger.job_ids():
             self.selection.admit(job_id)
 
     def _recover_downtime(self) -> None:
@@ -144,9 +156,7 @@ class Agent:
             energy = recoverable_downtime_energy_j(previous.raw_uj, raw, max_range, now - previous.monotonic_s,
                                                    self.config.max_zone_power_w)
             if energy > 0:
-                key = (zone.domain, zone.device, "rapl")
-                self.ledger.node_energy_j[key] = self.ledger.node_energy_j.get(key, 0.0) + energy
-                self.ledger.add_unattributed(zone.domain, energy)
+                self.ledger.book_recovered(zone.domain, zone.device, "rapl", energy)
                 log.info("recovered %.1f J used by %s while the agent was down", energy, zone.device)
 
     def start_pod_metadata(self) -> None:
@@ -157,13 +167,13 @@ class Agent:
             self.kubelet.first_poll.wait(self.config.kubelet_timeout_s + 1.0)
 
     # -- control operations (called from the API) ----------------------------------
-    def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobRecord:
+    def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobView:
         job = self.registry.register(name, pids, labels, owner_uid)
         self.ledger.save_registration(job, time.time())
         self.selection.admit(job.ref.id)
-        return self.ledger.job(job.ref.id)
+        return self._job(job.ref.id)
 
-    def finish_job(self, job_id: str) -> JobRecord:
+    def finish_job(self, job_id: str) -> JobView:
         """Finish a registered job, after one more sample: the partial interval
         since the last tick is the job's, not the host's."""
         registration = self.registry.get(job_id)
@@ -179,9 +189,15 @@ class Agent:
         job = self.registry.finish(job_id)  # raises UnknownJob
         self.ledger.mark_finished(job_id, job)
         self.ledger.flush()
-        return self.ledger.job(job_id)
+        return self._job(job_id)
 
-    def add_work(self, job_id: str, unit: str, count: float) -> JobRecord:
+    def _job(self, job_id: str) -> JobView:
+        view = self.ledger.job(job_id)
+        if view is None:
+            raise UnknownJob(job_id)
+        return view
+
+    def add_work(self, job_id: str, unit: str, count: float) -> JobView:
         record = self.ledger.add_work(job_id, unit, count)
         if record is None:
             raise UnknownJob(job_id)
@@ -274,7 +290,9 @@ class Agent:
                                                 if k not in scan.live])
         now_unix = time.time()
         for job_id in finished:
-            self.ledger.mark_finished(job_id, self.registry.get(job_id))
+            registration = self.registry.get(job_id)
+            if registration is not None:
+                self.ledger.mark_finished(job_id, registration)
 
         activity: dict[str, JobActivity] = {}
         cpu: dict[str, float] = {}
@@ -289,17 +307,17 @@ class Agent:
         info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
         for job_id, ref in refs.items():
             activity[job_id] = JobActivity(ref, cpu[job_id], counts[job_id])
-            record = self.ledger.jobs.get(job_id)
-            if record is None:
+            if not self.ledger.has_job(job_id):
                 registration = self.registry.get(job_id)
                 self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id), registration=registration)
                 self.selection.admit(job_id)
-            elif record.ref != ref or (job_id in info and record.labels != info[job_id]):
-                self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id))
+            else:
+                self.ledger.update_identity(ref, now_unix, labels=info.get(job_id))
 
         if first_tick:
             self._recover_downtime()
-            parts, idle_power = [], {}
+            parts: list[DomainAttribution] = []
+            idle_power: dict[str, float] = {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
             gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
@@ -336,64 +354,21 @@ class Agent:
 
     def _retire(self, now_unix: float) -> None:
         cutoff = now_unix - self.config.finished_job_retention_s
-        for job_id, record in list(self.ledger.jobs.items()):
-            if record.finished_at is not None and record.finished_at < cutoff:
-                self.selection.retire(record)
+        for job in self.ledger.finished_before(cutoff):
+            self.selection.retire(job)
         for job_id in self.ledger.evict_finished(cutoff):
             self.registry.drop(job_id)
 
     def _build_snapshot(self, now_unix: float, interval_s: float, scan: Scan, idle_power: dict[str, float],
                         processes: int, duration_s: float) -> Snapshot:
-        ledger = self.ledger
-        with ledger._lock:
-            devices = tuple(
-                DeviceView(domain, device, source, energy, ledger.node_power_w.get((domain, device, source), 0.0))
-                for (domain, device, source), energy in sorted(ledger.node_energy_j.items())
-            )
-            exported: list[JobView] = []
-            overflow_energy = dict(self.selection.retired_overflow_j)
-            overflow_power: dict[str, float] = {}
-            overflow_cpu = self.selection.retired_overflow_cpu_s
-            overflow_g = self.selection.retired_overflow_g
-            overflow_gpu_idle = self.selection.retired_overflow_gpu_idle_j
-            overflow_processes = 0
-            overflow_work = dict(self.selection.retired_overflow_work)
-            running = finished = 0
-            # Views are rebuilt only for jobs the ledger changed since the last
-            # snapshot: most jobs on a busy node are idle most ticks.
-            stale, previous_views, views = ledger.views_stale, self._views, {}
-            for job_id, record in ledger.jobs.items():
-                if record.finished_at is None:
-                    running += 1
-                else:
-                    finished += 1
-                if job_id in self.selection.exported:
-                    view = previous_views.get(job_id)
-                    if view is None or job_id in stale:
-                        view = _job_view(record)
-                    views[job_id] = view
-                    exported.append(view)
-                elif job_id in self.selection.overflow:
-                    for domain, energy in record.energy_j.items():
-                        overflow_energy[domain] = overflow_energy.get(domain, 0.0) + energy
-                    for domain, power in record.power_w.items():
-                        overflow_power[domain] = overflow_power.get(domain, 0.0) + power
-                    overflow_cpu += record.cpu_s
-                    overflow_g += record.emissions_g
-                    overflow_processes += record.processes
-                    for unit, count in record.work_units.items():
-                        overflow_work[unit] = overflow_work.get(unit, 0.0) + count
-                    overflow_gpu_idle += record.gpu_idle_j
-            if self.selection.overflow or self.selection.retired_overflow_j:
-                exported.append(JobView(OVERFLOW_JOB, {}, overflow_energy, overflow_power, overflow_cpu,
-                                        overflow_processes, None, overflow_work, emissions_g=overflow_g,
-                                        gpu_idle_j=overflow_gpu_idle))
-            self._views = views
-            stale.clear()
-            idle = dict(ledger.idle_j)
-            unattributed = dict(ledger.unattributed_j)
-            flush_unix, flush_errors = ledger.last_flush_unix, ledger.flush_errors
-            node_g = ledger.node_emissions_g
+        totals = self.ledger.read()
+        devices = tuple(DeviceView(d.domain, d.device, d.source, d.energy_j, d.power_w) for d in totals.devices)
+        running = sum(1 for job in totals.jobs if job.finished_at is None)
+        finished = len(totals.jobs) - running
+        exported = self.selection.select(totals.jobs)
+        idle, unattributed = totals.idle_j, totals.unattributed_j
+        flush_unix, flush_errors = totals.last_flush_unix, totals.flush_errors
+        node_g = totals.node_emissions_g
         statuses = tuple(status for sensor in self.sensor_set.sensors for status in sensor.status())
         self.tick_durations = self.tick_durations.observe(duration_s)
         health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,

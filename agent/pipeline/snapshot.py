@@ -8,13 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.gpu_model import GpuDeviceView
-from agent.model import JobRef, SensorStatus
+from agent.model import GpuDeviceView, JobRef, JobView, SensorStatus
 
 if TYPE_CHECKING:
     from agent.workloads.kubelet import KubeletHealth
 
 OVERFLOW_JOB = JobRef("_other", "_other", "overflow")
+
+__all__ = ["OVERFLOW_JOB", "JobView", "DeviceView", "DurationCounts", "Health", "CarbonView", "Snapshot", "EMPTY_SNAPSHOT"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,28 +25,6 @@ class DeviceView:
     source: str
     energy_j: float
     power_w: float
-
-
-@dataclass(frozen=True, slots=True)
-class JobView:
-    ref: JobRef
-    labels: dict[str, str]
-    energy_j: dict[str, float]
-    power_w: dict[str, float]
-    cpu_s: float
-    processes: int
-    finished_at: float | None
-    work_units: dict[str, float] = field(default_factory=dict)
-    emissions_g: float = 0.0
-    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
-
-    @property
-    def total_energy_j(self) -> float:
-        return sum(self.energy_j.values())
-
-    @property
-    def total_power_w(self) -> float:
-        return sum(self.power_w.values())
 
 
 TICK_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -58,7 +37,7 @@ class DurationCounts:
     counts: tuple[int, ...] = (0,) * (len(TICK_DURATION_BUCKETS_S) + 1)
     sum_s: float = 0.0
 
-    def observe(self, seconds: float) -> "DurationCounts":
+    def observe(self, seconds: float) -> DurationCounts:
         index = next((i for i, bound in enumerate(TICK_DURATION_BUCKETS_S) if seconds <= bound),
                      len(TICK_DURATION_BUCKETS_S))
         counts = list(self.counts)

@@ -59,7 +59,7 @@ class StandaloneMeter:
             self._thread = None
         snapshot = self.agent.tick()  # the last partial interval counts too
         record = self.agent.ledger.job(self.job_id)
-        sources = {}
+        sources: dict[str, str] = {}
         for device in snapshot.devices:
             if device.domain in (record.energy_j if record else {}):
                 sources.setdefault(device.domain, device.source)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from agent.carbon.tables import CarbonTableError, data_file
 from agent.model import DeviceEnergy, SensorStatus, TickContext
-from agent.sensors.codecarbon_data import DataFileMissing, data_file
 
 SENSOR_NAME = "cpu_model"
 DEFAULT_TDP_W = 85.0  # codecarbon's own fallback when the CPU is not in its table
@@ -83,7 +83,7 @@ def lookup_tdp(model_name: str) -> tuple[float, str] | None:
         return None
     try:
         table = _tdp_table()
-    except (DataFileMissing, OSError):
+    except (CarbonTableError, OSError):
         return None
     words = set(wanted.split())
     best: tuple[int, str, float] | None = None

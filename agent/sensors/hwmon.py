@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from agent.model import DeviceEnergy, SensorStatus, TickContext
+from agent.model import DeviceEnergy, Domain, EnergySource, SensorStatus, TickContext
 from agent.sensors.counters import EnergyCounter
 from agent.sensors.sysfs import read_attribute
 
@@ -115,24 +116,25 @@ class HwmonSensor:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable value"
                 self._status[channel.path] = SensorStatus(SENSOR_NAME, channel.device, False, reason)
                 if channel.path in self._counters:
-                    self._counters[channel.path].last_uj = None
+                    self._counters[channel.path].forget()
                 self._last_power_w.pop(channel.path, None)
                 continue
             self._status[channel.path] = SensorStatus(SENSOR_NAME, channel.device, True)
             if channel.kind == "energy":
-                counter = self._counters[channel.path]
-                first = counter.last_uj is None
-                energy_j = counter.advance(raw)
-                source = "hwmon"
+                step = self._counters[channel.path].advance(raw)
+                first = step is None
+                energy_j = step.energy_j if step is not None else 0.0
+                source: EnergySource = "hwmon"
             else:
                 power_w = raw / 1e6
                 previous = self._last_power_w.get(channel.path)
                 self._last_power_w[channel.path] = power_w
                 first = previous is None
-                energy_j = 0.0 if first else (previous + power_w) / 2 * ctx.interval_s
+                energy_j = 0.0 if previous is None else (previous + power_w) / 2 * ctx.interval_s
                 source = "hwmon_power"
             if not first:
-                out.append(DeviceEnergy(channel.domain, channel.device, source, max(energy_j, 0.0), ctx.interval_s))
+                out.append(DeviceEnergy(cast(Domain, channel.domain), channel.device, source, max(energy_j, 0.0),
+                                        ctx.interval_s))
         return out
 
     def status(self) -> list[SensorStatus]:

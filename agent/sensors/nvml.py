@@ -11,16 +11,17 @@ import math
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Final
 
 import pynvml
 
-from agent.gpu_model import GpuDeviceView, GpuProcess
-from agent.model import DeviceEnergy, SensorStatus, TickContext
+from agent.model import DeviceEnergy, GpuDeviceView, GpuProcess, SensorStatus, TickContext
+from agent.sensors.counters import EnergyCounter
 
-SOURCE_ENERGY = "nvml_energy"
-SOURCE_POWER = "nvml_power"
+SOURCE_ENERGY: Final = "nvml_energy"
+SOURCE_POWER: Final = "nvml_power"
 # NVML adds per-process samples every ~1/6 s. A tick that finds none newer
 # than the last it saw, within this long of it, came too soon after the
 # previous one: the previous weights still describe the GPU.
@@ -95,7 +96,7 @@ class _Gpu:
     uuid: str = ""
     name: str = ""
     mode: str | None = None  # SOURCE_ENERGY or SOURCE_POWER once known
-    last_energy_mj: int | None = None
+    counter: EnergyCounter = field(default_factory=lambda: EnergyCounter(units_per_j=1000.0))  # mJ
     last_energy_t: float = 0.0
     integral: _PowerIntegral = field(default_factory=_PowerIntegral)
     last_seen_us: int = 0  # newest per-process utilisation sample consumed
@@ -178,7 +179,7 @@ class NvmlSensor:
             gpu.up, gpu.reason = False, reason
             # Energy across an outage is not counted: after a driver reload
             # the counter and the samples start again from nothing.
-            gpu.last_energy_mj = None
+            gpu.counter.forget()
             gpu.integral = _PowerIntegral()
 
     def _energy(self, gpu: _Gpu) -> DeviceEnergy | None:
@@ -193,15 +194,15 @@ class NvmlSensor:
             now_mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(gpu.handle)
             now = self._clock()
             with self._lock:
-                previous, previous_t = gpu.last_energy_mj, gpu.last_energy_t
-                gpu.last_energy_mj, gpu.last_energy_t = now_mj, now
+                previous_t = gpu.last_energy_t
+                # A counter lower than before was reset (driver reload): it
+                # counts only what it shows since the reset.
+                step = gpu.counter.advance(now_mj)
+                gpu.last_energy_t = now
                 gpu.up, gpu.reason = True, ""
-            if previous is None:
+            if step is None:
                 return None
-            # A counter lower than before was reset (driver reload): count
-            # only what it shows since the reset.
-            delta_mj = now_mj - previous if now_mj >= previous else now_mj
-            return DeviceEnergy("gpu", gpu.label, SOURCE_ENERGY, delta_mj / 1000.0, now - previous_t)
+            return DeviceEnergy("gpu", gpu.label, SOURCE_ENERGY, step.energy_j, now - previous_t)
         with self._lock:
             fresh = gpu.integral.start_t is None
             self._add_power(gpu)
@@ -329,7 +330,7 @@ class NvmlSensor:
                 found.append((False, f"{gpu.label} {gpu.name} {gpu.uuid}: {_reason(exc)}"))
                 continue
             try:
-                mig = _optional(lambda: pynvml.nvmlDeviceGetMigMode(gpu.handle)[0])
+                mig = _optional(lambda: pynvml.nvmlDeviceGetMigMode(gpu.handle)[0])  # noqa: B023 (called at once)
                 per_process = self._process_sm(gpu) is not None
             except pynvml.NVMLError as exc:
                 found.append((False, f"{gpu.label} {gpu.name} {gpu.uuid}: {_reason(exc)}"))

@@ -14,9 +14,10 @@ import errno
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from agent.model import DeviceEnergy, SensorStatus, TickContext
-from agent.sensors.counters import counter_delta
+from agent.model import DeviceEnergy, Domain, SensorStatus, TickContext
+from agent.sensors.counters import EnergyCounter
 from agent.sensors.sysfs import read_attribute
 
 _ZONE_DIR = re.compile(r"^(?P<control>[a-z][a-z-]*):(?P<path>\d+(?::\d+)*)$")
@@ -58,7 +59,9 @@ def _zone_dirs(root: Path) -> dict[str, Path]:
 
 
 def _socket_index(zone_id: str) -> str:
-    return _ZONE_DIR.match(zone_id).group("path").split(":")[0]
+    match = _ZONE_DIR.match(zone_id)
+    assert match is not None  # _zone_dirs only yields names it matched
+    return match.group("path").split(":")[0]
 
 
 def discover(sysfs: Path) -> tuple[list[Zone], list[ZoneProblem]]:
@@ -74,7 +77,9 @@ def discover(sysfs: Path) -> tuple[list[Zone], list[ZoneProblem]]:
         except OSError as exc:
             problems.append(ZoneProblem(zone_id, f"cannot read name: {exc.strerror}"))
             continue
-        control = _ZONE_DIR.match(zone_id).group("control")
+        match = _ZONE_DIR.match(zone_id)
+        assert match is not None
+        control = match.group("control")
         depth = zone_id.count(":")
         socket = _socket_index(zone_id)
         if name in _NESTED_NAMES:
@@ -114,14 +119,14 @@ class PowercapSensor:
         self._max_zone_power_w = max_zone_power_w
         self.zones, self._problems = discover(sysfs)
         self._counted = [z for z in self.zones if z.domain]
-        self._max_range: dict[str, int] = {}
-        self._last_uj: dict[str, int] = {}
+        self._counters: dict[str, EnergyCounter] = {}
         self._status: dict[str, SensorStatus] = {}
         for zone in self._counted:
             try:
-                self._max_range[zone.zone_id] = int(read_attribute(zone.path / "max_energy_range_uj"))
+                max_range = int(read_attribute(zone.path / "max_energy_range_uj"))
             except (OSError, ValueError):
-                self._max_range[zone.zone_id] = 0
+                max_range = 0
+            self._counters[zone.zone_id] = EnergyCounter(1e6, max_range, max_zone_power_w)
         for problem in self._problems:
             self._status[problem.zone_id] = SensorStatus(SENSOR_NAME, problem.zone_id, False, problem.reason)
 
@@ -131,7 +136,7 @@ class PowercapSensor:
 
     def counter_state(self) -> dict[str, tuple[int, int]]:
         """Last good raw reading and range per zone, for the ledger."""
-        return {zid: (raw, self._max_range.get(zid, 0)) for zid, raw in self._last_uj.items()}
+        return {zid: (c.last, c.max_range) for zid, c in self._counters.items() if c.last is not None}
 
     def sample(self, ctx: TickContext) -> list[DeviceEnergy]:
         energy_by_device: dict[tuple[str, str], float] = {}
@@ -140,23 +145,18 @@ class PowercapSensor:
             if isinstance(raw, Exception):
                 reason = describe_read_error(raw)
                 self._status[zone.zone_id] = SensorStatus(SENSOR_NAME, zone.device, False, reason)
-                # Forget the baseline: when the zone comes back its counter may
-                # have been reset, and guessing a wraparound would invent energy.
-                self._last_uj.pop(zone.zone_id, None)
+                self._counters[zone.zone_id].forget()
                 continue
             self._status[zone.zone_id] = SensorStatus(SENSOR_NAME, zone.device, True)
-            previous = self._last_uj.get(zone.zone_id)
-            self._last_uj[zone.zone_id] = raw
-            if previous is None:
+            step = self._counters[zone.zone_id].advance(raw, ctx.interval_s)
+            if step is None:
                 continue
-            delta_j = counter_delta(previous, raw, self._max_range[zone.zone_id]) / 1e6
-            if raw < previous and delta_j > self._max_zone_power_w * max(ctx.interval_s, 1e-3) * 2:
-                delta_j = 0.0  # a reset (module reload), not a wraparound
+            if step.reset:
                 self._status[zone.zone_id] = SensorStatus(SENSOR_NAME, zone.device, False, "counter reset")
             key = (zone.domain, zone.device)
-            energy_by_device[key] = energy_by_device.get(key, 0.0) + delta_j
+            energy_by_device[key] = energy_by_device.get(key, 0.0) + step.energy_j
         return [
-            DeviceEnergy(domain, device, "rapl", energy_j, ctx.interval_s)
+            DeviceEnergy(cast(Domain, domain), device, "rapl", energy_j, ctx.interval_s)
             for (domain, device), energy_j in sorted(energy_by_device.items())
         ]
 

@@ -16,16 +16,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
+
+from agent.config import DEFAULT_CA_FILE, DEFAULT_KUBELET_URL, DEFAULT_TOKEN_FILE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KUBELET_URL = "https://127.0.0.1:10250/pods"
-SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-DEFAULT_TOKEN_FILE = SERVICE_ACCOUNT_DIR / "token"
-DEFAULT_CA_FILE = SERVICE_ACCOUNT_DIR / "ca.crt"
 # A pod list of a few hundred pods is a few MB; this only guards against a
 # misconfigured URL streaming something endless into memory.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024

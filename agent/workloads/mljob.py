@@ -8,26 +8,18 @@ Pod names and other per-pod metadata go on the info metric only.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from agent.model import JobRef
+from agent.config import DEFAULT_JOB_LABELS
+from agent.model import EXTERNAL_CONTROL_CHAR_CLASS, EXTERNAL_NAME_MAX_LEN, JobRef
 from agent.workloads.kubelet import PodMeta
 
 JOB_ANNOTATION = "jouleward.io/job"
 
-# Labels the common operators put on the pods of one job, in the order tried.
-DEFAULT_JOB_LABELS = (
-    "training.kubeflow.org/job-name",  # Kubeflow training operator
-    "jobset.sigs.k8s.io/jobset-name",  # JobSet
-    "leaderworkerset.sigs.k8s.io/name",  # LeaderWorkerSet
-    "volcano.sh/job-name",  # Volcano
-    "ray.io/cluster",  # KubeRay
-    "batch.kubernetes.io/job-name",  # batch/v1 Job (also set on JobSet's child Jobs)
-)
 
-MAX_JOB_NAME_LEN = 253
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_JOB_NAME_LEN = EXTERNAL_NAME_MAX_LEN
+_CONTROL = re.compile(f"[{EXTERNAL_CONTROL_CHAR_CLASS}]")
 
 
 @dataclass(frozen=True)

@@ -175,10 +175,6 @@ class Registry:
             self.finish(job_id, reason="exited")
         return emptied
 
-    def running(self) -> list[RegisteredJob]:
-        with self._lock:
-            return [job for job in self.jobs.values() if job.finished_at is None]
-
     def drop(self, job_id: str) -> None:
         with self._lock:
             self.jobs.pop(job_id, None)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import fnmatch
 import pwd
 import re
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from agent.config import JobRule
@@ -103,7 +103,7 @@ class CompiledRule:
     cgroup: re.Pattern | None
 
     @classmethod
-    def of(cls, rule: JobRule) -> "CompiledRule":
+    def of(cls, rule: JobRule) -> CompiledRule:
         return cls(
             rule,
             re.compile(rule.cmdline) if rule.cmdline else None,

@@ -8,11 +8,13 @@ stray variable inherited into another job cannot rename it.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-MAX_VALUE_LEN = 253
+from agent.model import EXTERNAL_CONTROL_CHAR_CLASS, EXTERNAL_NAME_MAX_LEN
+
+_CONTROL = re.compile(f"[{EXTERNAL_CONTROL_CHAR_CLASS}]")
+MAX_VALUE_LEN = EXTERNAL_NAME_MAX_LEN
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import ssl
 import threading
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 # A self-signed certificate for 127.0.0.1 and 127.0.0.2, valid until 2126 (openssl req -x509 -days 36500).
