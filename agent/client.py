@@ -15,6 +15,7 @@ The current process and every child it starts later (data-loader workers)
 belong to the job until it finishes. With no agent listening, the job is
 measured in-process with the agent's own sensors and arithmetic.
 """
+
 from __future__ import annotations
 
 import functools
@@ -248,8 +249,16 @@ class Job:
             self.summary = summary_from_agent(self.name, self.job_id, duration, answer, self._work)
         else:
             totals = self._meter.stop()
-            self.summary = JobSummary(self.name, self.job_id, "standalone", duration, totals.energy_j,
-                                      dict(self._work), totals.sources, totals.emissions_g)
+            self.summary = JobSummary(
+                self.name,
+                self.job_id,
+                "standalone",
+                duration,
+                totals.energy_j,
+                dict(self._work),
+                totals.sources,
+                totals.emissions_g,
+            )
         return self.summary
 
     def abandon(self) -> None:

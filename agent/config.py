@@ -1,6 +1,7 @@
 """The one configuration object, built once from defaults, a TOML file,
 ``JOULEWARD_*`` environment variables and command-line flags (in rising
 precedence). Nothing else in the agent reads the environment."""
+
 from __future__ import annotations
 
 import os
@@ -269,7 +270,12 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
 
 
 _CARBON_PROVIDERS = ("world", "static", "zone", "csv", "http")
-_CARBON_FLOATS = {"intensity_g_per_kwh": (0.0, 3000.0), "timeout_s": (0.1, 120.0), "poll_s": (1.0, 86400.0), "pue": (1.0, 5.0)}
+_CARBON_FLOATS = {
+    "intensity_g_per_kwh": (0.0, 3000.0),
+    "timeout_s": (0.1, 120.0),
+    "poll_s": (1.0, 86400.0),
+    "pue": (1.0, 5.0),
+}
 
 
 def _parse_carbon(table: Any, where: str) -> CarbonConfig:
@@ -371,18 +377,23 @@ def load_file(path: Path) -> dict[str, Any]:
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
-    known = {f.name for f in fields(Config)} - {"rules", "idle_power_w", "systemd_unit_exclude", "carbon",
-                                                "pod_job_labels"}
+    known = {f.name for f in fields(Config)} - {
+        "rules",
+        "idle_power_w",
+        "systemd_unit_exclude",
+        "carbon",
+        "pod_job_labels",
+    }
     out: dict[str, Any] = {}
     carbon: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(_ENV_PREFIX):
             continue
-        key = name[len(_ENV_PREFIX):].lower()
+        key = name[len(_ENV_PREFIX) :].lower()
         if key in known:
             out[key] = value
         elif key.startswith("carbon_"):  # JOULEWARD_CARBON_PUE=1.2 sets [carbon] pue
-            carbon[key[len("carbon_"):]] = value
+            carbon[key[len("carbon_") :]] = value
     if carbon:
         out["carbon"] = carbon
     # The operator's CUDA device restriction applies to the agent's view too.
@@ -409,14 +420,21 @@ def build(
             if key == "carbon" and isinstance(value, Mapping):
                 carbon_table.update(value)
                 value = dict(carbon_table)
-            shown = FLAG_NAMES.get(key, key.replace("_", "-")) if origin == "--" else \
-                key.upper() if origin.startswith("env") else key if re.fullmatch(r"\w+", key) else repr(key)
+            shown = (
+                FLAG_NAMES.get(key, key.replace("_", "-"))
+                if origin == "--"
+                else key.upper()
+                if origin.startswith("env")
+                else key
+                if re.fullmatch(r"\w+", key)
+                else repr(key)
+            )
             try:
                 values[key] = _coerce(key, value, "")
             except ConfigError as exc:
                 # Keep what follows the key itself, so a nested key ([carbon] pue, rules[0].cmdline) stays named.
                 message = str(exc)
-                rest = message[len(key):] if key and message.startswith(key) else f": {message}"
+                rest = message[len(key) :] if key and message.startswith(key) else f": {message}"
                 if origin.startswith("env") and key == "carbon" and rest.startswith("."):
                     sub, _, tail = rest[1:].partition(":")  # name the variable: JOULEWARD_CARBON_PUE
                     rest = f"_{sub.upper()}:{tail}"

@@ -10,6 +10,7 @@ stage's error adds the standard class it behaves as (``ValueError``,
 - ``agent.api.access.ControlError``: a control request is refused (status and message).
 - ``agent.workloads.registry.RegistrationError`` / ``UnknownJob``.
 """
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 Units live in field names: ``energy_j`` joules, ``power_w`` watts, ``cpu_s``
 CPU-seconds, ``interval_s`` seconds of the monotonic clock.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -207,6 +208,7 @@ CONTROL_CHAR_CLASS = r"\x00-\x1f\x7f-\x9f"
 EXTERNAL_CONTROL_CHAR_CLASS = r"\x00-\x1f\x7f"
 
 # -- GPUs: what the NVML sensor reports about each GPU over one tick, beyond energy --
+
 
 class GpuSplitMethod(StrEnum):
     """How a GPU's active energy is split among the processes holding it."""

@@ -8,6 +8,7 @@ Every figure is a median over many repetitions, and the verdicts are ratios
 between figures taken in the same run, so the table holds on any machine.
 CPU time is process CPU time (user + system), not wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,8 +120,9 @@ def agent_config(workdir: Path, **overrides) -> Config:
     sysfs = workdir / "sys"
     if not sysfs.exists():
         write_powercap(sysfs)
-    return dataclasses.replace(Config(), procfs=Path("/proc"), sysfs=sysfs, state_dir=workdir / "state",
-                               flush_interval_s=3600.0, **overrides)
+    return dataclasses.replace(
+        Config(), procfs=Path("/proc"), sysfs=sysfs, state_dir=workdir / "state", flush_interval_s=3600.0, **overrides
+    )
 
 
 def tick_cost(workdir: Path, processes: int, jobs: int, reps: int) -> tuple[float, float]:
@@ -185,14 +187,18 @@ def fake_gpus(workdir: Path, count: int, pids: list[int]) -> dict[str, str]:
     empty when it cannot be built here."""
     try:
         from tests.fakenvml.build import BuildError, FakeDevice, FakeProcess, FakeState, build
+
         library = build(workdir / "fakenvml")
     except (ImportError, BuildError, OSError):
         return {}
     now = time.monotonic()
     state = FakeState(
-        devices=[FakeDevice(i, f"GPU-{i:08x}-bench", epoch_s=now, power_mw=300_000, util_gpu=50, mem_used=2**30)
-                 for i in range(count)],
-        processes=[FakeProcess(i % count, pid, mem=2**28, sm=40) for i, pid in enumerate(pids)])
+        devices=[
+            FakeDevice(i, f"GPU-{i:08x}-bench", epoch_s=now, power_mw=300_000, util_gpu=50, mem_used=2**30)
+            for i in range(count)
+        ],
+        processes=[FakeProcess(i % count, pid, mem=2**28, sm=40) for i, pid in enumerate(pids)],
+    )
     state.write(workdir / "nvml-state")
     return {"LD_LIBRARY_PATH": str(library.parent), "FAKENVML_STATE": str(workdir / "nvml-state")}
 
@@ -204,10 +210,29 @@ class Daemon:
         sysfs = workdir / "sys"
         write_powercap(sysfs)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{self.port}",
-             "--state-dir", str(workdir / "state"), "--control-socket", str(self.socket),
-             "--sysfs", str(sysfs), "--interval", "1", "--log-level", "warning"],
-            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--state-dir",
+                str(workdir / "state"),
+                "--control-socket",
+                str(self.socket),
+                "--sysfs",
+                str(sysfs),
+                "--interval",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         wait_http(self.url + "/healthz")
 
@@ -277,8 +302,12 @@ def fmt_ms(seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
-    parser.add_argument("--churn", type=int, default=None,
-                        help="short-lived processes for the leak check (default 100000, 10000 with --quick)")
+    parser.add_argument(
+        "--churn",
+        type=int,
+        default=None,
+        help="short-lived processes for the leak check (default 100000, 10000 with --quick)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     reps = 15 if quick else 41
@@ -297,8 +326,12 @@ def main(argv: list[str] | None = None) -> int:
 
         # 1. CPU per tick with 1,000 processes and 500 jobs, against the floor.
         tick, floor = tick_cost(workdir, 1000, 500, reps)
-        row("CPU per tick, 1,000 processes, 500 jobs", fmt_ms(tick), f"floor {fmt_ms(floor)}",
-            f"{tick / floor:.2f}x floor (target <= 1.5x)")
+        row(
+            "CPU per tick, 1,000 processes, 500 jobs",
+            fmt_ms(tick),
+            f"floor {fmt_ms(floor)}",
+            f"{tick / floor:.2f}x floor (target <= 1.5x)",
+        )
         base_tick = tick
 
         # 2. Against process-exporter's CPU per scrape of the same processes.
@@ -307,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
                 for lean in (False, True):
                     cost = process_exporter_cost(workdir, lean, 20 if quick else 50)
                     label = "lean: -threads=false -gather-smaps=false" if lean else "defaults"
-                    row(f"CPU per scrape, process-exporter ({label})", fmt_ms(base_tick), fmt_ms(cost),
-                        f"{base_tick / cost:.2f}x process-exporter (target <= 1x)")
+                    row(
+                        f"CPU per scrape, process-exporter ({label})",
+                        fmt_ms(base_tick),
+                        fmt_ms(cost),
+                        f"{base_tick / cost:.2f}x process-exporter (target <= 1x)",
+                    )
         else:
             row("process-exporter", "-", "not installed", "skipped")
 
@@ -317,20 +354,31 @@ def main(argv: list[str] | None = None) -> int:
         for count in process_counts:
             tick, floor = tick_cost(workdir, count, 0, reps)
             per_process.append(tick / (count + background))
-            row(f"CPU per tick, {count:,} processes", fmt_ms(tick), f"floor {fmt_ms(floor)}",
-                f"{tick / floor:.2f}x floor, {tick / (count + background) * 1e6:.1f} us/process")
-        row("tick growth", "", "", f"us/process from smallest to largest: x{per_process[-1] / per_process[0]:.2f}"
-            " (linear: about 1)")
+            row(
+                f"CPU per tick, {count:,} processes",
+                fmt_ms(tick),
+                f"floor {fmt_ms(floor)}",
+                f"{tick / floor:.2f}x floor, {tick / (count + background) * 1e6:.1f} us/process",
+            )
+        row(
+            "tick growth",
+            "",
+            "",
+            f"us/process from smallest to largest: x{per_process[-1] / per_process[0]:.2f} (linear: about 1)",
+        )
 
         # 4. Scrape rendering cost with the number of jobs.
         per_job = []
         for count in job_counts:
             cost = scrape_cost(workdir, count, reps)
             per_job.append(cost / count)
-            row(f"CPU per /metrics rendering, {count:,} jobs", fmt_ms(cost), "",
-                f"{cost / count * 1e6:.1f} us/job")
-        row("scrape growth", "", "", f"us/job from 10 to {job_counts[-1]:,} jobs: x{per_job[-1] / per_job[0]:.2f}"
-            " (fixed cost dominates at 10)")
+            row(f"CPU per /metrics rendering, {count:,} jobs", fmt_ms(cost), "", f"{cost / count * 1e6:.1f} us/job")
+        row(
+            "scrape growth",
+            "",
+            "",
+            f"us/job from 10 to {job_counts[-1]:,} jobs: x{per_job[-1] / per_job[0]:.2f} (fixed cost dominates at 10)",
+        )
 
         # 5. RSS and /metrics latency of the daemon, against node-exporter.
         with Sleepers(1000) as sleepers:
@@ -344,8 +392,12 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_only_rss = rss_mib(daemon.process.pid)
             finally:
                 daemon.stop()
-            row("RSS, 1,000 processes, 500 jobs, no GPUs", f"{cpu_only_rss:.1f} MiB", "budget 60 MB",
-                f"{cpu_only_rss * 1.048576:.1f} MB: {'met' if cpu_only_rss * 1.048576 < 60 else 'MISSED'}")
+            row(
+                "RSS, 1,000 processes, 500 jobs, no GPUs",
+                f"{cpu_only_rss:.1f} MiB",
+                "budget 60 MB",
+                f"{cpu_only_rss * 1.048576:.1f} MB: {'met' if cpu_only_rss * 1.048576 < 60 else 'MISSED'}",
+            )
             (workdir / "daemon").mkdir()
             gpu_env = fake_gpus(workdir / "daemon", 8, sleepers.pids[500:516])
             gpus = "8 GPUs (fake NVML)" if gpu_env else "no GPUs (fake NVML unavailable)"
@@ -367,26 +419,41 @@ def main(argv: list[str] | None = None) -> int:
                     node_rss = rss_mib(node.process.pid)
                 finally:
                     node.stop()
-                row(f"RSS, 1,000 processes, 500 jobs, {gpus}", f"{agent_rss:.1f} MiB",
+                row(
+                    f"RSS, 1,000 processes, 500 jobs, {gpus}",
+                    f"{agent_rss:.1f} MiB",
                     f"node-exporter {node_rss:.1f} MiB",
                     f"{agent_rss / node_rss:.2f}x node-exporter (target <= 3x), budget 60 MB: "
-                    f"{'met' if agent_rss * 1.048576 < 60 else 'MISSED'}")
-                row("/metrics latency p50, 500 jobs", fmt_ms(percentile(ours, 0.5)),
+                    f"{'met' if agent_rss * 1.048576 < 60 else 'MISSED'}",
+                )
+                row(
+                    "/metrics latency p50, 500 jobs",
+                    fmt_ms(percentile(ours, 0.5)),
                     f"node-exporter {fmt_ms(percentile(theirs, 0.5))}",
-                    f"{percentile(ours, 0.5) / percentile(theirs, 0.5):.2f}x")
-                row("/metrics latency p99, 500 jobs", fmt_ms(percentile(ours, 0.99)),
+                    f"{percentile(ours, 0.5) / percentile(theirs, 0.5):.2f}x",
+                )
+                row(
+                    "/metrics latency p99, 500 jobs",
+                    fmt_ms(percentile(ours, 0.99)),
                     f"node-exporter {fmt_ms(percentile(theirs, 0.99))}",
-                    f"{percentile(ours, 0.99) / percentile(theirs, 0.99):.2f}x node-exporter (target <= 1x)")
+                    f"{percentile(ours, 0.99) / percentile(theirs, 0.99):.2f}x node-exporter (target <= 1x)",
+                )
             else:
                 row(f"RSS, 1,000 processes, 500 jobs, {gpus}", f"{agent_rss:.1f} MiB", "node-exporter missing", "")
 
         # 6. Memory across a churn of short-lived processes.
         before, after = churn_memory(workdir, churn_total)
-        row(f"RSS before/after churn of {churn_total:,} processes", f"{before:.1f} -> {after:.1f} MiB", "",
-            f"growth {after - before:+.1f} MiB (target: about 0)")
+        row(
+            f"RSS before/after churn of {churn_total:,} processes",
+            f"{before:.1f} -> {after:.1f} MiB",
+            "",
+            f"growth {after - before:+.1f} MiB (target: about 0)",
+        )
 
-    print(f"\njouleward benchmark ({'quick' if quick else 'full'}), {os.cpu_count()} CPUs, "
-          f"{background} background processes\n")
+    print(
+        f"\njouleward benchmark ({'quick' if quick else 'full'}), {os.cpu_count()} CPUs, "
+        f"{background} background processes\n"
+    )
     widths = [max(len(r[i]) for r in rows + [("what", "jouleward", "reference", "verdict")]) for i in range(4)]
     header = ("what", "jouleward", "reference", "verdict")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")

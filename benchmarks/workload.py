@@ -4,6 +4,7 @@ Idle processes are ``sleep`` children started with ``posix_spawn`` (no
 Python interpreter per process) and killed by pid. Each sleeps for a bounded
 time, so a benchmark killed halfway leaves nothing behind for long.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,9 @@ def churn(count: int, batch: int = 200) -> None:
         done += len(pids)
 
 
-def write_powercap(sysfs: Path, packages: int = 2, energy_uj: int = 0,
-                   max_range_uj: int = 262143328850) -> dict[str, Path]:
+def write_powercap(
+    sysfs: Path, packages: int = 2, energy_uj: int = 0, max_range_uj: int = 262143328850
+) -> dict[str, Path]:
     """A RAPL powercap tree: a package and a dram zone per socket.
 
     Returns the ``energy_uj`` file of each zone by zone id.

@@ -1,6 +1,7 @@
 """GPU metric families read from the snapshot: identity, state, and each
 job's allocated-but-idle GPU energy. Energy itself rides on the node and job
 metrics with ``domain="gpu"``."""
+
 from __future__ import annotations
 
 import math
@@ -18,10 +19,12 @@ def _safe(value: float) -> float:
 
 
 def gpu_families(snap: Snapshot) -> Iterator[Metric]:
-    info = GaugeMetricFamily("jouleward_gpu_info", "GPU identity; 1 per GPU the agent sees.",
-                             labels=["gpu", "uuid", "model", "mig"])
-    utilization = GaugeMetricFamily("jouleward_gpu_utilization_ratio",
-                                    "Share of time a kernel ran on the GPU (NVML), 0..1.", labels=["gpu"])
+    info = GaugeMetricFamily(
+        "jouleward_gpu_info", "GPU identity; 1 per GPU the agent sees.", labels=["gpu", "uuid", "model", "mig"]
+    )
+    utilization = GaugeMetricFamily(
+        "jouleward_gpu_utilization_ratio", "Share of time a kernel ran on the GPU (NVML), 0..1.", labels=["gpu"]
+    )
     used = GaugeMetricFamily("jouleward_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu"])
     total = GaugeMetricFamily("jouleward_gpu_memory_total_bytes", "GPU memory installed.", labels=["gpu"])
     limit = GaugeMetricFamily("jouleward_gpu_power_limit_watts", "Power limit the driver enforces.", labels=["gpu"])
@@ -40,9 +43,12 @@ def gpu_families(snap: Snapshot) -> Iterator[Metric]:
         if gpu.processes_known:
             processes.add_metric(label, float(len(gpu.processes)))
     yield from (family for family in (info, utilization, used, total, limit, processes) if family.samples)
-    idle = CounterMetricFamily("jouleward_job_gpu_idle_energy_joules",
-                               "GPU static energy charged to the job while it held GPUs without using them "
-                               "(part of its domain=\"gpu\" energy).", labels=JOB_LABELS)
+    idle = CounterMetricFamily(
+        "jouleward_job_gpu_idle_energy_joules",
+        "GPU static energy charged to the job while it held GPUs without using them "
+        "(part of its domain=\"gpu\" energy).",
+        labels=JOB_LABELS,
+    )
     for job in snap.jobs:
         if "gpu" in job.energy_j:
             idle.add_metric([job.ref.id, job.ref.name, job.ref.kind, job.ref.namespace], _safe(job.gpu_idle_j))

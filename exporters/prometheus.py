@@ -3,6 +3,7 @@
 The collector only reads the snapshot the sampler published: a scrape never
 triggers a sample, and concurrent scrapes cost one text rendering each.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,9 @@ def info_label_name(key: str) -> str:
 
 
 class SnapshotCollector:
-    def __init__(self, get_snapshot: Callable[[], Snapshot],
-                 extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None) -> None:
+    def __init__(
+        self, get_snapshot: Callable[[], Snapshot], extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None
+    ) -> None:
         self._get_snapshot = get_snapshot
         self._extra = extra or []
 
@@ -54,45 +56,65 @@ class SnapshotCollector:
             yield from extra(snap)
 
     def _node(self, snap: Snapshot) -> Iterator[Metric]:
-        energy = CounterMetricFamily("jouleward_node_energy_joules",
-                                     "Energy the device used, cumulative.", labels=["domain", "device", "source"])
-        power = GaugeMetricFamily("jouleward_node_power_watts",
-                                  "Average device power over the last tick.", labels=["domain", "device", "source"])
+        energy = CounterMetricFamily(
+            "jouleward_node_energy_joules", "Energy the device used, cumulative.", labels=["domain", "device", "source"]
+        )
+        power = GaugeMetricFamily(
+            "jouleward_node_power_watts",
+            "Average device power over the last tick.",
+            labels=["domain", "device", "source"],
+        )
         for device in snap.devices:
             labels = [device.domain, device.device, device.source]
             energy.add_metric(labels, _safe(device.energy_j))
             power.add_metric(labels, _safe(device.power_w))
         yield energy
         yield power
-        yield GaugeMetricFamily("jouleward_node_cpu_utilization_ratio",
-                                "Busy share of all CPUs over the last tick.", value=_safe(snap.cpu_utilization_ratio))
+        yield GaugeMetricFamily(
+            "jouleward_node_cpu_utilization_ratio",
+            "Busy share of all CPUs over the last tick.",
+            value=_safe(snap.cpu_utilization_ratio),
+        )
         domains = sorted(set(snap.idle_j) | set(snap.unattributed_j))
-        idle = CounterMetricFamily("jouleward_idle_energy_joules", "Static energy not charged to any job.",
-                                   labels=["domain"])
+        idle = CounterMetricFamily(
+            "jouleward_idle_energy_joules", "Static energy not charged to any job.", labels=["domain"]
+        )
         unattributed = CounterMetricFamily(
-            "jouleward_unattributed_energy_joules", "Active energy of host processes and the kernel, and energy "
-            "recovered after a restart.", labels=["domain"])
+            "jouleward_unattributed_energy_joules",
+            "Active energy of host processes and the kernel, and energy recovered after a restart.",
+            labels=["domain"],
+        )
         for domain in domains:
             idle.add_metric([domain], _safe(snap.idle_j.get(domain, 0.0)))
             unattributed.add_metric([domain], _safe(snap.unattributed_j.get(domain, 0.0)))
         yield idle
         yield unattributed
-        idle_power = GaugeMetricFamily("jouleward_idle_power_watts",
-                                       "Static power in force per domain (configured or estimated).", labels=["domain"])
+        idle_power = GaugeMetricFamily(
+            "jouleward_idle_power_watts",
+            "Static power in force per domain (configured or estimated).",
+            labels=["domain"],
+        )
         for domain, watts in sorted(snap.idle_power_w.items()):
             idle_power.add_metric([domain], _safe(watts))
         yield idle_power
 
     def _jobs(self, snap: Snapshot) -> Iterator[Metric]:
-        energy = CounterMetricFamily("jouleward_job_energy_joules", "Energy attributed to the job.",
-                                     labels=[*JOB_LABELS, "domain"])
-        power = GaugeMetricFamily("jouleward_job_power_watts", "Power attributed to the job over the last tick.",
-                                  labels=[*JOB_LABELS, "domain"])
+        energy = CounterMetricFamily(
+            "jouleward_job_energy_joules", "Energy attributed to the job.", labels=[*JOB_LABELS, "domain"]
+        )
+        power = GaugeMetricFamily(
+            "jouleward_job_power_watts",
+            "Power attributed to the job over the last tick.",
+            labels=[*JOB_LABELS, "domain"],
+        )
         cpu = CounterMetricFamily("jouleward_job_cpu_seconds", "CPU time of the job's processes.", labels=JOB_LABELS)
         processes = GaugeMetricFamily("jouleward_job_processes", "Live processes of the job.", labels=JOB_LABELS)
         finished = GaugeMetricFamily("jouleward_job_finished", "1 once the job has ended.", labels=JOB_LABELS)
-        work = CounterMetricFamily("jouleward_job_work_units", "Units of work the job reported (samples, tokens, ...).",
-                                   labels=[*JOB_LABELS, "unit"])
+        work = CounterMetricFamily(
+            "jouleward_job_work_units",
+            "Units of work the job reported (samples, tokens, ...).",
+            labels=[*JOB_LABELS, "unit"],
+        )
         info_families: list[GaugeMetricFamily] = []
         # Every job gets a series for every attributed domain the node measures,
         # so a job that has used nothing yet still shows as 0, not as absent.
@@ -114,8 +136,9 @@ class SnapshotCollector:
                 name = info_label_name(key)
                 if name not in extra and name not in JOB_LABELS:
                     extra[name] = value
-            info = GaugeMetricFamily("jouleward_job_info", "Job metadata; extra labels live here.",
-                                     labels=[*JOB_LABELS, *extra])
+            info = GaugeMetricFamily(
+                "jouleward_job_info", "Job metadata; extra labels live here.", labels=[*JOB_LABELS, *extra]
+            )
             info.add_metric([*labels, *extra.values()], 1.0)
             info_families.append(info)
         yield energy
@@ -139,11 +162,16 @@ class SnapshotCollector:
         for bound, count in health.tick_durations.buckets():
             running += count
             cumulative.append((bound, running))
-        yield HistogramMetricFamily("jouleward_sample_duration_seconds", "Wall time of one sampling tick.",
-                                    buckets=cumulative, sum_value=health.tick_durations.sum_s)
+        yield HistogramMetricFamily(
+            "jouleward_sample_duration_seconds",
+            "Wall time of one sampling tick.",
+            buckets=cumulative,
+            sum_value=health.tick_durations.sum_s,
+        )
         yield CounterMetricFamily("jouleward_ticks", "Sampling ticks completed.", value=health.ticks)
-        up = GaugeMetricFamily("jouleward_sensor_up", "1 when the device read cleanly on the last tick.",
-                               labels=["sensor", "device"])
+        up = GaugeMetricFamily(
+            "jouleward_sensor_up", "1 when the device read cleanly on the last tick.", labels=["sensor", "device"]
+        )
         seen = set()
         for status in health.sensors:
             key = (status.sensor, status.device)
@@ -161,39 +189,62 @@ class SnapshotCollector:
         jobs.add_metric(["finished"], float(health.jobs_finished))
         yield jobs
         if health.ledger_flush_unix is not None:
-            yield GaugeMetricFamily("jouleward_ledger_flush_timestamp_seconds",
-                                    "Unix time of the last durable flush.", value=health.ledger_flush_unix)
+            yield GaugeMetricFamily(
+                "jouleward_ledger_flush_timestamp_seconds",
+                "Unix time of the last durable flush.",
+                value=health.ledger_flush_unix,
+            )
         yield CounterMetricFamily("jouleward_ledger_errors", "Failed ledger flushes.", value=health.ledger_errors)
         kubelet = health.kubelet
         if kubelet is not None:
-            yield GaugeMetricFamily("jouleward_kubelet_up", "1 when the last poll of the kubelet's /pods succeeded.",
-                                    value=1.0 if kubelet.up else 0.0)
-            yield GaugeMetricFamily("jouleward_kubelet_metadata_stale", "1 when pod metadata may be out of date.",
-                                    value=1.0 if kubelet.stale else 0.0)
+            yield GaugeMetricFamily(
+                "jouleward_kubelet_up",
+                "1 when the last poll of the kubelet's /pods succeeded.",
+                value=1.0 if kubelet.up else 0.0,
+            )
+            yield GaugeMetricFamily(
+                "jouleward_kubelet_metadata_stale",
+                "1 when pod metadata may be out of date.",
+                value=1.0 if kubelet.stale else 0.0,
+            )
             yield CounterMetricFamily("jouleward_kubelet_errors", "Failed kubelet polls.", value=kubelet.errors_total)
-            yield GaugeMetricFamily("jouleward_kubelet_last_success_timestamp_seconds",
-                                    "Unix time of the last successful kubelet poll (0 before the first).",
-                                    value=_safe(kubelet.last_success_unix_s))
-
+            yield GaugeMetricFamily(
+                "jouleward_kubelet_last_success_timestamp_seconds",
+                "Unix time of the last successful kubelet poll (0 before the first).",
+                value=_safe(kubelet.last_success_unix_s),
+            )
 
     def _carbon(self, snap: Snapshot) -> Iterator[Metric]:
         carbon = snap.carbon
-        jobs = CounterMetricFamily("jouleward_job_emissions_grams", "Emissions attributed to the job, gCO2eq, "
-                                   "each tick at the intensity in force then, PUE included.", labels=JOB_LABELS)
+        jobs = CounterMetricFamily(
+            "jouleward_job_emissions_grams",
+            "Emissions attributed to the job, gCO2eq, each tick at the intensity in force then, PUE included.",
+            labels=JOB_LABELS,
+        )
         for job in snap.jobs:
             jobs.add_metric(job_label_values(job), _safe(job.emissions_g))
         yield jobs
-        yield CounterMetricFamily("jouleward_node_emissions_grams", "Emissions of the node's CPU, DRAM and GPU "
-                                  "energy, gCO2eq, PUE included.", value=_safe(carbon.node_emissions_g))
+        yield CounterMetricFamily(
+            "jouleward_node_emissions_grams",
+            "Emissions of the node's CPU, DRAM and GPU energy, gCO2eq, PUE included.",
+            value=_safe(carbon.node_emissions_g),
+        )
         if carbon.source:
-            intensity = GaugeMetricFamily("jouleward_grid_carbon_intensity_grams_per_kwh",
-                                          "Grid carbon intensity in force over the last tick.", labels=["zone", "source"])
+            intensity = GaugeMetricFamily(
+                "jouleward_grid_carbon_intensity_grams_per_kwh",
+                "Grid carbon intensity in force over the last tick.",
+                labels=["zone", "source"],
+            )
             intensity.add_metric([carbon.zone, carbon.source], _safe(carbon.grams_per_kwh))
             yield intensity
-        yield GaugeMetricFamily("jouleward_pue", "Power usage effectiveness applied to emissions.",
-                                value=_safe(carbon.pue))
-        yield CounterMetricFamily("jouleward_carbon_intensity_errors", "Failed polls of the carbon intensity "
-                                  "provider.", value=float(carbon.provider_errors))
+        yield GaugeMetricFamily(
+            "jouleward_pue", "Power usage effectiveness applied to emissions.", value=_safe(carbon.pue)
+        )
+        yield CounterMetricFamily(
+            "jouleward_carbon_intensity_errors",
+            "Failed polls of the carbon intensity provider.",
+            value=float(carbon.provider_errors),
+        )
 
 
 def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
@@ -213,8 +264,9 @@ class RenderCache:
     the same bytes, and concurrent scrapes of a new snapshot wait for one
     rendering instead of each doing their own."""
 
-    def __init__(self, get_snapshot: Callable[[], Snapshot],
-                 extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None) -> None:
+    def __init__(
+        self, get_snapshot: Callable[[], Snapshot], extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None
+    ) -> None:
         self._get_snapshot = get_snapshot
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None

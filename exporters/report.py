@@ -7,6 +7,7 @@ kg/s, ``ram_total_size`` in GB. As codecarbon does, energy and power include
 the PUE, so ``energy_consumed`` x intensity gives ``emissions``. A column that
 does not apply to a job is left empty, never filled with an invented value.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,12 +24,44 @@ from agent.carbon.emissions import J_PER_KWH
 
 # codecarbon's EmissionsData fields, in its order (output_methods/emissions_data.py).
 EMISSIONS_CSV_COLUMNS = (
-    "timestamp", "project_name", "run_id", "experiment_id", "duration", "emissions", "emissions_rate",
-    "cpu_power", "gpu_power", "ram_power", "cpu_energy", "gpu_energy", "ram_energy", "energy_consumed",
-    "water_consumed", "country_name", "country_iso_code", "region", "cloud_provider", "cloud_region", "os",
-    "python_version", "codecarbon_version", "cpu_count", "cpu_model", "gpu_count", "gpu_model", "longitude",
-    "latitude", "ram_total_size", "tracking_mode", "cpu_utilization_percent", "gpu_utilization_percent",
-    "ram_utilization_percent", "ram_used_gb", "on_cloud", "pue", "wue",
+    "timestamp",
+    "project_name",
+    "run_id",
+    "experiment_id",
+    "duration",
+    "emissions",
+    "emissions_rate",
+    "cpu_power",
+    "gpu_power",
+    "ram_power",
+    "cpu_energy",
+    "gpu_energy",
+    "ram_energy",
+    "energy_consumed",
+    "water_consumed",
+    "country_name",
+    "country_iso_code",
+    "region",
+    "cloud_provider",
+    "cloud_region",
+    "os",
+    "python_version",
+    "codecarbon_version",
+    "cpu_count",
+    "cpu_model",
+    "gpu_count",
+    "gpu_model",
+    "longitude",
+    "latitude",
+    "ram_total_size",
+    "tracking_mode",
+    "cpu_utilization_percent",
+    "gpu_utilization_percent",
+    "ram_utilization_percent",
+    "ram_used_gb",
+    "on_cloud",
+    "pue",
+    "wue",
 )
 
 # codecarbon's hardware names for our attributed domains.
@@ -215,9 +248,14 @@ def job_emissions(job: Mapping[str, Any], site: Site, pue: float, now_unix: floa
     end = job.get("finished_at")
     duration = max((end if end is not None else now_unix) - float(job["first_seen"]), 0.0)
     return JobEmissions(
-        job_id=str(job["id"]), job_name=str(job["name"]), duration_s=duration,
+        job_id=str(job["id"]),
+        job_name=str(job["name"]),
+        duration_s=duration,
         energy_j={str(k): float(v) for k, v in (job.get("energy_j") or {}).items()},
-        emissions_g=float(job.get("emissions_g") or 0.0), pue=pue, end_unix_s=end, site=site,
+        emissions_g=float(job.get("emissions_g") or 0.0),
+        pue=pue,
+        end_unix_s=end,
+        site=site,
     )
 
 

@@ -1,5 +1,6 @@
 """A real agent process on fixture sysfs (and optionally procfs) trees that a
 test advances, plus the invariants every scrape must satisfy."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,10 @@ class Powercap:
         self.max_range_uj = max_range_uj
         self.raw: dict[str, int] = {}
         for socket_index in range(sockets):
-            for zone_id, name in ((f"intel-rapl:{socket_index}", f"package-{socket_index}"),
-                                  (f"intel-rapl:{socket_index}:0", "dram")):
+            for zone_id, name in (
+                (f"intel-rapl:{socket_index}", f"package-{socket_index}"),
+                (f"intel-rapl:{socket_index}:0", "dram"),
+            ):
                 zone = self.root / zone_id
                 zone.mkdir()
                 (zone / "name").write_text(name + "\n")
@@ -60,8 +63,14 @@ def unprivileged_uid() -> int | None:
     if os.geteuid() != 0:
         return None
     try:
-        probe = subprocess.run([sys.executable, "-c", "import agent.cli, fastapi"], cwd=ROOT, user=65534,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=60)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import agent.cli, fastapi"],
+            cwd=ROOT,
+            user=65534,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            timeout=60,
+        )
     except OSError:
         return -1
     return 65534 if probe.returncode == 0 else -1
@@ -90,8 +99,11 @@ def is_counter_sample(name: str) -> bool:
 
 def check_monotonic(before: Samples, after: Samples) -> None:
     """Every counter series present in both scrapes did not go backwards."""
-    backwards = {key: (before[key], value) for key, value in after.items()
-                 if is_counter_sample(key[0]) and key in before and value < before[key] - 1e-9}
+    backwards = {
+        key: (before[key], value)
+        for key, value in after.items()
+        if is_counter_sample(key[0]) and key in before and value < before[key] - 1e-9
+    }
     assert not backwards, f"counters went backwards: {backwards}"
 
 
@@ -110,18 +122,42 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 class AgentProcess:
     """``jouleward run`` as a subprocess on loopback, with a log file."""
 
-    def __init__(self, workdir: Path, sysfs: Path, procfs: Path | None = None, interval_s: float = 0.2,
-                 flush_interval_s: float = 0.5, env: dict[str, str] | None = None, user: int | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sysfs: Path,
+        procfs: Path | None = None,
+        interval_s: float = 0.2,
+        flush_interval_s: float = 0.5,
+        env: dict[str, str] | None = None,
+        user: int | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.socket = workdir / "control.sock"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"agent-{self.port}.log"
-        argv = [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{self.port}",
-                "--state-dir", str(self.state_dir), "--control-socket", str(self.socket),
-                "--sysfs", str(sysfs), "--interval", str(interval_s), "--log-level", "info", *extra_args]
+        argv = [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--state-dir",
+            str(self.state_dir),
+            "--control-socket",
+            str(self.socket),
+            "--sysfs",
+            str(sysfs),
+            "--interval",
+            str(interval_s),
+            "--log-level",
+            "info",
+            *extra_args,
+        ]
         if procfs is not None:
             argv += ["--procfs", str(procfs)]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEWARD_")}
@@ -129,8 +165,9 @@ class AgentProcess:
         full_env["PYTHONPATH"] = str(ROOT)
         full_env.update(env or {})
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-                                        user=user)
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT, user=user
+        )
         self.last: Samples = {}
 
     @property
@@ -175,8 +212,7 @@ class AgentProcess:
         return self.scrape()
 
     def control(self) -> httpx.Client:
-        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://agent",
-                            timeout=10.0)
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://agent", timeout=10.0)
 
     def terminate(self, timeout_s: float = 30.0) -> int:
         if self.process.poll() is None:
@@ -221,8 +257,15 @@ class FakeProcfs:
         self.idle += idle_ticks
         self.write_node()
 
-    def add(self, pid: int, start_ticks: int, cpu_ticks: int = 0, env: dict[str, str] | None = None,
-            comm: str = "worker", ppid: int = 1) -> None:
+    def add(
+        self,
+        pid: int,
+        start_ticks: int,
+        cpu_ticks: int = 0,
+        env: dict[str, str] | None = None,
+        comm: str = "worker",
+        ppid: int = 1,
+    ) -> None:
         directory = self.root / str(pid)
         directory.mkdir(exist_ok=True)
         (directory / "cgroup").write_text("0::/\n")
@@ -246,14 +289,19 @@ class FakeProcfs:
 
 def conservation_gap_j(samples: Samples, domain: str) -> float:
     """|node - (idle + unattributed + jobs)| for one attributed domain."""
+
     def total(name: str) -> float:
         try:
             return value(samples, name, domain=domain)
         except KeyError:
             return 0.0
+
     node = total("jouleward_node_energy_joules_total")
-    parts = (total("jouleward_idle_energy_joules_total") + total("jouleward_unattributed_energy_joules_total")
-             + total("jouleward_job_energy_joules_total"))
+    parts = (
+        total("jouleward_idle_energy_joules_total")
+        + total("jouleward_unattributed_energy_joules_total")
+        + total("jouleward_job_energy_joules_total")
+    )
     return abs(node - parts)
 
 

@@ -1,4 +1,5 @@
 """A real agent process on a fixture RAPL tree, with real jobs."""
+
 from __future__ import annotations
 
 import subprocess
@@ -41,9 +42,18 @@ class Advancer(threading.Thread):
 @pytest.fixture
 def rapl(tmp_path):
     tree = two_socket_server(tmp_path / "sys")
-    advancer = Advancer(tree, {"intel-rapl:0": 60.0, "intel-rapl:1": 45.0, "intel-rapl:0:2": 6.0,
-                               "intel-rapl:1:2": 5.0, "intel-rapl:0:0": 40.0, "intel-rapl-mmio:0": 60.0,
-                               "intel-rapl:2": 150.0})
+    advancer = Advancer(
+        tree,
+        {
+            "intel-rapl:0": 60.0,
+            "intel-rapl:1": 45.0,
+            "intel-rapl:0:2": 6.0,
+            "intel-rapl:1:2": 5.0,
+            "intel-rapl:0:0": 40.0,
+            "intel-rapl-mmio:0": 60.0,
+            "intel-rapl:2": 150.0,
+        },
+    )
     advancer.start()
     yield tree
     advancer.halt.set()
@@ -53,9 +63,11 @@ def rapl(tmp_path):
 def assert_conserved(samples):
     for domain in ATTRIBUTED:
         node = metric_sum(samples, "jouleward_node_energy_joules_total", domain=domain)
-        parts = (metric_sum(samples, "jouleward_idle_energy_joules_total", domain=domain)
-                 + metric_sum(samples, "jouleward_unattributed_energy_joules_total", domain=domain)
-                 + metric_sum(samples, "jouleward_job_energy_joules_total", domain=domain))
+        parts = (
+            metric_sum(samples, "jouleward_idle_energy_joules_total", domain=domain)
+            + metric_sum(samples, "jouleward_unattributed_energy_joules_total", domain=domain)
+            + metric_sum(samples, "jouleward_job_energy_joules_total", domain=domain)
+        )
         assert parts == pytest.approx(node, rel=1e-9, abs=1e-9), domain
 
 
@@ -77,8 +89,12 @@ def test_three_to_one_burners_get_three_to_one_energy(tmp_path, rapl, processes,
         time.sleep(0.5)
         samples = agent.metrics()
         assert_conserved(samples)
-        for name in ("jouleward_node_energy_joules_total", "jouleward_job_energy_joules_total",
-                     "jouleward_idle_energy_joules_total", "jouleward_unattributed_energy_joules_total"):
+        for name in (
+            "jouleward_node_energy_joules_total",
+            "jouleward_job_energy_joules_total",
+            "jouleward_idle_energy_joules_total",
+            "jouleward_unattributed_energy_joules_total",
+        ):
             before = {tuple(sorted(l.items())): v for l, v in metric_values(previous, name)}
             for labels, value in metric_values(samples, name):
                 assert value >= before.get(tuple(sorted(labels.items())), 0.0)
@@ -95,11 +111,13 @@ def test_three_to_one_burners_get_three_to_one_energy(tmp_path, rapl, processes,
     assert real_cpu_ratio == pytest.approx(3.0, rel=0.1), "the burners themselves drifted"
     assert energy_a / energy_b == pytest.approx(3.0, rel=0.05)
     # node energy is the fixture truth: packages only (core, mmio and psys excluded from cpu)
-    node_cpu = metric_sum(end, "jouleward_node_energy_joules_total", domain="cpu") - \
-        metric_sum(start, "jouleward_node_energy_joules_total", domain="cpu")
+    node_cpu = metric_sum(end, "jouleward_node_energy_joules_total", domain="cpu") - metric_sum(
+        start, "jouleward_node_energy_joules_total", domain="cpu"
+    )
     assert 0 < node_cpu
-    assert {labels["device"] for labels, _ in metric_values(end, "jouleward_node_energy_joules_total", domain="cpu")} \
-        == {"package-0", "package-1"}
+    assert {
+        labels["device"] for labels, _ in metric_values(end, "jouleward_node_energy_joules_total", domain="cpu")
+    } == {"package-0", "package-1"}
     assert metric_values(end, "jouleward_node_energy_joules_total", domain="platform")[0][0]["source"] == "rapl"
     info = metric_values(end, "jouleward_job_info", job_id=job_a["id"])
     assert info and info[0][0]["label_x"] == "1" and info[0][0]["job_name"] == "heavy"
@@ -126,13 +144,17 @@ def test_node_energy_matches_fixture_truth(tmp_path, agents):
 def test_model_fallback_without_rapl(tmp_path, agents, processes):
     empty_sys = tmp_path / "empty-sys"
     empty_sys.mkdir()
-    labelled = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: sum(range(10000)); time.sleep(0.01)"],
-                                env={"JOULEWARD_JOB": "notebook", "PATH": "/usr/bin:/bin"})
+    labelled = subprocess.Popen(
+        [sys.executable, "-c", "import time\nwhile True: sum(range(10000)); time.sleep(0.01)"],
+        env={"JOULEWARD_JOB": "notebook", "PATH": "/usr/bin:/bin"},
+    )
     processes.append(labelled)
     agent = AgentProcess(tmp_path / "state", sysfs=empty_sys, interval_s=0.2)
     agents.append(agent)
-    wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id="env-notebook") > 0,
-               what="energy for the labelled process")
+    wait_until(
+        lambda: metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id="env-notebook") > 0,
+        what="energy for the labelled process",
+    )
     samples = agent.metrics()
     sources = {labels["source"] for labels, _ in metric_values(samples, "jouleward_node_energy_joules_total")}
     assert sources == {"model"}
@@ -158,11 +180,13 @@ def test_restart_resumes_totals_and_registered_jobs(tmp_path, rapl, processes, a
     agents.append(agent)
     after = agent.metrics()
     for domain in ATTRIBUTED:
-        assert metric_sum(after, "jouleward_node_energy_joules_total", domain=domain) >= \
-            metric_sum(before, "jouleward_node_energy_joules_total", domain=domain)
+        assert metric_sum(after, "jouleward_node_energy_joules_total", domain=domain) >= metric_sum(
+            before, "jouleward_node_energy_joules_total", domain=domain
+        )
     # ~1 s of downtime at 105 W of packages is recovered as unattributed, not dropped
-    recovered = metric_sum(after, "jouleward_unattributed_energy_joules_total", domain="cpu") - \
-        metric_sum(before, "jouleward_unattributed_energy_joules_total", domain="cpu")
+    recovered = metric_sum(after, "jouleward_unattributed_energy_joules_total", domain="cpu") - metric_sum(
+        before, "jouleward_unattributed_energy_joules_total", domain="cpu"
+    )
     assert recovered >= 80.0
     assert_conserved(after)
     status, resumed = agent.get(f"/v1/jobs/{job['id']}")
@@ -196,8 +220,10 @@ def test_control_api_rejects_bad_input_with_clear_4xx(tmp_path, agents):
     assert status == 200
     import http.client
     import json as _json
+
     conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=5)
-    conn.request("POST", "/v1/jobs", body=_json.dumps({"name": "x", "pids": [1]}),
-                 headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST", "/v1/jobs", body=_json.dumps({"name": "x", "pids": [1]}), headers={"Content-Type": "application/json"}
+    )
     assert conn.getresponse().status == 405
     conn.close()

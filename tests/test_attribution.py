@@ -1,4 +1,5 @@
 """The attribution arithmetic: conservation, shares, idle estimation."""
+
 from __future__ import annotations
 
 import math
@@ -11,14 +12,19 @@ from hypothesis import strategies as st
 from agent.attribution.cpu import IdlePowerEstimator, conservation_error_j, split_domain
 
 energies = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
-odd_floats = st.one_of(energies, st.just(float("nan")), st.just(float("inf")), st.just(-1.0),
-                       st.floats(min_value=-1e6, max_value=0))
-cpu_maps = st.dictionaries(st.text(min_size=1, max_size=8), st.one_of(
-    st.floats(min_value=0, max_value=64, allow_nan=False), st.just(float("nan")), st.just(-3.0)), max_size=30)
+odd_floats = st.one_of(
+    energies, st.just(float("nan")), st.just(float("inf")), st.just(-1.0), st.floats(min_value=-1e6, max_value=0)
+)
+cpu_maps = st.dictionaries(
+    st.text(min_size=1, max_size=8),
+    st.one_of(st.floats(min_value=0, max_value=64, allow_nan=False), st.just(float("nan")), st.just(-3.0)),
+    max_size=30,
+)
 
 
-@given(measured=energies, idle_w=odd_floats, interval=st.floats(min_value=0, max_value=60), jobs=cpu_maps,
-       busy=odd_floats)
+@given(
+    measured=energies, idle_w=odd_floats, interval=st.floats(min_value=0, max_value=60), jobs=cpu_maps, busy=odd_floats
+)
 @settings(max_examples=500, deadline=None)
 def test_parts_always_sum_to_measured_and_are_never_negative(measured, idle_w, interval, jobs, busy):
     part = split_domain("cpu", measured, idle_w, interval, jobs, busy)
@@ -27,9 +33,12 @@ def test_parts_always_sum_to_measured_and_are_never_negative(measured, idle_w, i
     assert all(math.isfinite(v) and v >= 0 for v in values)
 
 
-@given(measured=st.floats(min_value=0, max_value=1e4), idle_w=st.floats(min_value=0, max_value=500),
-       jobs=st.dictionaries(st.sampled_from("abcdef"), st.floats(min_value=0.001, max_value=4), min_size=2),
-       host=st.floats(min_value=0, max_value=4))
+@given(
+    measured=st.floats(min_value=0, max_value=1e4),
+    idle_w=st.floats(min_value=0, max_value=500),
+    jobs=st.dictionaries(st.sampled_from("abcdef"), st.floats(min_value=0.001, max_value=4), min_size=2),
+    host=st.floats(min_value=0, max_value=4),
+)
 @settings(max_examples=300, deadline=None)
 def test_jobs_share_active_energy_in_proportion_to_cpu_time(measured, idle_w, jobs, host):
     busy = sum(jobs.values()) + host

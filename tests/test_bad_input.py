@@ -1,5 +1,6 @@
 """Bad input: malformed configuration and flags, awkward job names and
 labels in the exposition, and an unbounded stream of distinct job names."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,9 @@ def to_toml(item) -> str:
     if isinstance(item, bool):
         return "true" if item else "false"
     if isinstance(item, float):
-        return "nan" if math.isnan(item) else ("inf" if item == math.inf else "-inf" if item == -math.inf
-                                                else repr(item))
+        return (
+            "nan" if math.isnan(item) else ("inf" if item == math.inf else "-inf" if item == -math.inf else repr(item))
+        )
     if isinstance(item, (int, str)):
         return json.dumps(item, ensure_ascii=False)
     if isinstance(item, list):
@@ -41,10 +43,12 @@ def to_toml(item) -> str:
 
 
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)  # TOML cannot hold surrogates
-scalars = st.one_of(st.booleans(), st.integers(-10**6, 10**12), st.floats(), text)
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                       st.dictionaries(text, inner, max_size=3)),
-                      max_leaves=6)
+scalars = st.one_of(st.booleans(), st.integers(-(10**6), 10**12), st.floats(), text)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(text, inner, max_size=3)),
+    max_leaves=6,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -60,8 +64,11 @@ def test_any_config_file_loads_or_names_the_key(document):
             assert "\n" not in message
             assert str(path) in message
             named = set(document) | set(document["agent"] if isinstance(document.get("agent"), dict) else ())
-            assert any(key in message or repr(key) in message for key in named) or "[agent]" in message \
-                or "not valid TOML" in message, message
+            assert (
+                any(key in message or repr(key) in message for key in named)
+                or "[agent]" in message
+                or "not valid TOML" in message
+            ), message
 
 
 FLAGS = ["listen", "state_dir", "control_socket", "sysfs", "procfs", "interval_s"]
@@ -77,25 +84,43 @@ def test_any_flag_value_is_accepted_or_names_the_flag(flag, text):
         assert str(exc).startswith(shown + ":"), str(exc)
 
 
-@pytest.mark.parametrize(("content", "args", "named"), [
-    ('interval_s = "fast"\n', [], "interval_s"),
-    ("rules = 5\n", [], "rules"),
-    ('[[rules]]\nname = "a"\ncmdline = "("\n', [], "rules[0].cmdline"),
-    ("[idle_power_w]\ncpu = -3\n", [], "idle_power_w.cpu"),
-    ("listen = 9883\n", [], "listen"),
-    ("no_such_key = 1\n", [], "no_such_key"),
-    ("interval_s = \n", [], "not valid TOML"),
-    ("", ["--interval", "0"], "--interval"),
-    ("", ["--listen", "127.0.0.1:99999"], "--listen"),
-    ("", ["--no-such-flag"], "--no-such-flag"),
-])
+@pytest.mark.parametrize(
+    ("content", "args", "named"),
+    [
+        ('interval_s = "fast"\n', [], "interval_s"),
+        ("rules = 5\n", [], "rules"),
+        ('[[rules]]\nname = "a"\ncmdline = "("\n', [], "rules[0].cmdline"),
+        ("[idle_power_w]\ncpu = -3\n", [], "idle_power_w.cpu"),
+        ("listen = 9883\n", [], "listen"),
+        ("no_such_key = 1\n", [], "no_such_key"),
+        ("interval_s = \n", [], "not valid TOML"),
+        ("", ["--interval", "0"], "--interval"),
+        ("", ["--listen", "127.0.0.1:99999"], "--listen"),
+        ("", ["--no-such-flag"], "--no-such-flag"),
+    ],
+)
 def test_cli_rejects_bad_config_with_one_message_and_exit_2(tmp_path, content, args, named):
     config = tmp_path / "jouleward.toml"
     config.write_text(content)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEWARD_")}
-    result = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(config),
-                             "--state-dir", str(tmp_path / "state"), *args],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path / "state"),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("jouleward: error:")]
     assert len(errors) == 1 and named in errors[0], result.stderr
@@ -120,8 +145,9 @@ def test_awkward_names_and_labels_survive_exposition(tmp_path):
     for index in range(len(AWKWARD)):  # one process per registration: a process belongs to one job
         procfs.add(300 + index, boot_ticks() - 100, 0)
     Powercap(tmp_path / "sys")
-    agent = Agent(dataclasses.replace(Config(), procfs=procfs.root, sysfs=tmp_path / "sys",
-                                      state_dir=tmp_path / "state"))
+    agent = Agent(
+        dataclasses.replace(Config(), procfs=procfs.root, sysfs=tmp_path / "sys", state_dir=tmp_path / "state")
+    )
     client = TestClient(as_local_peer(create_control_app(agent)))
     registered = {}
     for index, name in enumerate(AWKWARD):
@@ -147,9 +173,17 @@ def test_awkward_names_and_labels_survive_exposition(tmp_path):
 def _name_stream(tmp_path: Path, total: int, batch: int = 1000, cap: int = 50) -> None:
     procfs = FakeProcfs(tmp_path / "proc")
     rapl = Powercap(tmp_path / "sys")
-    agent = Agent(dataclasses.replace(Config(), procfs=procfs.root, sysfs=tmp_path / "sys",
-                                      state_dir=tmp_path / "state", max_exported_jobs=cap,
-                                      finished_job_retention_s=0.0, flush_interval_s=0.0))
+    agent = Agent(
+        dataclasses.replace(
+            Config(),
+            procfs=procfs.root,
+            sysfs=tmp_path / "sys",
+            state_dir=tmp_path / "state",
+            max_exported_jobs=cap,
+            finished_job_retention_s=0.0,
+            flush_interval_s=0.0,
+        )
+    )
     agent.tick()
     cache = RenderCache(lambda: agent.pipeline.snapshot)
     sizes = []
@@ -169,8 +203,15 @@ def _name_stream(tmp_path: Path, total: int, batch: int = 1000, cap: int = 50) -
             procfs.remove(p)
         procfs.advance_node(0, batch)
         agent.tick()
-        sizes.append((len(agent.ledger.jobs), len(agent.selection.exported) + len(agent.selection.overflow),
-                      len(agent.registry.jobs), len(agent.scanner._facts), len(agent.resolver._static)))
+        sizes.append(
+            (
+                len(agent.ledger.jobs),
+                len(agent.selection.exported) + len(agent.selection.overflow),
+                len(agent.registry.jobs),
+                len(agent.scanner._facts),
+                len(agent.resolver._static),
+            )
+        )
     # Memory stays bounded: nothing in memory grows with the names seen.
     assert max(max(s) for s in sizes) <= batch + cap + 1, sizes[-3:]
     assert sizes[-1] == sizes[len(sizes) // 2], sizes
@@ -179,12 +220,15 @@ def _name_stream(tmp_path: Path, total: int, batch: int = 1000, cap: int = 50) -
     try:
         assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == total
         for domain in ("cpu", "dram"):
-            node = db.execute("SELECT coalesce(sum(energy_j), 0) FROM node_energy WHERE domain = ?",
-                              (domain,)).fetchone()[0]
-            jobs = db.execute("SELECT coalesce(sum(energy_j), 0) FROM job_energy WHERE domain = ?",
-                              (domain,)).fetchone()[0]
-            idle, unattributed = db.execute("SELECT idle_j, unattributed_j FROM domain_totals WHERE domain = ?",
-                                            (domain,)).fetchone() or (0.0, 0.0)
+            node = db.execute(
+                "SELECT coalesce(sum(energy_j), 0) FROM node_energy WHERE domain = ?", (domain,)
+            ).fetchone()[0]
+            jobs = db.execute(
+                "SELECT coalesce(sum(energy_j), 0) FROM job_energy WHERE domain = ?", (domain,)
+            ).fetchone()[0]
+            idle, unattributed = db.execute(
+                "SELECT idle_j, unattributed_j FROM domain_totals WHERE domain = ?", (domain,)
+            ).fetchone() or (0.0, 0.0)
             assert node > 0 or domain == "dram"
             assert jobs + idle + unattributed == pytest.approx(node, rel=1e-9, abs=1e-6)
     finally:

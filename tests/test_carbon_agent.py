@@ -1,4 +1,5 @@
 """Emissions through a real agent process: metrics, API, ledger, reports, `jouleward top`."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,15 @@ from agent.carbon import tables
 from tests.support import REPO, AgentProcess, metric_sum, metric_values, start_burner, two_socket_server, wait_until
 from tests.test_carbon_report import codecarbon_columns
 
-WATTS = {"intel-rapl:0": 60.0, "intel-rapl:1": 45.0, "intel-rapl:0:2": 6.0, "intel-rapl:1:2": 5.0,
-         "intel-rapl:0:0": 40.0, "intel-rapl-mmio:0": 60.0, "intel-rapl:2": 150.0}
+WATTS = {
+    "intel-rapl:0": 60.0,
+    "intel-rapl:1": 45.0,
+    "intel-rapl:0:2": 6.0,
+    "intel-rapl:1:2": 5.0,
+    "intel-rapl:0:0": 40.0,
+    "intel-rapl-mmio:0": 60.0,
+    "intel-rapl:2": 150.0,
+}
 
 
 @pytest.fixture
@@ -47,8 +55,15 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEWARD_")}
     full_env["PYTHONPATH"] = str(REPO)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -57,8 +72,10 @@ def write_config(path: Path, text: str) -> Path:
 
 
 def test_static_intensity_emissions_metrics_ledger_and_report(tmp_path, rapl, processes, agents):
-    config = write_config(tmp_path / "jouleward.toml",
-                          '[carbon]\nprovider = "static"\nintensity_g_per_kwh = 400.0\ncountry = "FRA"\npue = 1.5\n')
+    config = write_config(
+        tmp_path / "jouleward.toml",
+        '[carbon]\nprovider = "static"\nintensity_g_per_kwh = 400.0\ncountry = "FRA"\npue = 1.5\n',
+    )
     agent = AgentProcess(tmp_path / "state", sysfs=tmp_path / "sys", interval_s=0.2, config=config)
     agents.append(agent)
     burner = start_burner(0.5)
@@ -103,12 +120,18 @@ def test_static_intensity_emissions_metrics_ledger_and_report(tmp_path, rapl, pr
     assert energy_kwh == pytest.approx(sum(finished["energy_j"].values()) * 1.5 / 3.6e6, rel=1e-9)
     assert float(row["emissions"]) == pytest.approx(finished["emissions_g"] / 1000.0, rel=1e-9)
     assert energy_kwh * 400.0 / 1000.0 == pytest.approx(float(row["emissions"]), rel=1e-9)
-    assert float(row["cpu_energy"]) + float(row["ram_energy"]) + float(row["gpu_energy"]) == \
-        pytest.approx(energy_kwh, rel=1e-12)
+    assert float(row["cpu_energy"]) + float(row["ram_energy"]) + float(row["gpu_energy"]) == pytest.approx(
+        energy_kwh, rel=1e-12
+    )
     assert (row["run_id"], row["project_name"], row["country_iso_code"], row["pue"]) == (
-        job["id"], "carbon-job", "FRA", "1.5")
-    assert float(row["duration"]) > 0 and float(row["emissions_rate"]) == \
-        pytest.approx(float(row["emissions"]) / float(row["duration"]), rel=1e-12)
+        job["id"],
+        "carbon-job",
+        "FRA",
+        "1.5",
+    )
+    assert float(row["duration"]) > 0 and float(row["emissions_rate"]) == pytest.approx(
+        float(row["emissions"]) / float(row["duration"]), rel=1e-12
+    )
 
     appended = tmp_path / "emissions.csv"
     for _ in range(2):
@@ -120,8 +143,9 @@ def test_static_intensity_emissions_metrics_ledger_and_report(tmp_path, rapl, pr
 
     # With the agent stopped, the report comes from the durable ledger with the same figures.
     assert agent.stop() == 0
-    offline = cli("report", job["id"], "--format", "json", listen, "--state-dir", str(tmp_path / "state"),
-                  "--config", str(config))
+    offline = cli(
+        "report", job["id"], "--format", "json", listen, "--state-dir", str(tmp_path / "state"), "--config", str(config)
+    )
     assert offline.returncode == 0, offline.stderr
     (obj,) = json.loads(offline.stdout)
     assert obj["emissions"] == pytest.approx(finished["emissions_g"] / 1000.0, rel=1e-12)
@@ -170,9 +194,11 @@ class FlakyApi:
 def test_http_provider_misbehaving_never_stops_the_agent(tmp_path, rapl, agents):
     api = FlakyApi()
     try:
-        config = write_config(tmp_path / "jouleward.toml",
-                              f'[carbon]\nprovider = "http"\nurl = "{api.url}"\nzone = "DE"\ntoken = "t"\n'
-                              'intensity_g_per_kwh = 300.0\ntimeout_s = 0.5\npoll_s = 1.0\n')
+        config = write_config(
+            tmp_path / "jouleward.toml",
+            f'[carbon]\nprovider = "http"\nurl = "{api.url}"\nzone = "DE"\ntoken = "t"\n'
+            'intensity_g_per_kwh = 300.0\ntimeout_s = 0.5\npoll_s = 1.0\n',
+        )
         agent = AgentProcess(tmp_path / "state", sysfs=tmp_path / "sys", interval_s=0.2, config=config)
         agents.append(agent)
 
@@ -191,8 +217,9 @@ def test_http_provider_misbehaving_never_stops_the_agent(tmp_path, rapl, agents)
             assert agent.ticks() >= ticks + 3
             assert intensity() == ({"zone": "DE", "source": "fallback_static"}, 300.0)
         api.mode = "ok"
-        wait_until(lambda: intensity() == ({"zone": "DE", "source": "http"}, 123.0), timeout_s=30,
-                   what="the API's value")
+        wait_until(
+            lambda: intensity() == ({"zone": "DE", "source": "http"}, 123.0), timeout_s=30, what="the API's value"
+        )
         assert agent.proc.poll() is None
     finally:
         api.server.shutdown()
@@ -219,9 +246,13 @@ def test_top_in_a_real_terminal(tmp_path, rapl, processes, agents):
     socket_name = f"jouleward-test-{os.getpid()}"
     tmux = ["tmux", "-L", socket_name]
     command = f"cd {REPO} && PYTHONPATH={REPO} {sys.executable} -m agent.cli top --listen 127.0.0.1:{agent.port}"
-    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command], check=True,
-                   env={**os.environ, "TERM": "xterm-256color"})
+    subprocess.run(
+        [*tmux, "new-session", "-d", "-s", session, "-x", "160", "-y", "40", command],
+        check=True,
+        env={**os.environ, "TERM": "xterm-256color"},
+    )
     try:
+
         def screen() -> str:
             return subprocess.run([*tmux, "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
 
@@ -235,8 +266,10 @@ def test_top_in_a_real_terminal(tmp_path, rapl, processes, agents):
         subprocess.run([*tmux, "send-keys", "-t", session, "n"], check=True)
         wait_until(lambda: "sort: name" in screen() and "aa-sleeping" in job_rows()[0], what="sorted by name")
         subprocess.run([*tmux, "send-keys", "-t", session, "q"], check=True)
-        wait_until(lambda: subprocess.run([*tmux, "has-session", "-t", session], capture_output=True).returncode != 0,
-                   what="top to quit on q")
+        wait_until(
+            lambda: subprocess.run([*tmux, "has-session", "-t", session], capture_output=True).returncode != 0,
+            what="top to quit on q",
+        )
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
 
@@ -244,8 +277,18 @@ def test_top_in_a_real_terminal(tmp_path, rapl, processes, agents):
 def test_wrap_prints_emissions_and_appends_codecarbon_rows(tmp_path):
     target = tmp_path / "emissions.csv"
     for name in ("first", "second"):
-        result = cli("wrap", "--standalone", "--name", name, "--emissions-csv", str(target), "--",
-                     sys.executable, "-c", "sum(range(4_000_000))")
+        result = cli(
+            "wrap",
+            "--standalone",
+            "--name",
+            name,
+            "--emissions-csv",
+            str(target),
+            "--",
+            sys.executable,
+            "-c",
+            "sum(range(4_000_000))",
+        )
         assert result.returncode == 0, result.stderr
         assert "gCO2eq" in result.stderr
     text = target.read_text()
@@ -255,4 +298,6 @@ def test_wrap_prints_emissions_and_appends_codecarbon_rows(tmp_path):
     for row in rows:
         assert float(row["energy_consumed"]) > 0
         # Measured in-process with the default zone: codecarbon's world average.
-        assert float(row["energy_consumed"]) * tables.world_average() / 1000.0 == pytest.approx(float(row["emissions"]), rel=1e-9)
+        assert float(row["energy_consumed"]) * tables.world_average() / 1000.0 == pytest.approx(
+            float(row["emissions"]), rel=1e-9
+        )

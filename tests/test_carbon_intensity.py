@@ -1,4 +1,5 @@
 """Intensity providers: static, CSV series, and an HTTP API served on loopback."""
+
 import http.server
 import json
 import threading
@@ -36,9 +37,7 @@ def test_csv_step_charges_each_tick_at_its_own_intensity(tmp_path):
     step = 1_700_000_000.0
     series = tmp_path / "intensity.csv"
     series.write_text(
-        "timestamp,g_per_kwh\n"
-        f"{step - 3600:.0f},100\n"
-        "2023-11-14T22:13:20Z,500\n"  # == step, written as ISO 8601
+        f"timestamp,g_per_kwh\n{step - 3600:.0f},100\n2023-11-14T22:13:20Z,500\n"  # == step, written as ISO 8601
     )
     provider = intensity.CsvSeriesProvider(series, zone="own")
     assert provider.at(step - 0.001).grams_per_kwh == 100
@@ -140,8 +139,9 @@ def api():
 
 
 def http_provider(api, **overrides):
-    settings = dict(provider="http", url=api.url, zone="DE", token="s3cret", intensity_g_per_kwh=250.0,
-                    timeout_s=0.5, poll_s=1.0)
+    settings = dict(
+        provider="http", url=api.url, zone="DE", token="s3cret", intensity_g_per_kwh=250.0, timeout_s=0.5, poll_s=1.0
+    )
     settings.update(overrides)
     return intensity.from_config(config.CarbonConfig(**settings))
 
@@ -196,8 +196,9 @@ def test_http_slow_answer_times_out_and_never_blocks_the_caller(api):
 def test_http_unreachable_falls_back_to_the_country_table(api):
     url = api.url
     api.close()  # nothing listens there any more
-    provider = intensity.from_config(config.CarbonConfig(
-        provider="http", url=url, zone="FR", country="FRA", timeout_s=0.3, poll_s=1.0))
+    provider = intensity.from_config(
+        config.CarbonConfig(provider="http", url=url, zone="FR", country="FRA", timeout_s=0.3, poll_s=1.0)
+    )
     try:
         assert wait_for(lambda: provider.errors_total >= 1)
         now = provider.at(time.time())
@@ -208,8 +209,9 @@ def test_http_unreachable_falls_back_to_the_country_table(api):
 
 
 def test_http_stale_value_gives_way_to_the_fallback(api):
-    provider = intensity.HttpProvider(api.url, "DE", intensity.StaticProvider(250.0), poll_s=0.2, timeout_s=0.5,
-                                      max_age_s=1.0)
+    provider = intensity.HttpProvider(
+        api.url, "DE", intensity.StaticProvider(250.0), poll_s=0.2, timeout_s=0.5, max_age_s=1.0
+    )
     try:
         assert wait_for(lambda: provider.at(time.time()).source == "http")
         api.mode = "500"
@@ -243,11 +245,15 @@ def test_carbon_settings_from_the_environment_merge_with_the_file(tmp_path):
     path.write_text('[carbon]\nprovider = "static"\nintensity_g_per_kwh = 100.0\n')
     merged = config.build(path, environ={"JOULEWARD_CARBON_PUE": "1.3"})
     assert (merged.carbon.provider, merged.carbon.intensity_g_per_kwh, merged.carbon.pue) == ("static", 100.0, 1.3)
-    env_only = config.build(environ={"JOULEWARD_CARBON_PROVIDER": "static", "JOULEWARD_CARBON_INTENSITY_G_PER_KWH": "42"})
+    env_only = config.build(
+        environ={"JOULEWARD_CARBON_PROVIDER": "static", "JOULEWARD_CARBON_INTENSITY_G_PER_KWH": "42"}
+    )
     assert (env_only.carbon.provider, env_only.carbon.intensity_g_per_kwh) == ("static", 42.0)
-    for variable, value, message in [("JOULEWARD_CARBON_PUE", "abc", "JOULEWARD_CARBON_PUE: expected a number"),
-                                     ("JOULEWARD_CARBON_PUE", "9", "JOULEWARD_CARBON_PUE: 9.0 is outside"),
-                                     ("JOULEWARD_CARBON_NOPE", "1", "JOULEWARD_CARBON_NOPE: unknown key")]:
+    for variable, value, message in [
+        ("JOULEWARD_CARBON_PUE", "abc", "JOULEWARD_CARBON_PUE: expected a number"),
+        ("JOULEWARD_CARBON_PUE", "9", "JOULEWARD_CARBON_PUE: 9.0 is outside"),
+        ("JOULEWARD_CARBON_NOPE", "1", "JOULEWARD_CARBON_NOPE: unknown key"),
+    ]:
         try:
             config.build(path, environ={variable: value})
         except config.ConfigError as exc:

@@ -1,4 +1,5 @@
 """Reports in codecarbon's emissions.csv format."""
+
 import ast
 import csv
 import io
@@ -20,11 +21,22 @@ def codecarbon_columns():
 
 def a_job(**overrides):
     fields = dict(
-        job_id="r-5f2a", job_name="llama-finetune", duration_s=5400.0,
+        job_id="r-5f2a",
+        job_name="llama-finetune",
+        duration_s=5400.0,
         energy_j={"cpu": 2.7e6, "dram": 0.36e6, "gpu": 9.0e6},
-        emissions_g=0.0, pue=1.25, end_unix_s=1_700_000_000.0,
-        site=report.Site(country_iso_code="FRA", country_name="France", cpu_model="AMD EPYC 7763", cpu_count=64,
-                         gpu_model="NVIDIA H100 80GB HBM3", gpu_count=1, ram_total_bytes=512_000_000_000),
+        emissions_g=0.0,
+        pue=1.25,
+        end_unix_s=1_700_000_000.0,
+        site=report.Site(
+            country_iso_code="FRA",
+            country_name="France",
+            cpu_model="AMD EPYC 7763",
+            cpu_count=64,
+            gpu_model="NVIDIA H100 80GB HBM3",
+            gpu_count=1,
+            ram_total_bytes=512_000_000_000,
+        ),
     )
     fields.update(overrides)
     job = report.JobEmissions(**fields)
@@ -57,11 +69,25 @@ def test_csv_row_parses_into_codecarbon_header_and_units():
     # kWh x intensity agrees with emissions in the same row.
     assert float(row["energy_consumed"]) * 56.039 / 1000.0 == pytest.approx(float(row["emissions"]), rel=1e-9)
     assert (row["project_name"], row["run_id"], row["country_iso_code"], row["pue"]) == (
-        "llama-finetune", "r-5f2a", "FRA", "1.25")
+        "llama-finetune",
+        "r-5f2a",
+        "FRA",
+        "1.25",
+    )
     assert row["tracking_mode"] == "process" and row["on_cloud"] == "N"
     # What we do not measure stays empty rather than invented.
-    for column in ("experiment_id", "water_consumed", "codecarbon_version", "longitude", "latitude",
-                   "cloud_provider", "cloud_region", "region", "cpu_utilization_percent", "wue"):
+    for column in (
+        "experiment_id",
+        "water_consumed",
+        "codecarbon_version",
+        "longitude",
+        "latitude",
+        "cloud_provider",
+        "cloud_region",
+        "region",
+        "cpu_utilization_percent",
+        "wue",
+    ):
         assert row[column] == "", column
 
 

@@ -1,4 +1,5 @@
 """codecarbon's tables, read without its Python modules."""
+
 import json
 import subprocess
 import sys

@@ -1,6 +1,7 @@
 """Real cgroups: kubepods- and Slurm-shaped cgroup directories with real
 processes in them, a real kubelet server on loopback with a bearer token, and
 a real agent process reading both."""
+
 from __future__ import annotations
 
 import os
@@ -94,11 +95,15 @@ class Cgroups:
         the agent never sees it anywhere else."""
         procs_file = str(self.make(relative) / "cgroup.procs")
         # The shell moves itself into the cgroup, then execs the command in place.
-        proc = subprocess.Popen(["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs_file, *args],
-                                env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(
+            ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs_file, *args], env={**os.environ, **(env or {})}
+        )
         self.procs.append(proc)
-        wait_until(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == args[0].encode(),
-                   timeout_s=10, what="the command to start in its cgroup")
+        wait_until(
+            lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] == args[0].encode(),
+            timeout_s=10,
+            what="the command to start in its cgroup",
+        )
         assert ProcessFacts(f"/proc/{proc.pid}").cgroup == self.path(relative)
         return proc
 
@@ -136,11 +141,20 @@ def job_samples(samples, name, job_id, **match):
 
 def test_pods_and_slurm_jobs_in_real_cgroups(tmp_path, cgroups, agents):
     uid_0, uid_1, uid_late = (str(uuid.uuid4()) for _ in range(3))
-    kubelet = FakeKubelet(TOKEN, [
-        pod_item(uid, f"llama-ft-worker-{i}", "research", {KUBEFLOW: "llama-ft"}, node="gpu-node-3",
-                 owner=("PyTorchJob", "llama-ft"))
-        for i, uid in enumerate((uid_0, uid_1))
-    ])
+    kubelet = FakeKubelet(
+        TOKEN,
+        [
+            pod_item(
+                uid,
+                f"llama-ft-worker-{i}",
+                "research",
+                {KUBEFLOW: "llama-ft"},
+                node="gpu-node-3",
+                owner=("PyTorchJob", "llama-ft"),
+            )
+            for i, uid in enumerate((uid_0, uid_1))
+        ],
+    )
     kubelet_running = True
     try:
         burn = [sys.executable, "-c", BURNER, "0.15"]
@@ -173,13 +187,16 @@ kubelet_timeout_s = 1
             return samples if found and found[0][1] == 2 else None
 
         samples = wait_until(training_job_seen, timeout_s=30, what="both pods under one job")
-        (labels, _), = job_samples(samples, "jouleward_job_processes", JOB)
+        ((labels, _),) = job_samples(samples, "jouleward_job_processes", JOB)
         assert (labels["job_name"], labels["job_kind"], labels["namespace"]) == ("llama-ft", "pod", "research")
-        (info, _), = job_samples(samples, "jouleward_job_info", JOB)
+        ((info, _),) = job_samples(samples, "jouleward_job_info", JOB)
         assert info["label_pod"] == "llama-ft-worker-0,llama-ft-worker-1"
         assert set(info["label_pod_uid"].split(",")) == {uid_0, uid_1}
-        assert (info["label_node"], info["label_owner_kind"], info["label_job_source"]) == \
-            ("gpu-node-3", "PyTorchJob", KUBEFLOW)
+        assert (info["label_node"], info["label_owner_kind"], info["label_job_source"]) == (
+            "gpu-node-3",
+            "PyTorchJob",
+            KUBEFLOW,
+        )
         for name in ("jouleward_job_energy_joules_total", "jouleward_job_cpu_seconds_total"):
             assert all("label_pod" not in l and "pod" not in l for l, _ in metric_values(samples, name))
         assert metric_sum(samples, "jouleward_kubelet_up") == 1.0
@@ -187,24 +204,34 @@ kubelet_timeout_s = 1
 
         # The unlisted pod is its own job, keyed by UID.
         late_job = f"pod-{uid_late}"
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id=late_job) > 0,
-                   timeout_s=30, what="energy for the pod without metadata")
+        wait_until(
+            lambda: metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id=late_job) > 0,
+            timeout_s=30,
+            what="energy for the pod without metadata",
+        )
 
         # Slurm: the name and user from the task's environment, both processes in the job.
-        (slurm, processes), = job_samples(samples, "jouleward_job_processes", "slurm-4242")
+        ((slurm, processes),) = job_samples(samples, "jouleward_job_processes", "slurm-4242")
         assert (slurm["job_name"], slurm["job_kind"], processes) == ("bert-pretrain", "slurm", 2.0)
-        (slurm_info, _), = job_samples(samples, "jouleward_job_info", "slurm-4242")
+        ((slurm_info, _),) = job_samples(samples, "jouleward_job_info", "slurm-4242")
         assert slurm_info["label_user"] == "alice"
 
         # Metadata for the late pod arrives: its processes move to their ML job; what the UID job
         # already booked stays there, and its counter never goes backwards.
         booked_before = metric_sum(agent.metrics(), "jouleward_job_energy_joules_total", job_id=late_job)
-        kubelet.pods = kubelet.pods + [pod_item(uid_late, "eval-0", "research",
-                                                {"jobset.sigs.k8s.io/jobset-name": "nightly-eval"})]
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_processes", job_id="k8s-research/nightly-eval")
-                   == 1, timeout_s=30, what="the late pod under its ML job")
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_finished", job_id=late_job) == 1,
-                   timeout_s=30, what="the UID-keyed job to finish")
+        kubelet.pods = kubelet.pods + [
+            pod_item(uid_late, "eval-0", "research", {"jobset.sigs.k8s.io/jobset-name": "nightly-eval"})
+        ]
+        wait_until(
+            lambda: metric_sum(agent.metrics(), "jouleward_job_processes", job_id="k8s-research/nightly-eval") == 1,
+            timeout_s=30,
+            what="the late pod under its ML job",
+        )
+        wait_until(
+            lambda: metric_sum(agent.metrics(), "jouleward_job_finished", job_id=late_job) == 1,
+            timeout_s=30,
+            what="the UID-keyed job to finish",
+        )
         samples = agent.metrics()
         assert metric_sum(samples, "jouleward_job_energy_joules_total", job_id=late_job) >= booked_before > 0
         assert late.poll() is None
@@ -212,8 +239,11 @@ kubelet_timeout_s = 1
         # The kubelet goes away: metadata is kept, attribution carries on, health says stale.
         kubelet.stop()
         kubelet_running = False
-        wait_until(lambda: metric_sum(agent.metrics(), "jouleward_kubelet_metadata_stale") == 1.0, timeout_s=30,
-                   what="stale kubelet metadata")
+        wait_until(
+            lambda: metric_sum(agent.metrics(), "jouleward_kubelet_metadata_stale") == 1.0,
+            timeout_s=30,
+            what="stale kubelet metadata",
+        )
         before = agent.metrics()
         assert metric_sum(before, "jouleward_kubelet_up") == 0.0
         assert metric_sum(before, "jouleward_kubelet_errors_total") >= 1

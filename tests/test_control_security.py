@@ -1,5 +1,6 @@
 """The control API on a real Unix socket, a real agent behind it, and a real
 second uid (``nobody``) in a forked child."""
+
 import json
 import os
 import signal
@@ -30,9 +31,26 @@ def control_socket():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--state-dir", str(base / "state"),
-                              "--control-socket", str(socket_path), "--listen", f"127.0.0.1:{port}",
-                              "--interval", "0.2", "--log-level", "warning"], cwd=ROOT)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--state-dir",
+            str(base / "state"),
+            "--control-socket",
+            str(socket_path),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--interval",
+            "0.2",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+    )
+
     def answering() -> bool:
         # The socket file appears before the server accepts on it: wait for an answer.
         assert agent.poll() is None, "agent exited"
@@ -144,8 +162,11 @@ def test_invalid_work_reports_and_unknown_jobs(control_socket):
         job = client.register("w", [sleeper.pid])
         for unit, count in (("Tokens", 1), ("tokens", -1), ("tokens", "many"), ("tokens", float("inf"))):
             with pytest.raises(AgentError) as caught:
-                client.request("POST", f"/v1/jobs/{job['id']}/work",
-                               {"unit": unit, "count": count} if count != float("inf") else None)
+                client.request(
+                    "POST",
+                    f"/v1/jobs/{job['id']}/work",
+                    {"unit": unit, "count": count} if count != float("inf") else None,
+                )
             assert caught.value.status in (400, 422)
         with pytest.raises(AgentError) as caught:
             client.finish("r-000000000000")

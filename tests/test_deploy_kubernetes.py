@@ -1,6 +1,7 @@
 """The Kubernetes overlays build with kustomize, every object validates
 strictly against the oldest and newest Kubernetes that kubernetes-validate
 ships, and the objects agree with each other and with the rules file."""
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,9 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 def validate(path: Path, version: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", version, str(path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -63,8 +66,11 @@ def test_every_object_validates_strictly(overlay, version, tmp_path):
     built.write_text(yaml.safe_dump_all(docs))
     done = validate(built, version)
     assert done.returncode == 0, done.stdout + done.stderr
-    passed = {line.split("for resource ")[1].split(" against")[0] for line in done.stdout.splitlines()
-              if line.startswith("INFO") and " passed " in line}
+    passed = {
+        line.split("for resource ")[1].split(" against")[0]
+        for line in done.stdout.splitlines()
+        if line.startswith("INFO") and " passed " in line
+    }
     expected = {f"{d['kind'].lower()}/{d['metadata']['name']}" for d in docs if d["kind"] not in OPERATOR_KINDS}
     assert passed == expected
     warned = [line for line in done.stdout.splitlines() if line.startswith("WARN")]
@@ -86,8 +92,9 @@ def test_strict_validation_rejects_a_misspelt_field(tmp_path):
 @pytest.mark.skipif(KUSTOMIZE is None or KUBECTL is None, reason="needs both kustomize and kubectl")
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kubectl_kustomize_builds_the_same_objects(overlay):
-    done = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert [d for d in yaml.safe_load_all(done.stdout) if d] == objects(overlay)
 
@@ -136,7 +143,8 @@ def test_gpu_agent_sees_the_gpus_and_only_runs_on_gpu_nodes():
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
     (term,) = plain["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
     assert term["matchExpressions"] == [{"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}]
     # The two DaemonSets own disjoint pods, and the Service reaches both.
     assert plain["spec"]["selector"] != gpu["spec"]["selector"]
@@ -160,12 +168,16 @@ def test_rbac_grants_only_the_kubelet_pods_read():
 def test_legacy_component_adds_nodes_proxy(tmp_path):
     overlay = tmp_path / "legacy"
     overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / "overlays" / "plain-nodes", overlay)],
-        "components": [os.path.relpath(K8S / "components" / "kubelet-proxy-legacy", overlay)],
-    }))
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / "overlays" / "plain-nodes", overlay)],
+                "components": [os.path.relpath(K8S / "components" / "kubelet-proxy-legacy", overlay)],
+            }
+        )
+    )
     (role,) = by_kind([d for d in yaml.safe_load_all(kustomize(overlay)) if d], "ClusterRole")
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["nodes/pods"], "verbs": ["get"]},

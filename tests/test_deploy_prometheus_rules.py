@@ -1,5 +1,6 @@
 """promtool checks the rules and runs their unit tests, which cover every
 recording rule and every alert, firing and staying quiet."""
+
 from __future__ import annotations
 
 import re
@@ -61,11 +62,14 @@ def test_no_rule_writes_a_job_label():
             assert "job" not in [label.strip() for label in grouping.split(",")], rule["expr"]
 
 
-@pytest.mark.parametrize("old, new", [
-    ("> 3.6e8", "> 3.6e9"),  # energy budget ten times higher: the firing case goes quiet
-    ("> 400", "> 40"),  # intensity threshold below the clean zone: the quiet case fires
-    ("for: 10m", "for: 1m"),  # sensor alert without patience: fires too early
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("> 3.6e8", "> 3.6e9"),  # energy budget ten times higher: the firing case goes quiet
+        ("> 400", "> 40"),  # intensity threshold below the clean zone: the quiet case fires
+        ("for: 10m", "for: 1m"),  # sensor alert without patience: fires too early
+    ],
+)
 def test_unit_tests_catch_a_changed_rule(tmp_path, old, new):
     text = RULES.read_text()
     assert old in text

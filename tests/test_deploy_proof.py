@@ -6,6 +6,7 @@ A query whose metrics the agent does not export yet (GPU, carbon and work-unit
 metrics arrive with their features), or that selects GPU series on this
 GPU-less fixture host, is skipped and reported; once the agent exports them the
 same query must return data."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,14 @@ PROMETHEUS = shutil.which("prometheus")
 PACKAGE_W = 40.0
 DRAM_W = 6.0
 # Values for Grafana's variables: "All" for every template variable.
-VARIABLES = {"$__rate_interval": "15s", "$__range": "1m", "$cluster": ".*", "$instance": ".*",
-             "$namespace": ".*", "$job_name": ".*"}
+VARIABLES = {
+    "$__rate_interval": "15s",
+    "$__range": "1m",
+    "$cluster": ".*",
+    "$instance": ".*",
+    "$namespace": ".*",
+    "$job_name": ".*",
+}
 RECORDED = re.compile(r"\b[a-z_]+:[a-z_]+:[a-z0-9_]+\b")
 METRIC = re.compile(r"\b(?:jouleward|process)_[a-z0-9_]+\b")
 COMPARISON = re.compile(r"^(?P<signal>.*?)\s*(?:==|!=|>=|<=|>|<)\s*[0-9.e+]+\s*$", re.S)
@@ -47,8 +54,13 @@ pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not in
 
 
 def wait_for(check, timeout_s: float, what: str):
-    return wait_until(check, timeout_s, interval_s=0.25, what=what,
-                      ignore=(httpx.HTTPError, OSError, KeyError, ValueError, IndexError))
+    return wait_until(
+        check,
+        timeout_s,
+        interval_s=0.25,
+        what=what,
+        ignore=(httpx.HTTPError, OSError, KeyError, ValueError, IndexError),
+    )
 
 
 class FakeRapl:
@@ -83,8 +95,10 @@ def alive(process: subprocess.Popen, log: Path) -> bool:
 
 def burner() -> subprocess.Popen:
     # Busy a third of the time, so two of them leave room on a 2-core machine.
-    code = ("import time\nwhile True:\n    end = time.monotonic() + 0.02\n"
-            "    while time.monotonic() < end: pass\n    time.sleep(0.04)\n")
+    code = (
+        "import time\nwhile True:\n    end = time.monotonic() + 0.02\n"
+        "    while time.monotonic() < end: pass\n    time.sleep(0.04)\n"
+    )
     return subprocess.Popen([sys.executable, "-c", code])
 
 
@@ -106,8 +120,10 @@ def stack(tmp_path_factory):
     agent_port, prom_port = free_port(), free_port()
     socket_path = tmp / "control.sock"
     # A clean grid: the info alert on grid intensity (above 400 g/kWh) belongs to dirty grids, not to this host.
-    (tmp / "config.toml").write_text("[agent]\nflush_interval_s = 1.0\n"
-                                     "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n")
+    (tmp / "config.toml").write_text(
+        "[agent]\nflush_interval_s = 1.0\n"
+        "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n"
+    )
     # Two fake GPUs behind the real NVML bindings, so the GPU panels and the
     # allocated-but-idle alert have data. GPU 0 idles at 60 W until train-a
     # computes on it at 300 W; train-b holds memory on GPU 1 without computing.
@@ -115,8 +131,10 @@ def stack(tmp_path_factory):
     agent_env.pop("CUDA_VISIBLE_DEVICES", None)
     gpu_state_path = tmp / "nvml-state"
     gpu_started = time.monotonic()
-    gpu_devices = [FakeDevice(0, "GPU-0000aaaa-proof", epoch_s=gpu_started, power_mw=60_000),
-                   FakeDevice(1, "GPU-1111bbbb-proof", epoch_s=gpu_started, power_mw=70_000, mem_used=10 * 2**30)]
+    gpu_devices = [
+        FakeDevice(0, "GPU-0000aaaa-proof", epoch_s=gpu_started, power_mw=60_000),
+        FakeDevice(1, "GPU-1111bbbb-proof", epoch_s=gpu_started, power_mw=70_000, mem_used=10 * 2**30),
+    ]
     try:
         library = build_fake_nvml(tmp / "fakenvml")
         FakeState(devices=gpu_devices).write(gpu_state_path)
@@ -130,16 +148,38 @@ def stack(tmp_path_factory):
     prom_log = open(tmp / "prometheus.log", "w")
     try:
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{agent_port}",
-             "--state-dir", str(tmp / "state"), "--control-socket", str(socket_path),
-             "--sysfs", str(tmp / "sys"), "--procfs", "/proc", "--interval", "0.5",
-             "--config", str(tmp / "config.toml")],
-            cwd=ROOT, env=agent_env, stdout=agent_log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "--listen",
+                f"127.0.0.1:{agent_port}",
+                "--state-dir",
+                str(tmp / "state"),
+                "--control-socket",
+                str(socket_path),
+                "--sysfs",
+                str(tmp / "sys"),
+                "--procfs",
+                "/proc",
+                "--interval",
+                "0.5",
+                "--config",
+                str(tmp / "config.toml"),
+            ],
+            cwd=ROOT,
+            env=agent_env,
+            stdout=agent_log,
+            stderr=subprocess.STDOUT,
         )
         processes.append(agent)
         agent_url = f"http://127.0.0.1:{agent_port}"
-        wait_for(lambda: alive(agent, tmp / "agent.log") and httpx.get(f"{agent_url}/readyz", timeout=2).status_code == 200,
-                 60, "the agent to be ready")
+        wait_for(
+            lambda: alive(agent, tmp / "agent.log") and httpx.get(f"{agent_url}/readyz", timeout=2).status_code == 200,
+            60,
+            "the agent to be ready",
+        )
 
         workers = {"train-a": burner(), "train-b": burner()}
         processes.extend(workers.values())
@@ -149,17 +189,18 @@ def stack(tmp_path_factory):
             # Keep the counter continuous: what it counted at 60 W, then 300 W from now on.
             busy.energy_mj, busy.epoch_s = busy.power_mw * (switch - gpu_started), switch
             busy.power_mw, busy.util_gpu, busy.mem_used = 300_000, 70, 20 * 2**30
-            FakeState(devices=gpu_devices, processes=[
-                FakeProcess(0, workers["train-a"].pid, mem=20 * 2**30, sm=70),
-                FakeProcess(1, workers["train-b"].pid, mem=10 * 2**30, sm=0),
-            ]).write(gpu_state_path)
-        control = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://agent",
-                               timeout=10)
+            FakeState(
+                devices=gpu_devices,
+                processes=[
+                    FakeProcess(0, workers["train-a"].pid, mem=20 * 2**30, sm=70),
+                    FakeProcess(1, workers["train-b"].pid, mem=10 * 2**30, sm=0),
+                ],
+            ).write(gpu_state_path)
+        control = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://agent", timeout=10)
         job_ids: list[str] = []
         work_answers: list[int] = []
         for name, worker in workers.items():
-            answer = control.post("/v1/jobs", json={"name": name, "pids": [worker.pid],
-                                                    "labels": {"team": "research"}})
+            answer = control.post("/v1/jobs", json={"name": name, "pids": [worker.pid], "labels": {"team": "research"}})
             assert answer.status_code == 201, answer.text
             job_ids.append(answer.json()["id"])
 
@@ -167,8 +208,9 @@ def stack(tmp_path_factory):
             # A training loop's progress: samples for one job, tokens for the other.
             while not rapl.stop.wait(0.5):
                 for job_id, unit in zip(job_ids, ("samples", "tokens")):
-                    work_answers.append(control.post(f"/v1/jobs/{job_id}/work",
-                                                     json={"unit": unit, "count": 64}).status_code)
+                    work_answers.append(
+                        control.post(f"/v1/jobs/{job_id}/work", json={"unit": unit, "count": 64}).status_code
+                    )
 
         reporter = threading.Thread(target=report_work, daemon=True)
         reporter.start()
@@ -179,26 +221,48 @@ def stack(tmp_path_factory):
         config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{agent_port}"]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         prometheus = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-            stdout=prom_log, stderr=subprocess.STDOUT,
+            [
+                PROMETHEUS,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+            stdout=prom_log,
+            stderr=subprocess.STDOUT,
         )
         processes.append(prometheus)
         prom = httpx.Client(base_url=f"http://127.0.0.1:{prom_port}", timeout=10)
-        wait_for(lambda: alive(prometheus, tmp / "prometheus.log") and prom.get("/-/ready").status_code == 200,
-                 60, "Prometheus to be ready")
+        wait_for(
+            lambda: alive(prometheus, tmp / "prometheus.log") and prom.get("/-/ready").status_code == 200,
+            60,
+            "Prometheus to be ready",
+        )
 
         def instant(expr: str) -> list:
             return prom.get("/api/v1/query", params={"query": expr}).json()["data"]["result"]
 
         # Enough scrapes for 15 s rates, and every job's power recorded.
         wait_for(lambda: float(instant("count_over_time(up[1m])")[0]["value"][1]) >= 15, 90, "fifteen scrapes")
-        wait_for(lambda: {r["metric"].get("job_name") for r in
-                          instant("cluster_namespace_job_name:jouleward_job_power_watts:sum")} >= set(workers),
-                 60, "the registered jobs in the recording rules")
+        wait_for(
+            lambda: (
+                {
+                    r["metric"].get("job_name")
+                    for r in instant("cluster_namespace_job_name:jouleward_job_power_watts:sum")
+                }
+                >= set(workers)
+            ),
+            60,
+            "the registered jobs in the recording rules",
+        )
         exposition = httpx.get(f"{agent_url}/metrics", timeout=5).text
-        yield {"prom": prom, "instant": instant, "exposition": exposition, "work_answers": work_answers,
-               "gpu_w": sum(d.power_mw for d in gpu_devices) / 1000 if library is not None else 0.0}
+        yield {
+            "prom": prom,
+            "instant": instant,
+            "exposition": exposition,
+            "work_answers": work_answers,
+            "gpu_w": sum(d.power_mw for d in gpu_devices) / 1000 if library is not None else 0.0,
+        }
         prom.close()
     finally:
         rapl.stop.set()
@@ -321,9 +385,14 @@ def test_every_rule_is_loaded_healthy_and_has_data(stack):
     loaded = {rule["name"]: rule for group in groups for rule in group["rules"]}
     defined = [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]]
     assert set(loaded) == {r.get("record") or r.get("alert") for r in defined}
-    wait_for(lambda: all(rule.get("lastEvaluation", "").startswith("20") and not rule["lastEvaluation"].startswith(
-        "0001") for rule in stack["prom"].get("/api/v1/rules").json()["data"]["groups"][0]["rules"]), 30,
-        "every rule evaluated")
+    wait_for(
+        lambda: all(
+            rule.get("lastEvaluation", "").startswith("20") and not rule["lastEvaluation"].startswith("0001")
+            for rule in stack["prom"].get("/api/v1/rules").json()["data"]["groups"][0]["rules"]
+        ),
+        30,
+        "every rule evaluated",
+    )
     skipped, empty = [], []
     for rule in defined:
         name = rule.get("record") or rule.get("alert")
@@ -362,8 +431,11 @@ def test_prometheus_sees_the_fixture_power(stack):
     assert float(cpu["value"][1]) == pytest.approx(PACKAGE_W, rel=0.1)
     assert float(dram["value"][1]) == pytest.approx(DRAM_W, rel=0.1)
     (node,) = stack["instant"]("cluster_instance:jouleward_node_power_watts:sum")
-    assert node["metric"] == {"__name__": "cluster_instance:jouleward_node_power_watts:sum",
-                              "cluster": "lab", "instance": "127.0.0.1"}
+    assert node["metric"] == {
+        "__name__": "cluster_instance:jouleward_node_power_watts:sum",
+        "cluster": "lab",
+        "instance": "127.0.0.1",
+    }
     assert float(node["value"][1]) == pytest.approx(PACKAGE_W + DRAM_W + stack["gpu_w"], rel=0.25)
     jobs = stack["instant"]('cluster_namespace_job_name:jouleward_job_energy_joules:sum{job_name=~"train-.*"}')
     assert {j["metric"]["job_name"] for j in jobs} == {"train-a", "train-b"}

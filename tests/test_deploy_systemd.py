@@ -1,5 +1,6 @@
 """The systemd unit passes systemd-analyze verify and scores an exposure of
 3.0 or less in systemd-analyze security, while keeping what the agent needs."""
+
 from __future__ import annotations
 
 import re
@@ -14,7 +15,9 @@ UNIT = ROOT / "deploy" / "systemd" / "jouleward.service"
 ANALYZE = shutil.which("systemd-analyze")
 SYSTEM_UNITS = next((p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir()), None)
 
-pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed (scripts/setup.d/60-deploy.sh)")
+pytestmark = pytest.mark.skipif(
+    ANALYZE is None, reason="systemd-analyze is not installed (scripts/setup.d/60-deploy.sh)"
+)
 
 
 def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
@@ -53,14 +56,18 @@ def fake_root(tmp_path: Path, unit_text: str) -> Path:
 def verify(root: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [ANALYZE, "verify", f"--root={root}", "/etc/systemd/system/jouleward.service"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def exposure(unit: Path) -> tuple[float, subprocess.CompletedProcess]:
     done = subprocess.run(
         [ANALYZE, "security", "--offline=yes", "--threshold=30", "--no-pager", str(unit)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", done.stdout)
     assert match, done.stdout + done.stderr

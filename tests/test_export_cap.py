@@ -1,4 +1,5 @@
 """The cap on exported jobs: overflow aggregated, never lost, never backwards."""
+
 from __future__ import annotations
 
 import time
@@ -13,8 +14,11 @@ from tests.support import metric_sum, metric_values, parse_metrics, start_burner
 
 
 def test_jobs_past_the_cap_go_to_overflow_and_totals_are_conserved(tmp_path, processes):
-    config = replace(build(flags={"state_dir": str(tmp_path / "state"), "sysfs": str(tmp_path)}, environ={}),
-                     max_exported_jobs=2, finished_job_retention_s=0.0)
+    config = replace(
+        build(flags={"state_dir": str(tmp_path / "state"), "sysfs": str(tmp_path)}, environ={}),
+        max_exported_jobs=2,
+        finished_job_retention_s=0.0,
+    )
     for index in range(5):
         processes.append(start_burner(0.05, env={"JOULEWARD_JOB": f"job-{index}"}))
     time.sleep(0.5)
@@ -32,12 +36,16 @@ def test_jobs_past_the_cap_go_to_overflow_and_totals_are_conserved(tmp_path, pro
             if len(agent.ledger.jobs) > 2:
                 assert "_other" in exported
             node = metric_sum(samples, "jouleward_node_energy_joules_total", domain="cpu")
-            parts = (metric_sum(samples, "jouleward_idle_energy_joules_total", domain="cpu")
-                     + metric_sum(samples, "jouleward_unattributed_energy_joules_total", domain="cpu")
-                     + metric_sum(samples, "jouleward_job_energy_joules_total", domain="cpu"))
+            parts = (
+                metric_sum(samples, "jouleward_idle_energy_joules_total", domain="cpu")
+                + metric_sum(samples, "jouleward_unattributed_energy_joules_total", domain="cpu")
+                + metric_sum(samples, "jouleward_job_energy_joules_total", domain="cpu")
+            )
             assert parts == pytest.approx(node, rel=1e-9)
-            other = {labels["domain"]: v for labels, v in
-                     metric_values(samples, "jouleward_job_energy_joules_total", job_id="_other")}
+            other = {
+                labels["domain"]: v
+                for labels, v in metric_values(samples, "jouleward_job_energy_joules_total", job_id="_other")
+            }
             for domain, value in other.items():
                 assert value >= previous_other.get(domain, 0.0)
             previous_other = other

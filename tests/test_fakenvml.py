@@ -1,4 +1,5 @@
 """The fake NVML library answers the real bindings as the state file says."""
+
 import time
 
 import pynvml
@@ -16,8 +17,16 @@ def nvml(fake_nvml):
 
 def test_identity_memory_limits_and_struct_layouts(nvml):
     nvml.state.devices = [
-        FakeDevice(0, "GPU-11111111-aaaa", name="NVIDIA H100 80GB HBM3", util_gpu=42, util_mem=7,
-                   mem_total=80 * 2**30, mem_used=5 * 2**30, power_limit_mw=700_000),
+        FakeDevice(
+            0,
+            "GPU-11111111-aaaa",
+            name="NVIDIA H100 80GB HBM3",
+            util_gpu=42,
+            util_mem=7,
+            mem_total=80 * 2**30,
+            mem_used=5 * 2**30,
+            power_limit_mw=700_000,
+        ),
         FakeDevice(1, "GPU-22222222-bbbb", mig=1),
     ]
     nvml.state.processes = [FakeProcess(0, 4242, mem=3 * 2**30), FakeProcess(1, 77, mem=2**20, gi=3, ci=0)]

@@ -2,6 +2,7 @@
 serving /metrics, exports nothing negative or NaN, keeps every counter
 monotonic across scrapes (``AgentProcess.scrape`` checks all three), and the
 fault shows in its health metrics."""
+
 from __future__ import annotations
 
 import os
@@ -375,9 +376,16 @@ def test_wall_clock_jumps_both_ways(agent_on, tmp_path):
     power is energy over monotonic time, so it stays right."""
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
-    agent, rapl = agent_on(flush_interval_s=0.5, env={
-        "LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"})
+    agent, rapl = agent_on(
+        flush_interval_s=0.5,
+        env={
+            "LD_PRELOAD": str(LIBFAKETIME),
+            "FAKETIME_TIMESTAMP_FILE": str(offset),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_DONT_RESET": "1",
+        },
+    )
     load = SteadyLoad(rapl, step_j=0.5, period_s=0.02)  # about 25 W, less if the machine is busy
     load.start()
     try:

@@ -3,6 +3,7 @@ real agent's TCP listener, and the control API (the app the Unix socket
 serves) in process, with a real Agent behind it and the test's own
 credentials where the socket would supply the caller's. No 5xx, and every
 response matches the schema the agent publishes."""
+
 from __future__ import annotations
 
 import dataclasses

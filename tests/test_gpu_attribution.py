@@ -16,9 +16,17 @@ from agent.model import DeviceEnergy, GpuDeviceView, GpuProcess
 
 def view(device="gpu-0", processes=(), known=True):
     return GpuDeviceView(
-        index=int(device.split("-")[1]), device=device, uuid=f"GPU-{device}", name="Fake",
-        utilization_ratio=0.5, memory_used_bytes=0, memory_total_bytes=80 * 2**30,
-        power_limit_w=400.0, mig_enabled=False, processes=tuple(processes), processes_known=known,
+        index=int(device.split("-")[1]),
+        device=device,
+        uuid=f"GPU-{device}",
+        name="Fake",
+        utilization_ratio=0.5,
+        memory_used_bytes=0,
+        memory_total_bytes=80 * 2**30,
+        power_limit_w=400.0,
+        mig_enabled=False,
+        processes=tuple(processes),
+        processes_known=known,
     )
 
 
@@ -59,10 +67,14 @@ def test_unheld_gpu_gives_idle_to_node_and_rest_to_unattributed():
 
 
 def test_fallbacks_memory_then_equal():
-    by_memory = split_gpu(energy(100.0), view(processes=[GpuProcess(1, 300), GpuProcess(2, 100)]), 0.0, {1: "a", 2: "b"})
+    by_memory = split_gpu(
+        energy(100.0), view(processes=[GpuProcess(1, 300), GpuProcess(2, 100)]), 0.0, {1: "a", 2: "b"}
+    )
     assert by_memory.method == "memory"
     assert by_memory.jobs_j == pytest.approx({"a": 75.0, "b": 25.0})
-    equal = split_gpu(energy(90.0), view(processes=[GpuProcess(i, 0) for i in (1, 2, 3)]), None, {1: "a", 2: "b", 3: "a"})
+    equal = split_gpu(
+        energy(90.0), view(processes=[GpuProcess(i, 0) for i in (1, 2, 3)]), None, {1: "a", 2: "b", 3: "a"}
+    )
     assert equal.method == "equal"
     assert equal.jobs_j == pytest.approx({"a": 60.0, "b": 30.0})
 

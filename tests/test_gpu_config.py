@@ -15,11 +15,14 @@ def test_gpu_keys_from_file_environment_and_cuda_visible_devices(tmp_path):
     assert build(environ={"JOULEWARD_GPU_ENABLED": "on"}).gpu_enabled is True
 
 
-@pytest.mark.parametrize("environ, message", [
-    ({"JOULEWARD_GPU_ENABLED": "maybe"}, "JOULEWARD_GPU_ENABLED: expected true or false"),
-    ({"JOULEWARD_GPU_POWER_SAMPLE_INTERVAL_S": "0"}, "JOULEWARD_GPU_POWER_SAMPLE_INTERVAL_S: 0.0 is outside"),
-    ({"JOULEWARD_GPU_IDLE_POWER_W": "-3"}, "JOULEWARD_GPU_IDLE_POWER_W: -3.0 is outside"),
-])
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"JOULEWARD_GPU_ENABLED": "maybe"}, "JOULEWARD_GPU_ENABLED: expected true or false"),
+        ({"JOULEWARD_GPU_POWER_SAMPLE_INTERVAL_S": "0"}, "JOULEWARD_GPU_POWER_SAMPLE_INTERVAL_S: 0.0 is outside"),
+        ({"JOULEWARD_GPU_IDLE_POWER_W": "-3"}, "JOULEWARD_GPU_IDLE_POWER_W: -3.0 is outside"),
+    ],
+)
 def test_bad_gpu_values_name_the_key(environ, message):
     with pytest.raises(ConfigError, match=message):
         build(environ=environ)

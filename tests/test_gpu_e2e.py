@@ -1,5 +1,6 @@
 """The running agent with the fake NVML library: GPU energy per device and
 per job on /metrics, conservation, allocated idle, a GPU lost mid-run."""
+
 import json
 import os
 import shutil
@@ -36,8 +37,11 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 def pick(metrics, name, **labels):
     """Values of ``name`` whose labels include ``labels``, keyed by the full label set."""
     want = set(labels.items())
-    return {dict(k[1]).get("device") or dict(k[1]).get("job_id") or dict(k[1]).get("domain") or "": v
-            for k, v in metrics.items() if k[0] == name and want <= set(k[1])}
+    return {
+        dict(k[1]).get("device") or dict(k[1]).get("job_id") or dict(k[1]).get("domain") or "": v
+        for k, v in metrics.items()
+        if k[0] == name and want <= set(k[1])
+    }
 
 
 def wait_for(predicate, timeout_s=60.0, what="condition"):
@@ -57,10 +61,18 @@ def gpu_agent(tmp_path):
     now = time.monotonic()
     state = FakeState(
         devices=[
-            FakeDevice(0, "GPU-0000aaaa-e2e", name="NVIDIA Fake H100", epoch_s=now, power_mw=250_000, util_gpu=80,
-                       mem_used=8 * 2**30),
-            FakeDevice(1, "GPU-1111bbbb-e2e", epoch_s=now, power_mw=60_000, unsupported=("energy",),
-                       mem_used=2 * 2**30),
+            FakeDevice(
+                0,
+                "GPU-0000aaaa-e2e",
+                name="NVIDIA Fake H100",
+                epoch_s=now,
+                power_mw=250_000,
+                util_gpu=80,
+                mem_used=8 * 2**30,
+            ),
+            FakeDevice(
+                1, "GPU-1111bbbb-e2e", epoch_s=now, power_mw=60_000, unsupported=("energy",), mem_used=2 * 2**30
+            ),
             FakeDevice(2, "GPU-2222cccc-e2e", epoch_s=now, power_mw=100_000),
         ],
         processes=[
@@ -78,13 +90,34 @@ def gpu_agent(tmp_path):
     )
     (tmp_path / "sys").mkdir()
     port = free_port()
-    env = {**os.environ, "LD_LIBRARY_PATH": str(library.parent), "FAKENVML_STATE": str(state_path),
-           "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(library.parent),
+        "FAKENVML_STATE": str(state_path),
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("CUDA_VISIBLE_DEVICES", None)
     agent = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--state-dir", str(tmp_path / "state"),
-         "--listen", f"127.0.0.1:{port}", "--sysfs", str(tmp_path / "sys"), "--interval", "0.5"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--sysfs",
+            str(tmp_path / "sys"),
+            "--interval",
+            "0.5",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         yield port, state, state_path, workers, agent, env, config
@@ -102,13 +135,17 @@ def gpu_agent(tmp_path):
 
 def test_gpu_energy_per_job_conservation_idle_and_lost_gpu(gpu_agent):
     port, state, state_path, workers, agent, env, config = gpu_agent
-    metrics = wait_for(lambda: (m := scrape(port)) and m.get(("jouleward_ticks_total", ())) >= 10 and m,
-                       what="ten ticks")
+    metrics = wait_for(
+        lambda: (m := scrape(port)) and m.get(("jouleward_ticks_total", ())) >= 10 and m, what="ten ticks"
+    )
 
     node = pick(metrics, "jouleward_node_energy_joules_total", domain="gpu")
     assert set(node) == {"gpu-0", "gpu-1", "gpu-2"}
-    sources = {dict(k[1])["device"]: dict(k[1])["source"] for k in metrics
-               if k[0] == "jouleward_node_energy_joules_total" and dict(k[1]).get("domain") == "gpu"}
+    sources = {
+        dict(k[1])["device"]: dict(k[1])["source"]
+        for k in metrics
+        if k[0] == "jouleward_node_energy_joules_total" and dict(k[1]).get("domain") == "gpu"
+    }
     assert sources == {"gpu-0": "nvml_energy", "gpu-1": "nvml_power", "gpu-2": "nvml_energy"}
     power = pick(metrics, "jouleward_node_power_watts", domain="gpu")
     assert power["gpu-0"] == pytest.approx(250.0, rel=0.02)
@@ -156,15 +193,29 @@ def test_gpu_energy_per_job_conservation_idle_and_lost_gpu(gpu_agent):
         text = metrics_text(port)
         assert "jouleward_job_gpu_idle_energy_joules_total{" in text and "jouleward_gpu_info{" in text
         check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
-        assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+        assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
+            check.stdout + check.stderr
+        )
 
     # gpu-2 falls off the bus: the agent keeps serving, the others keep counting.
     state.devices[2].lost = 1
     state.write(state_path)
-    lost = wait_for(lambda: (m := scrape(port)) and m.get(("jouleward_sensor_up", (("device", "gpu-2"), ("sensor", "nvml")))) == 0.0 and m,
-                    what="gpu-2 down")
-    later = wait_for(lambda: (m := scrape(port)) and m.get(("jouleward_ticks_total", ())) >= lost[("jouleward_ticks_total", ())] + 4 and m,
-                     what="four more ticks")
+    lost = wait_for(
+        lambda: (
+            (m := scrape(port))
+            and m.get(("jouleward_sensor_up", (("device", "gpu-2"), ("sensor", "nvml")))) == 0.0
+            and m
+        ),
+        what="gpu-2 down",
+    )
+    later = wait_for(
+        lambda: (
+            (m := scrape(port))
+            and m.get(("jouleward_ticks_total", ())) >= lost[("jouleward_ticks_total", ())] + 4
+            and m
+        ),
+        what="four more ticks",
+    )
     before = pick(lost, "jouleward_node_energy_joules_total", domain="gpu")
     after = pick(later, "jouleward_node_energy_joules_total", domain="gpu")
     assert after["gpu-0"] > before["gpu-0"] and after["gpu-1"] > before["gpu-1"]
@@ -172,8 +223,13 @@ def test_gpu_energy_per_job_conservation_idle_and_lost_gpu(gpu_agent):
     assert pick(later, "jouleward_sensor_errors_total", sensor="nvml")["gpu-2"] >= 1
     assert agent.poll() is None
 
-    doctor = subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
-                            env=env, capture_output=True, text=True, timeout=60)
+    doctor = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     lines = [line for line in doctor.stdout.splitlines() if "nvml" in line]
     assert any("gpu-0 NVIDIA Fake H100 GPU-0000aaaa-e2e: energy counter" in line for line in lines), doctor.stdout
     assert any("gpu-1" in line and "nvml_power" in line for line in lines), doctor.stdout

@@ -1,4 +1,5 @@
 """Against real NVML on a real NVIDIA GPU; skipped everywhere else."""
+
 import functools
 import json
 import os
@@ -18,8 +19,9 @@ def _clean_env():
 
 
 def _python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @functools.cache
@@ -56,8 +58,14 @@ def test_real_gpus_report_energy_and_identity():
 def test_two_pytorch_processes_split_as_they_run_alone():
     if _python("import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)").returncode != 0:
         pytest.skip("PyTorch with CUDA is not installed")
-    result = subprocess.run([sys.executable, "-m", "tests.gpu_real.compare"], env=_clean_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.gpu_real.compare"],
+        env=_clean_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     print(result.stdout)
     report = json.loads(result.stdout)

@@ -1,6 +1,7 @@
 """The committed dashboards are exactly what grafana/generate.py produces,
 Grafana 11's schema (through the SDK) reads them back, and every panel is
 wired to the data source and template variables."""
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,18 @@ def targets(board: dict) -> list[dict]:
 
 
 def test_committed_json_equals_a_fresh_generation(tmp_path):
-    done = subprocess.run([sys.executable, str(GRAFANA / "generate.py"), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(GRAFANA / "generate.py"), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in COMMITTED.glob("*.json"))
     for fresh in tmp_path.iterdir():
         assert fresh.read_text() == (COMMITTED / fresh.name).read_text(), (
-            f"{fresh.name} drifted: run python3 grafana/generate.py and commit the result")
+            f"{fresh.name} drifted: run python3 grafana/generate.py and commit the result"
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -46,11 +52,14 @@ def test_sdk_reads_the_json_back(name):
     assert again == board
 
 
-@pytest.mark.parametrize("name, variables", [
-    ("fleet", ["datasource", "cluster", "namespace"]),
-    ("job", ["datasource", "cluster", "namespace", "job_name"]),
-    ("node", ["datasource", "cluster", "instance"]),
-])
+@pytest.mark.parametrize(
+    "name, variables",
+    [
+        ("fleet", ["datasource", "cluster", "namespace"]),
+        ("job", ["datasource", "cluster", "namespace", "job_name"]),
+        ("node", ["datasource", "cluster", "instance"]),
+    ],
+)
 def test_template_variables(name, variables):
     board = load(name)
     found = [v["name"] for v in board["templating"]["list"]]

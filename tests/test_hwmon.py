@@ -1,4 +1,5 @@
 """hwmon channels from fixture sysfs trees."""
+
 from __future__ import annotations
 
 import pytest
@@ -24,8 +25,12 @@ def ctx(seconds):
 
 
 def test_power_channel_is_integrated_with_the_trapezoid_rule(tmp_path):
-    grace = chip(tmp_path, 0, "grace", {"power1_input": 100_000_000, "power1_label": "CPU Power Socket 0",
-                                        "power1_average": 90_000_000})
+    grace = chip(
+        tmp_path,
+        0,
+        "grace",
+        {"power1_input": 100_000_000, "power1_label": "CPU Power Socket 0", "power1_average": 90_000_000},
+    )
     sensor = HwmonSensor(tmp_path)
     assert [(c.domain, c.kind) for c in sensor.channels] == [("cpu", "power")]
     assert sensor.sample(ctx(1.0)) == []
@@ -36,11 +41,24 @@ def test_power_channel_is_integrated_with_the_trapezoid_rule(tmp_path):
 
 
 def test_energy_channel_wins_over_power_for_the_same_label(tmp_path):
-    board = chip(tmp_path, 0, "ina3221", {"energy1_input": 5_000_000, "power1_input": 1, "energy1_label": "VDD_IN",
-                                          "power1_label": "VDD_IN", "energy2_input": 0, "energy2_label": "DDR"})
+    board = chip(
+        tmp_path,
+        0,
+        "ina3221",
+        {
+            "energy1_input": 5_000_000,
+            "power1_input": 1,
+            "energy1_label": "VDD_IN",
+            "power1_label": "VDD_IN",
+            "energy2_input": 0,
+            "energy2_label": "DDR",
+        },
+    )
     sensor = HwmonSensor(tmp_path)
     assert sorted((c.domain, c.kind, c.label) for c in sensor.channels) == [
-        ("board", "energy", "VDD_IN"), ("dram", "energy", "DDR")]
+        ("board", "energy", "VDD_IN"),
+        ("dram", "energy", "DDR"),
+    ]
     sensor.sample(ctx(1.0))
     (board / "energy1_input").write_text("12500000\n")
     readings = {r.device: r.energy_j for r in sensor.sample(ctx(1.0))}
@@ -71,8 +89,14 @@ def test_unreadable_channel_is_reported_down(tmp_path):
 
 
 def test_amd_energy_counts_sockets_not_their_cores(tmp_path):
-    files = {"energy1_input": 0, "energy1_label": "Ecore000", "energy2_input": 0, "energy2_label": "Ecore001",
-             "energy3_input": 0, "energy3_label": "Esocket0"}
+    files = {
+        "energy1_input": 0,
+        "energy1_label": "Ecore000",
+        "energy2_input": 0,
+        "energy2_label": "Ecore001",
+        "energy3_input": 0,
+        "energy3_label": "Esocket0",
+    }
     amd = chip(tmp_path, 0, "amd_energy", files)
     sensor = HwmonSensor(tmp_path)
     assert [(c.label, c.domain) for c in sensor.channels] == [("Esocket0", "cpu")]

@@ -1,6 +1,7 @@
 """Pod and Slurm processes resolved to their jobs from metadata: a real
 kubelet server on loopback, the real poller, and process facts read from
 fixture ``/proc/<pid>`` directories (the cgroup and environ files)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -26,13 +27,21 @@ KUBEFLOW = "training.kubeflow.org/job-name"
 
 
 def worker(uid: str, index: int) -> dict:
-    return pod_item(uid, f"llama-ft-worker-{index}", "research", {KUBEFLOW: "llama-ft"},
-                    node="gpu-node-3", owner=("PyTorchJob", "llama-ft"))
+    return pod_item(
+        uid,
+        f"llama-ft-worker-{index}",
+        "research",
+        {KUBEFLOW: "llama-ft"},
+        node="gpu-node-3",
+        owner=("PyTorchJob", "llama-ft"),
+    )
 
 
 def pod_cgroup(uid: str) -> str:
-    return f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid.replace('-', '_')}.slice/" \
-           f"cri-containerd-{'e' * 64}.scope"
+    return (
+        f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid.replace('-', '_')}.slice/"
+        f"cri-containerd-{'e' * 64}.scope"
+    )
 
 
 class FixtureProcs:
@@ -47,10 +56,10 @@ class FixtureProcs:
         directory = self.root / str(self.next_pid)
         directory.mkdir(parents=True)
         (directory / "cgroup").write_text(f"4:memory:/\n0::{cgroup}\n")
-        (directory / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0"
-                                                     for k, v in {"PATH": "/bin", **(environ or {})}.items()))
-        return ScannedProcess(ProcessKey(self.next_pid, 1000 + self.next_pid), 1, 0.1,
-                              ProcessFacts(str(directory)))
+        (directory / "environ").write_bytes(
+            b"".join(f"{k}={v}".encode() + b"\0" for k, v in {"PATH": "/bin", **(environ or {})}.items())
+        )
+        return ScannedProcess(ProcessKey(self.next_pid, 1000 + self.next_pid), 1, 0.1, ProcessFacts(str(directory)))
 
 
 @pytest.fixture
@@ -91,10 +100,18 @@ def test_two_pods_of_one_training_job_resolve_to_one_job_once_metadata_arrives(k
     kubelet.pods = [worker(UID_0, 0), worker(UID_1, 1)]
     assert poller.poll_once()
     jobs = resolver.resolve(processes)
-    assert {(j.id, j.name, j.kind, j.namespace) for j in jobs} == {("k8s-research/llama-ft", "llama-ft", "pod", "research")}
+    assert {(j.id, j.name, j.kind, j.namespace) for j in jobs} == {
+        ("k8s-research/llama-ft", "llama-ft", "pod", "research")
+    }
     info = resolver.info_labels["k8s-research/llama-ft"]
-    assert info == {"pod": "llama-ft-worker-0,llama-ft-worker-1", "pod_uid": f"{UID_0},{UID_1}", "node": "gpu-node-3",
-                    "owner_kind": "PyTorchJob", "owner_name": "llama-ft", "job_source": KUBEFLOW}
+    assert info == {
+        "pod": "llama-ft-worker-0,llama-ft-worker-1",
+        "pod_uid": f"{UID_0},{UID_1}",
+        "node": "gpu-node-3",
+        "owner_kind": "PyTorchJob",
+        "owner_name": "llama-ft",
+        "job_source": KUBEFLOW,
+    }
     assert kubelet.unauthorized == 0
 
 
@@ -151,8 +168,9 @@ def test_slurm_name_and_user_come_from_the_tasks_environment(procs, tmp_path):
     # Another job's environment leaked into this cgroup must not rename it.
     stray = procs.add("/system.slice/slurmstepd.scope/job_77/step_0/user/task_0", {**env, "SLURM_JOB_NAME": "x"})
     jobs = resolver.resolve([stepd, task, stray])
-    assert [(j.id, j.name, j.kind) for j in jobs] == [("slurm-4242", "bert-pretrain", "slurm")] * 2 + \
-        [("slurm-77", "77", "slurm")]
+    assert [(j.id, j.name, j.kind) for j in jobs] == [("slurm-4242", "bert-pretrain", "slurm")] * 2 + [
+        ("slurm-77", "77", "slurm")
+    ]
     assert resolver.info_labels == {"slurm-4242": {"user": "alice"}, "slurm-77": {}}
 
     # One name per job id: a later task with a different SLURM_JOB_NAME does not rename the job.

@@ -1,5 +1,6 @@
 """Kubelet and control-token settings, and the TCP control listener that
 exists only with a token: real agent processes over loopback."""
+
 from __future__ import annotations
 
 import http.client
@@ -24,7 +25,9 @@ def write_toml(path: Path, text: str) -> Path:
 
 
 def test_kubelet_settings_from_toml_and_environment(tmp_path):
-    toml = write_toml(tmp_path / "agent.toml", """
+    toml = write_toml(
+        tmp_path / "agent.toml",
+        """
 [agent]
 kubelet_enabled = true
 kubelet_url = "https://127.0.0.1:10250/pods"
@@ -32,7 +35,8 @@ kubelet_ca_file = "/etc/kubelet-ca.crt"
 kubelet_poll_s = 15
 pod_job_labels = ["example.com/run", "training.kubeflow.org/job-name"]
 control_token_file = "/etc/jouleward/token"
-""")
+""",
+    )
     config = build(toml, environ={"JOULEWARD_KUBELET_TIMEOUT_S": "2.5", "JOULEWARD_KUBELET_TOKEN_FILE": "/t"})
     assert config.kubelet_enabled is True
     assert (config.kubelet_poll_s, config.kubelet_timeout_s) == (15.0, 2.5)
@@ -41,27 +45,43 @@ control_token_file = "/etc/jouleward/token"
     assert config.pod_job_labels == ("example.com/run", "training.kubeflow.org/job-name")
     assert config.control_token_file == Path("/etc/jouleward/token")
     defaults = build(environ={})
-    assert (defaults.kubelet_enabled, defaults.pod_job_labels, defaults.kubelet_token_file) == \
-        (None, DEFAULT_JOB_LABELS, DEFAULT_TOKEN_FILE)
+    assert (defaults.kubelet_enabled, defaults.pod_job_labels, defaults.kubelet_token_file) == (
+        None,
+        DEFAULT_JOB_LABELS,
+        DEFAULT_TOKEN_FILE,
+    )
     # Automatic: off outside a pod, on once a kubelet URL is given, and an explicit false wins.
     assert defaults.kubelet_active is DEFAULT_TOKEN_FILE.is_file()
     assert build(environ={"JOULEWARD_KUBELET_URL": "http://127.0.0.1:1/pods"}).kubelet_active is True
-    assert build(environ={"JOULEWARD_KUBELET_URL": "http://127.0.0.1:1/pods",
-                          "JOULEWARD_KUBELET_ENABLED": "false"}).kubelet_active is False
+    assert (
+        build(
+            environ={"JOULEWARD_KUBELET_URL": "http://127.0.0.1:1/pods", "JOULEWARD_KUBELET_ENABLED": "false"}
+        ).kubelet_active
+        is False
+    )
     assert defaults.control_token_file is None
     assert build(write_toml(tmp_path / "b.toml", 'kubelet_token_file = ""\n'), environ={}).kubelet_token_file is None
 
 
-@pytest.mark.parametrize("toml, message", [
-    ('kubelet_enabled = "maybe"', "kubelet_enabled: expected true or false"),
-    ('kubelet_url = "ftp://127.0.0.1/pods"', "kubelet_url: expected an http:// or https:// URL"),
-    ("kubelet_poll_s = 0.5", "kubelet_poll_s: 0.5 is outside 1.0..3600.0"),
-    ("kubelet_timeout_s = -1", "kubelet_timeout_s: -1.0 is outside"),
-    ('pod_job_labels = ["ok/name", "has space"]', "pod_job_labels: entry 2, 'has space', is not a Kubernetes label key"),
-    ('pod_job_labels = "training.kubeflow.org/job-name"', "pod_job_labels: expected a list"),
-    ('kubelet_insecure_skip_verify = true\nkubelet_ca_file = "/ca.crt"', "kubelet_ca_file and kubelet_insecure_skip"),
-    ("control_token_file = 7", "control_token_file: expected a path"),
-])
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('kubelet_enabled = "maybe"', "kubelet_enabled: expected true or false"),
+        ('kubelet_url = "ftp://127.0.0.1/pods"', "kubelet_url: expected an http:// or https:// URL"),
+        ("kubelet_poll_s = 0.5", "kubelet_poll_s: 0.5 is outside 1.0..3600.0"),
+        ("kubelet_timeout_s = -1", "kubelet_timeout_s: -1.0 is outside"),
+        (
+            'pod_job_labels = ["ok/name", "has space"]',
+            "pod_job_labels: entry 2, 'has space', is not a Kubernetes label key",
+        ),
+        ('pod_job_labels = "training.kubeflow.org/job-name"', "pod_job_labels: expected a list"),
+        (
+            'kubelet_insecure_skip_verify = true\nkubelet_ca_file = "/ca.crt"',
+            "kubelet_ca_file and kubelet_insecure_skip",
+        ),
+        ("control_token_file = 7", "control_token_file: expected a path"),
+    ],
+)
 def test_bad_settings_name_the_key(tmp_path, toml, message):
     with pytest.raises(ConfigError, match=None) as caught:
         build(write_toml(tmp_path / "bad.toml", toml + "\n"), environ={})
@@ -70,10 +90,25 @@ def test_bad_settings_name_the_key(tmp_path, toml, message):
 
 def test_cli_reports_a_bad_setting_and_exits_2(tmp_path):
     toml = write_toml(tmp_path / "bad.toml", 'kubelet_url = "not a url"\n')
-    result = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(toml), "--state-dir",
-                             str(tmp_path / "state"), "--listen", f"127.0.0.1:{free_port()}"],
-                            cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--config",
+            str(toml),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "kubelet_url: expected an http:// or https:// URL, got 'not a url'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -137,20 +172,39 @@ def test_token_configured_enables_control_on_tcp_with_the_token_only(tmp_path, a
     assert tcp(agent, "GET", "/metrics")[0] == 200
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "cannot read"),
-    ("short", "the token must be at least 16 characters"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "cannot read"),
+        ("short", "the token must be at least 16 characters"),
+    ],
+)
 def test_unusable_token_file_stops_the_agent_with_a_message(tmp_path, content, message):
     token_file = tmp_path / "control-token"
     if content is not None:
         token_file.write_text(content)
     config = write_toml(tmp_path / "agent.toml", f'control_token_file = "{token_file}"\n')
-    result = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--state-dir",
-                             str(tmp_path / "state"), "--listen", f"127.0.0.1:{free_port()}",
-                             "--sysfs", str(tmp_path / "nosys")],
-                            cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--sysfs",
+            str(tmp_path / "nosys"),
+        ],
+        cwd=REPO,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert f"control_token_file {token_file}: {message}" in result.stderr
     assert "Traceback" not in result.stderr

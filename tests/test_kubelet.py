@@ -22,8 +22,14 @@ def kubelet():
     server = FakeKubelet(
         "s3cret-token",
         [
-            pod_item(UID_A, "llama-ft-worker-0", "research", {"training.kubeflow.org/job-name": "llama-ft"},
-                     owner=("PyTorchJob", "llama-ft"), container_ids=("c" * 64,)),
+            pod_item(
+                UID_A,
+                "llama-ft-worker-0",
+                "research",
+                {"training.kubeflow.org/job-name": "llama-ft"},
+                owner=("PyTorchJob", "llama-ft"),
+                container_ids=("c" * 64,),
+            ),
             pod_item(UID_B, "notebook-7", "research"),
         ],
     )

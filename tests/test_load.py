@@ -1,6 +1,7 @@
 """Load on loopback: 50 concurrent scrapers on TCP while jobs are registered
 (and one in ten finished) through the control socket at a fixed pace. No errors, no lost
 registration, every scrape valid; the scrape p99 is reported."""
+
 from __future__ import annotations
 
 import multiprocessing
@@ -102,8 +103,10 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
         assert not lost, f"{len(lost)} registrations lost, e.g. {lost[:3]}"
         latencies.sort()
         p50, p99 = latencies[len(latencies) // 2], latencies[int(0.99 * (len(latencies) - 1))]
-        print(f"\n{len(registered)} registrations in {elapsed:.1f} s ({len(registered) / elapsed:.0f}/s), "
-              f"{len(latencies)} scrapes by {SCRAPERS} scrapers, p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms")
+        print(
+            f"\n{len(registered)} registrations in {elapsed:.1f} s ({len(registered) / elapsed:.0f}/s), "
+            f"{len(latencies)} scrapes by {SCRAPERS} scrapers, p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
+        )
         assert len(registered) >= duration_s * rate_per_s * 0.25  # paced, but a loaded machine may lag
         assert len(latencies) > SCRAPERS
         assert agent.terminate() == 0

@@ -1,4 +1,5 @@
 """docs/metrics.md is the contract: every family the agent exports is in it."""
+
 from __future__ import annotations
 
 import re
@@ -22,9 +23,14 @@ def test_every_exported_family_is_documented(tmp_path, processes, agents):
         worker = subprocess.Popen(["sleep", "120"])
         processes.append(worker)
         state = tmp_path / "nvml-state"
-        FakeState(devices=[FakeDevice(0, "GPU-0000aaaa-doc", epoch_s=time.monotonic(), power_mw=150_000,
-                                      util_gpu=40, mem_used=2**30)],
-                  processes=[FakeProcess(0, worker.pid, mem=2**30, sm=40)]).write(state)
+        FakeState(
+            devices=[
+                FakeDevice(
+                    0, "GPU-0000aaaa-doc", epoch_s=time.monotonic(), power_mw=150_000, util_gpu=40, mem_used=2**30
+                )
+            ],
+            processes=[FakeProcess(0, worker.pid, mem=2**30, sm=40)],
+        ).write(state)
         env = {"LD_LIBRARY_PATH": str(library.parent), "FAKENVML_STATE": str(state)}
     except BuildError:
         worker = subprocess.Popen(["sleep", "120"])

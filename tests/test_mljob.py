@@ -3,8 +3,14 @@ from agent.workloads.mljob import job_for_pod, pod_info_labels
 
 
 def pod(name, labels=None, annotations=None, namespace="research", uid=None):
-    return PodMeta(uid=uid or f"uid-{name}", name=name, namespace=namespace, node="n1",
-                   labels=labels or {}, annotations=annotations or {})
+    return PodMeta(
+        uid=uid or f"uid-{name}",
+        name=name,
+        namespace=namespace,
+        node="n1",
+        labels=labels or {},
+        annotations=annotations or {},
+    )
 
 
 def test_two_pods_of_one_kubeflow_job_share_one_identity():
@@ -12,7 +18,12 @@ def test_two_pods_of_one_kubeflow_job_share_one_identity():
     a = job_for_pod(pod("llama-ft-worker-0", labels, uid="u1"))
     b = job_for_pod(pod("llama-ft-worker-1", labels, uid="u2"))
     assert a.job == b.job
-    assert (a.job.name, a.job.namespace, a.job.kind, a.job.id) == ("llama-ft", "research", "pod", "k8s-research/llama-ft")
+    assert (a.job.name, a.job.namespace, a.job.kind, a.job.id) == (
+        "llama-ft",
+        "research",
+        "pod",
+        "k8s-research/llama-ft",
+    )
     assert a.source == "training.kubeflow.org/job-name"
 
 
@@ -32,8 +43,13 @@ def test_jobset_name_beats_its_child_batch_job_name():
 
 
 def test_each_operator_label_is_recognised():
-    for key in ("jobset.sigs.k8s.io/jobset-name", "batch.kubernetes.io/job-name", "ray.io/cluster",
-                "volcano.sh/job-name", "leaderworkerset.sigs.k8s.io/name"):
+    for key in (
+        "jobset.sigs.k8s.io/jobset-name",
+        "batch.kubernetes.io/job-name",
+        "ray.io/cluster",
+        "volcano.sh/job-name",
+        "leaderworkerset.sigs.k8s.io/name",
+    ):
         assert job_for_pod(pod("x-0", {key: "J"})).job.name == "J", key
 
 
@@ -56,5 +72,11 @@ def test_unusable_annotation_falls_back():
 def test_info_labels_carry_the_pod_not_the_counters():
     p = PodMeta(uid="u", name="w-0", namespace="ns", node="n1", owner_kind="PyTorchJob", owner_name="ft")
     info = pod_info_labels(p, "pod")
-    assert info == {"pod": "w-0", "pod_uid": "u", "node": "n1", "owner_kind": "PyTorchJob", "owner_name": "ft",
-                    "job_source": "pod"}
+    assert info == {
+        "pod": "w-0",
+        "pod_uid": "u",
+        "node": "n1",
+        "owner_kind": "PyTorchJob",
+        "owner_name": "ft",
+        "job_source": "pod",
+    }

@@ -1,4 +1,5 @@
 """The NVML sensor against the fake library, through the real bindings."""
+
 import ctypes.util
 import math
 import os
@@ -112,8 +113,15 @@ def _truth_j(device: FakeDevice, t0: float, t1: float) -> float:
 
 
 def test_counterless_gpu_integrated_from_power_matches_truth(fake_nvml, sensor_factory):
-    device = FakeDevice(0, "GPU-cccc", epoch_s=time.monotonic(), power_mw=200_000, wave_mw=120_000,
-                        wave_period_s=2.5, unsupported=("energy",))
+    device = FakeDevice(
+        0,
+        "GPU-cccc",
+        epoch_s=time.monotonic(),
+        power_mw=200_000,
+        wave_mw=120_000,
+        wave_period_s=2.5,
+        unsupported=("energy",),
+    )
     fake_nvml.state.devices = [device]
     fake_nvml.write()
     sensor = sensor_factory(power_sample_interval_s=0.05)
@@ -192,7 +200,10 @@ def test_select_visible_follows_cuda_rules():
 def test_mig_gpu_splits_by_memory_and_reports_instances(fake_nvml, sensor_factory, sleepers):
     a, b, _ = sleepers
     fake_nvml.state.devices = [FakeDevice(0, "GPU-m", mig=1, epoch_s=time.monotonic())]
-    fake_nvml.state.processes = [FakeProcess(0, a, mem=3 * 2**30, sm=90, gi=1), FakeProcess(0, b, mem=2**30, sm=10, gi=2)]
+    fake_nvml.state.processes = [
+        FakeProcess(0, a, mem=3 * 2**30, sm=90, gi=1),
+        FakeProcess(0, b, mem=2**30, sm=10, gi=2),
+    ]
     fake_nvml.write()
     sensor = sensor_factory()
     sensor.sample(CTX)

@@ -1,4 +1,5 @@
 """RAPL through fixture powercap trees: discovery, aggregation, wraparound."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,13 @@ def test_discovery_counts_packages_and_dram_once(tmp_path):
     two_socket_server(tmp_path)
     zones, problems = discover(tmp_path)
     counted = sorted((z.domain, z.device) for z in zones if z.domain)
-    assert counted == [("cpu", "package-0"), ("cpu", "package-1"), ("dram", "dram-0"), ("dram", "dram-1"),
-                       ("platform", "psys-2")]
+    assert counted == [
+        ("cpu", "package-0"),
+        ("cpu", "package-1"),
+        ("dram", "dram-0"),
+        ("dram", "dram-1"),
+        ("platform", "psys-2"),
+    ]
     assert not problems
     # core and uncore are found (for doctor) but never counted
     assert sorted(z.device for z in zones if not z.domain) == ["core-0", "core-1", "uncore-0", "uncore-1"]
@@ -45,9 +51,13 @@ def test_energy_per_device_matches_fixture_truth(tmp_path):
     tree.zones["intel-rapl-mmio:0"].add_j(50.0)  # duplicate: must not add
     tree.zones["intel-rapl:2"].add_j(120.0)
     energy = by_device(sensor.sample(CTX))
-    assert energy == {("cpu", "package-0"): pytest.approx(50.0), ("cpu", "package-1"): pytest.approx(30.0),
-                      ("dram", "dram-0"): pytest.approx(7.5), ("dram", "dram-1"): 0.0,
-                      ("platform", "psys-2"): pytest.approx(120.0)}
+    assert energy == {
+        ("cpu", "package-0"): pytest.approx(50.0),
+        ("cpu", "package-1"): pytest.approx(30.0),
+        ("dram", "dram-0"): pytest.approx(7.5),
+        ("dram", "dram-1"): 0.0,
+        ("platform", "psys-2"): pytest.approx(120.0),
+    }
 
 
 def test_wraparound_keeps_node_energy_equal_to_truth(tmp_path):
@@ -117,8 +127,9 @@ def test_root_only_counter_is_reported_as_permission_problem():
     for zone in tree.zones.values():
         os.chmod(zone.path / "energy_uj", 0o400)  # as since Linux 5.10
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", PERMISSION_PROBE, str(tmp_path), repo],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", PERMISSION_PROBE, str(tmp_path), repo], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     shutil.rmtree(tmp_path)
     lines = out.stdout.strip().splitlines()

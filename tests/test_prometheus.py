@@ -1,4 +1,5 @@
 """promtool and a real Prometheus server against a real agent."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,10 @@ from tests.support import AgentProcess, free_port, two_socket_server, wait_until
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 IN_CI = bool(__import__("os").environ.get("CI"))
-needs_prometheus = pytest.mark.skipif(not (PROMETHEUS and PROMTOOL) and not IN_CI,
-                                      reason="Debian package prometheus not installed (scripts/setup-test-env.sh)")
+needs_prometheus = pytest.mark.skipif(
+    not (PROMETHEUS and PROMTOOL) and not IN_CI,
+    reason="Debian package prometheus not installed (scripts/setup-test-env.sh)",
+)
 
 
 @pytest.fixture
@@ -43,8 +46,9 @@ def test_promtool_check_metrics_is_clean_on_real_output(agent_with_jobs):
     assert "jouleward_job_energy_joules_total" in text
     assert ' job="' not in text and "{job=" not in text and ",job=" not in text
     result = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", \
+    assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", (
         result.stdout + result.stderr
+    )
 
 
 def _query(port: int, expr: str):
@@ -70,29 +74,51 @@ scrape_configs:
       - targets: ["127.0.0.1:{agent.port}"]
 """)
     log = open(tmp_path / "prometheus.log", "wb")
-    server = subprocess.Popen([PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                               f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            PROMETHEUS,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: _up(port), timeout_s=60, interval_s=0.5, what="Prometheus to scrape the agent")
-        result = wait_until(lambda: _query(port, f'jouleward_job_energy_joules_total{{job_id="{job["id"]}"}}'),
-                            timeout_s=30, interval_s=0.5, what="the job's series in Prometheus")
+        result = wait_until(
+            lambda: _query(port, f'jouleward_job_energy_joules_total{{job_id="{job["id"]}"}}'),
+            timeout_s=30,
+            interval_s=0.5,
+            what="the job's series in Prometheus",
+        )
         labels = result[0]["metric"]
         assert labels["job"] == "jouleward"  # Prometheus' own label, untouched by ours
         assert labels["job_name"] == 'quote " back \\ slash ünï'
         # Conservation as Prometheus sees it, per domain, at one instant.
-        wait_until(lambda: len(_query(port, "jouleward_idle_energy_joules_total")) >= 2, timeout_s=30,
-                   interval_s=0.5, what="idle series")
-        expr = ('sum by (domain) (jouleward_node_energy_joules_total{domain=~"cpu|dram"}) - on (domain) ('
-                'sum by (domain) (jouleward_idle_energy_joules_total) + '
-                'sum by (domain) (jouleward_unattributed_energy_joules_total) + '
-                'sum by (domain) (jouleward_job_energy_joules_total or on (domain) '
-                '(0 * sum by (domain) (jouleward_idle_energy_joules_total))))')
+        wait_until(
+            lambda: len(_query(port, "jouleward_idle_energy_joules_total")) >= 2,
+            timeout_s=30,
+            interval_s=0.5,
+            what="idle series",
+        )
+        expr = (
+            'sum by (domain) (jouleward_node_energy_joules_total{domain=~"cpu|dram"}) - on (domain) ('
+            'sum by (domain) (jouleward_idle_energy_joules_total) + '
+            'sum by (domain) (jouleward_unattributed_energy_joules_total) + '
+            'sum by (domain) (jouleward_job_energy_joules_total or on (domain) '
+            '(0 * sum by (domain) (jouleward_idle_energy_joules_total))))'
+        )
         for sample in _query(port, expr):
             assert abs(float(sample["value"][1])) < 1e-6, sample
         info = _query(port, f'jouleward_job_info{{job_id="{job["id"]}"}}')
         assert info[0]["metric"]["label_pod_name"] == 'a"b'
-        rate = wait_until(lambda: _query(port, 'sum(rate(jouleward_node_energy_joules_total{domain="cpu"}[5s]))'),
-                          timeout_s=30, interval_s=0.5, what="a rate over the node counter")
+        rate = wait_until(
+            lambda: _query(port, 'sum(rate(jouleward_node_energy_joules_total{domain="cpu"}[5s]))'),
+            timeout_s=30,
+            interval_s=0.5,
+            what="a rate over the node counter",
+        )
         assert float(rate[0]["value"][1]) >= 0
     finally:
         server.terminate()

@@ -1,4 +1,5 @@
 """Process scan and job resolution against real processes."""
+
 from __future__ import annotations
 
 import os
@@ -43,12 +44,19 @@ def test_registered_job_includes_descendants_started_later(processes):
     registry = Registry(PROC)
     resolver = JobResolver(registry)
     scanner = ProcessScanner(PROC)
-    parent = subprocess.Popen([sys.executable, "-c",
-                               "import subprocess, sys, time\n"
-                               "time.sleep(0.5)\n"
-                               "child = subprocess.Popen(['sleep', '30'])\n"
-                               "print(child.pid, flush=True)\n"
-                               "child.wait()"], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "time.sleep(0.5)\n"
+            "child = subprocess.Popen(['sleep', '30'])\n"
+            "print(child.pid, flush=True)\n"
+            "child.wait()",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     processes.append(parent)
     job = registry.register("train", [parent.pid], {"team": "nlp"})
     jobs, _ = resolve_all(resolver, scanner)
@@ -63,8 +71,9 @@ def test_reused_pid_does_not_inherit_a_job():
     registry = Registry(PROC)
     key = ProcessKey(os.getpid(), 1)  # same pid, different start time: another process
     registry.keys[key] = "r-old"
-    assert registry.job_of(ProcessKey(os.getpid(), parse_stat(Path(f"/proc/{os.getpid()}/stat").read_bytes())[3])) \
-        is None
+    assert (
+        registry.job_of(ProcessKey(os.getpid(), parse_stat(Path(f"/proc/{os.getpid()}/stat").read_bytes())[3])) is None
+    )
 
 
 def test_register_rejects_missing_process():
@@ -94,25 +103,38 @@ def test_environment_label_and_rules(processes):
     processes.extend([labelled, ruled])
     resolver = JobResolver(Registry(PROC), rules=(JobRule(name="marked", cmdline=r"--jouleward-test-marker"),))
     jobs, _ = resolve_all(resolver, ProcessScanner(PROC))
-    assert (jobs[labelled.pid].id, jobs[labelled.pid].name, jobs[labelled.pid].kind) == \
-        ("env-bert-finetune", "bert-finetune", "env")
+    assert (jobs[labelled.pid].id, jobs[labelled.pid].name, jobs[labelled.pid].kind) == (
+        "env-bert-finetune",
+        "bert-finetune",
+        "env",
+    )
     assert (jobs[ruled.pid].id, jobs[ruled.pid].kind) == ("rule-marked", "rule")
 
 
-@pytest.mark.parametrize("path,expected", [
-    ("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_5f60_7182_93a4_b5c6d7e8f901.slice/"
-     "cri-containerd-" + "a" * 64 + ".scope", ("pod-1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "pod", "a" * 64)),
-    ("/kubepods/besteffort/pod1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901/" + "b" * 64,
-     ("pod-1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "pod", "b" * 64)),
-    ("/kubepods.slice/kubepods-pod1b2c3d4e_5f60_7182_93a4_b5c6d7e8f901.slice/crio-" + "c" * 64 + ".scope",
-     ("pod-1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "pod", "c" * 64)),
-    ("/slurm/uid_1000/job_4242/step_0/user/task_0", ("slurm-4242", "slurm", "")),
-    ("/system.slice/slurmstepd.scope/job_77/step_batch/user/task_0", ("slurm-77", "slurm", "")),
-    ("/system.slice/triton.service", ("systemd-triton.service", "systemd", "")),
-    ("/user.slice/user-1000.slice/session-3.scope", None),
-    ("/init.scope", None),
-    ("/", None),
-])
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        (
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_5f60_7182_93a4_b5c6d7e8f901.slice/"
+            "cri-containerd-" + "a" * 64 + ".scope",
+            ("pod-1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "pod", "a" * 64),
+        ),
+        (
+            "/kubepods/besteffort/pod1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901/" + "b" * 64,
+            ("pod-1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "pod", "b" * 64),
+        ),
+        (
+            "/kubepods.slice/kubepods-pod1b2c3d4e_5f60_7182_93a4_b5c6d7e8f901.slice/crio-" + "c" * 64 + ".scope",
+            ("pod-1b2c3d4e-5f60-7182-93a4-b5c6d7e8f901", "pod", "c" * 64),
+        ),
+        ("/slurm/uid_1000/job_4242/step_0/user/task_0", ("slurm-4242", "slurm", "")),
+        ("/system.slice/slurmstepd.scope/job_77/step_batch/user/task_0", ("slurm-77", "slurm", "")),
+        ("/system.slice/triton.service", ("systemd-triton.service", "systemd", "")),
+        ("/user.slice/user-1000.slice/session-3.scope", None),
+        ("/init.scope", None),
+        ("/", None),
+    ],
+)
 def test_job_from_cgroup(path, expected):
     found = job_from_cgroup(path, ("init.scope", "session-*.scope", "user@*.service"))
     if expected is None:

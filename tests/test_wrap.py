@@ -1,4 +1,5 @@
 """``jouleward wrap`` end to end: real commands, real signals, real agent."""
+
 import json
 import os
 import signal
@@ -15,14 +16,31 @@ BURN = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t
 
 
 def wrap(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "agent.cli", "wrap", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "wrap", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
 
 
 def test_standalone_wrap_measures_a_cpu_burn_and_keeps_its_exit_status(tmp_path):
     report = tmp_path / "r.json"
-    done = wrap("--standalone", "--name", "burn", "--label", "team=nlp", "--report", str(report), "--",
-                sys.executable, "-c", BURN + "\n")
+    done = wrap(
+        "--standalone",
+        "--name",
+        "burn",
+        "--label",
+        "team=nlp",
+        "--report",
+        str(report),
+        "--",
+        sys.executable,
+        "-c",
+        BURN + "\n",
+    )
     assert done.returncode == 3, done.stderr
     summary = json.loads(report.read_text())
     assert summary["mode"] == "standalone" and summary["exit_status"] == 3
@@ -36,8 +54,12 @@ def test_standalone_wrap_measures_a_cpu_burn_and_keeps_its_exit_status(tmp_path)
 
 def test_output_passes_through_and_signals_are_forwarded(tmp_path):
     assert wrap("--standalone", "--", "sh", "-c", "echo out; echo err >&2").stdout == "out\n"
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "wrap", "--standalone", "--", "sleep", "60"],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "wrap", "--standalone", "--", "sleep", "60"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 128 + signal.SIGTERM
@@ -55,10 +77,25 @@ def test_cli_errors_exit_2_and_missing_commands_127():
 
 def test_wrap_through_the_agent_reports_work_units(control_socket, tmp_path):  # noqa: F811
     report = tmp_path / "r.json"
-    child = ("from agent.client import report_work\n" + BURN.replace("sys.exit(3)", "")
-             + "assert report_work('tokens', 5000)\nassert report_work('tokens', 1000)\n")
-    done = wrap("--require-agent", "--socket", str(control_socket), "--name", "ft", "--report", str(report),
-                "--", sys.executable, "-c", child, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    child = (
+        "from agent.client import report_work\n"
+        + BURN.replace("sys.exit(3)", "")
+        + "assert report_work('tokens', 5000)\nassert report_work('tokens', 1000)\n"
+    )
+    done = wrap(
+        "--require-agent",
+        "--socket",
+        str(control_socket),
+        "--name",
+        "ft",
+        "--report",
+        str(report),
+        "--",
+        sys.executable,
+        "-c",
+        child,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(report.read_text())
     assert summary["mode"] == "agent" and summary["job_id"].startswith("r-")

@@ -7,6 +7,7 @@ touch only jobs it registered; root may do anything. A TCP control listener
 exists only with an operator-configured token and its callers act as root.
 Framework-free: the API maps ``ControlError.status`` to the HTTP answer.
 """
+
 from __future__ import annotations
 
 import hmac

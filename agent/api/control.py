@@ -4,6 +4,7 @@ Served on the Unix control socket (callers identified by SO_PEERCRED) and, only
 when the operator configures a token, on a TCP listener that requires it.
 Every decision about who may do what is in ``agent.api.access``.
 """
+
 from __future__ import annotations
 
 from typing import Any

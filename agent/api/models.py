@@ -1,4 +1,5 @@
 """Request and response bodies of the HTTP API (the OpenAPI schema)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +26,14 @@ def _delegate(check, *args: Any):
 # stripped of whitespace, then 1-128 characters with no control characters.
 _CONTROL = CONTROL_CHAR_CLASS
 _SPACE = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-NAME_PATTERN = f"^[{_SPACE}]*[^{_CONTROL}{_SPACE}]([^{_CONTROL}]{{0,{JOB_NAME_MAX_LEN - 2}}}[^{_CONTROL}{_SPACE}])?[{_SPACE}]*$"
-LABELS_SCHEMA: dict[str, Any] = {"maxProperties": MAX_LABELS, "propertyNames": {"pattern": f"^[A-Za-z_][A-Za-z0-9_]{{0,{LABEL_KEY_MAX_LEN - 1}}}$"},
-                 "additionalProperties": {"type": "string", "maxLength": LABEL_VALUE_MAX_LEN,
-                                          "pattern": f"^[^{_CONTROL}]*$"}}
+NAME_PATTERN = (
+    f"^[{_SPACE}]*[^{_CONTROL}{_SPACE}]([^{_CONTROL}]{{0,{JOB_NAME_MAX_LEN - 2}}}[^{_CONTROL}{_SPACE}])?[{_SPACE}]*$"
+)
+LABELS_SCHEMA: dict[str, Any] = {
+    "maxProperties": MAX_LABELS,
+    "propertyNames": {"pattern": f"^[A-Za-z_][A-Za-z0-9_]{{0,{LABEL_KEY_MAX_LEN - 1}}}$"},
+    "additionalProperties": {"type": "string", "maxLength": LABEL_VALUE_MAX_LEN, "pattern": f"^[^{_CONTROL}]*$"},
+}
 
 
 def _whole(value: Any) -> Any:
@@ -58,8 +63,10 @@ class JobRegistration(BaseModel):
 
 
 class WorkReport(BaseModel):
-    unit: str = Field(description="samples, tokens, requests, or a name matching [a-z][a-z0-9_]{0,31}",
-                      json_schema_extra={"pattern": "^[a-z][a-z0-9_]{0,31}$"})
+    unit: str = Field(
+        description="samples, tokens, requests, or a name matching [a-z][a-z0-9_]{0,31}",
+        json_schema_extra={"pattern": "^[a-z][a-z0-9_]{0,31}$"},
+    )
     count: float = Field(ge=0, le=1e15, description="units of work done since the last report")
 
     @field_validator("unit")
@@ -84,12 +91,16 @@ class _JobIdentityOut(BaseModel):
 
 # Every per-job figure of the one totals type, so the API cannot miss one.
 if TYPE_CHECKING:
+
     class JobOut(_JobIdentityOut):
         """One job: identity and state above, then every field of ``JobTotals``."""
 else:
     _TOTALS_HINTS = typing.get_type_hints(JobTotals)
-    JobOut = create_model("JobOut", __base__=_JobIdentityOut,
-                          **{f.name: (_TOTALS_HINTS[f.name], ...) for f in dataclasses.fields(JobTotals)})
+    JobOut = create_model(
+        "JobOut",
+        __base__=_JobIdentityOut,
+        **{f.name: (_TOTALS_HINTS[f.name], ...) for f in dataclasses.fields(JobTotals)},
+    )
 
 
 class ErrorOut(BaseModel):
@@ -99,8 +110,16 @@ class ErrorOut(BaseModel):
 def job_out(job: JobView) -> JobOut:
     ref, totals = job.ref, job.totals
     return JobOut(
-        id=ref.id, name=ref.name, kind=ref.kind, namespace=ref.namespace, labels=dict(job.labels),
-        running=job.finished_at is None, power_w=dict(job.power_w), processes=job.processes,
-        first_seen=job.first_seen, last_seen=job.last_seen, finished_at=job.finished_at,
+        id=ref.id,
+        name=ref.name,
+        kind=ref.kind,
+        namespace=ref.namespace,
+        labels=dict(job.labels),
+        running=job.finished_at is None,
+        power_w=dict(job.power_w),
+        processes=job.processes,
+        first_seen=job.first_seen,
+        last_seen=job.last_seen,
+        finished_at=job.finished_at,
         **{f.name: getattr(totals, f.name) for f in dataclasses.fields(JobTotals)},
     )

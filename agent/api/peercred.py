@@ -4,6 +4,7 @@ uvicorn hides the socket from the ASGI app, so the protocol looks up
 SO_PEERCRED once per connection and hands it to the app through the
 per-request ``state`` that uvicorn copies into each scope.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,4 +27,3 @@ class PeerCredH11Protocol(DeadlineH11Protocol):
 def peer_of(state: Any) -> Caller | None:
     """The Unix-socket caller behind a request (``request.state``), if any."""
     return getattr(state, STATE_KEY, None)
-

@@ -1,5 +1,6 @@
 """HTTP API. Reads are served on the TCP listener; control endpoints
 (register, finish) only on the Unix control socket. No arithmetic here."""
+
 from __future__ import annotations
 
 import re
@@ -127,23 +128,36 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         age = time.time() - snap.timestamp_unix
         ready = agent.ticks >= 2 and age < max(5 * agent.config.interval_s, 10.0)
         if not ready:
-            return JSONResponse({"detail": "no complete sample yet" if agent.ticks < 2 else
-                                 f"last sample is {age:.0f} s old"}, status_code=503)
+            return JSONResponse(
+                {"detail": "no complete sample yet" if agent.ticks < 2 else f"last sample is {age:.0f} s old"},
+                status_code=503,
+            )
         return {"status": "ready", "ticks": agent.ticks}
 
     @app.get("/v1/node", response_model=NodeOut)
     def node() -> NodeOut:
         snap = agent.pipeline.snapshot
         return NodeOut(
-            timestamp=snap.timestamp_unix, cpu_utilization_ratio=snap.cpu_utilization_ratio,
-            devices=[DeviceOut(domain=d.domain, device=d.device, source=d.source, energy_j=d.energy_j,
-                               power_w=d.power_w) for d in snap.devices],
-            idle_j=dict(snap.idle_j), unattributed_j=dict(snap.unattributed_j), idle_power_w=dict(snap.idle_power_w),
-            sensors=[SensorOut(sensor=s.sensor, device=s.device, up=s.up, reason=s.reason)
-                     for s in snap.health.sensors],
-            carbon=CarbonOut(grams_per_kwh=snap.carbon.grams_per_kwh, zone=snap.carbon.zone,
-                             source=snap.carbon.source, pue=snap.carbon.pue,
-                             emissions_g=snap.carbon.node_emissions_g, provider_errors=snap.carbon.provider_errors),
+            timestamp=snap.timestamp_unix,
+            cpu_utilization_ratio=snap.cpu_utilization_ratio,
+            devices=[
+                DeviceOut(domain=d.domain, device=d.device, source=d.source, energy_j=d.energy_j, power_w=d.power_w)
+                for d in snap.devices
+            ],
+            idle_j=dict(snap.idle_j),
+            unattributed_j=dict(snap.unattributed_j),
+            idle_power_w=dict(snap.idle_power_w),
+            sensors=[
+                SensorOut(sensor=s.sensor, device=s.device, up=s.up, reason=s.reason) for s in snap.health.sensors
+            ],
+            carbon=CarbonOut(
+                grams_per_kwh=snap.carbon.grams_per_kwh,
+                zone=snap.carbon.zone,
+                source=snap.carbon.source,
+                pue=snap.carbon.pue,
+                emissions_g=snap.carbon.node_emissions_g,
+                provider_errors=snap.carbon.provider_errors,
+            ),
         )
 
     @app.get("/v1/jobs", response_model=list[JobOut])
@@ -177,8 +191,9 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
             raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
         gpus = sum(1 for d in agent.pipeline.snapshot.devices if d.domain == "gpu")
         site = report.site_from_config(agent.config.carbon, agent.config.procfs, gpus)
-        row = report.report_row(report.job_emissions(job_out(record).model_dump(), site,
-                                                     agent.config.carbon.pue, time.time()))
+        row = report.report_row(
+            report.job_emissions(job_out(record).model_dump(), site, agent.config.carbon.pue, time.time())
+        )
         media = {"csv": "text/csv", "json": "application/json", "text": "text/plain"}[format]
         return Response(report.render([row], format), media_type=f"{media}; charset=utf-8")
 
@@ -215,9 +230,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             # Starlette lists only the first route's methods; a path served by
             # two routes (GET and POST /v1/jobs) must list both.
-            methods = [method for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
-                       if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
-                              for route in request.app.routes)]
+            methods = [
+                method
+                for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
+                if any(
+                    route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes
+                )
+            ]
             return JSONResponse({"detail": exc.detail}, status_code=405, headers={"Allow": ", ".join(methods)})
         return await http_exception_handler(request, exc)
 

@@ -1,5 +1,6 @@
 """Runs the sampler and the HTTP servers (TCP reads, Unix-socket control)
 until SIGTERM or SIGINT, then flushes the ledger and returns."""
+
 from __future__ import annotations
 
 import asyncio

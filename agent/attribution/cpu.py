@@ -18,6 +18,7 @@ Pure arithmetic: no I/O, no clock. The method (docs/architecture.md):
 
 Invariant: idle + unattributed + sum(jobs) == measured, nothing negative or NaN.
 """
+
 from __future__ import annotations
 
 import math
@@ -137,5 +138,4 @@ class IdlePowerEstimator:
             if var_u > 0:
                 intercept = mean_p - (cov / var_u) * mean_u
                 return min(max(intercept, 0.0), ceiling)
-        return min(linear_model_idle_w(lowest.mean_power_w, lowest.mean_utilization, self.prior_idle_fraction),
-                   ceiling)
+        return min(linear_model_idle_w(lowest.mean_power_w, lowest.mean_utilization, self.prior_idle_fraction), ceiling)

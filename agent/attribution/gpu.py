@@ -17,6 +17,7 @@ Pure arithmetic: no I/O, no clock. Per GPU and tick:
 
 So ``idle + unattributed + sum(jobs) == measured`` for every GPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -152,9 +153,7 @@ def attribute_gpus(
     """Split every GPU's tick energy; ``views`` and ``idle_power_w`` are keyed
     by device label (``gpu-0``)."""
     splits = tuple(
-        split_gpu(e, views.get(e.device), idle_power_w.get(e.device), job_of)
-        for e in energies
-        if e.domain == "gpu"
+        split_gpu(e, views.get(e.device), idle_power_w.get(e.device), job_of) for e in energies if e.domain == "gpu"
     )
     jobs: dict[str, float] = {}
     allocated: dict[str, float] = {}
@@ -199,8 +198,9 @@ class GpuIdleTracker:
             # A GPU whose process list is unknown may be held: it says nothing
             # about the unheld idle power.
             held = view is None or not view.processes_known or bool(view.processes)
-            seen = observe_idle(self.seen.get(reading.device, IdleObservations()), reading.power_w,
-                                reading.utilization_ratio, held)
+            seen = observe_idle(
+                self.seen.get(reading.device, IdleObservations()), reading.power_w, reading.utilization_ratio, held
+            )
             self.seen[reading.device] = seen
             idle[reading.device] = estimated_idle_power_w(seen, self.configured_w)
         return attribute_gpus(energies, views, idle, job_of), idle

@@ -4,6 +4,7 @@ Each tick's energy is charged at the intensity in force during that tick, so
 a job that ran through a clean night and a dirty evening pays for each at its
 own rate rather than at an average applied at the end.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -26,5 +27,3 @@ def tick_grams(jobs_j: Mapping[str, float], grams_per_kwh: float, pue: float = 1
 def interval_midpoint_s(end_unix_s: float, interval_s: float) -> float:
     """The instant whose intensity stands for the tick that ended at ``end_unix_s``."""
     return end_unix_s - interval_s / 2.0
-
-

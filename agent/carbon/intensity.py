@@ -5,6 +5,7 @@ every tick, so nothing here may block it. The HTTP provider fetches on its own
 thread and answers from its cache, or from its fallback while the cache is
 empty or stale.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -73,7 +74,9 @@ class StaticProvider:
         pass
 
 
-def table_provider(country: str = "", region: str = "", cloud_provider: str = "", cloud_region: str = "") -> StaticProvider:
+def table_provider(
+    country: str = "", region: str = "", cloud_provider: str = "", cloud_region: str = ""
+) -> StaticProvider:
     """A fixed value from codecarbon's tables. Raises tables.CarbonTableError."""
     zone = tables.lookup(country, region, cloud_provider, cloud_region)
     return StaticProvider(zone.grams_per_kwh, zone.zone, "codecarbon")
@@ -257,7 +260,9 @@ def from_config(carbon: CarbonConfig) -> IntensityProvider:
         if carbon.provider == "csv":
             return CsvSeriesProvider(cast(Path, carbon.csv_path), carbon.zone or carbon.country)
         if carbon.provider == "http":
-            return HttpProvider(carbon.url, carbon.zone, _fallback(carbon), carbon.token, carbon.timeout_s, carbon.poll_s)
+            return HttpProvider(
+                carbon.url, carbon.zone, _fallback(carbon), carbon.token, carbon.timeout_s, carbon.poll_s
+            )
         return _fallback(carbon)
     except tables.CarbonTableError as exc:
         raise ConfigError(f"carbon: {exc}") from None

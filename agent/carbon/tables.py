@@ -7,6 +7,7 @@ Every figure returned is in gCO2eq/kWh and follows codecarbon's own rules for
 the same table, so a codecarbon run and a jouleward job in one place are
 charged at the same intensity.
 """
+
 from __future__ import annotations
 
 import csv
@@ -152,7 +153,9 @@ def region(iso3: str, name: str) -> ZoneIntensity:
         return _china(name)
     if code in NORDIC_ZONES:
         return _nordic(code, name)
-    raise CarbonTableError(f"codecarbon has no regional table for {iso3!r}: regions exist for USA, CAN, CHN, SWE, NOR, FIN")
+    raise CarbonTableError(
+        f"codecarbon has no regional table for {iso3!r}: regions exist for USA, CAN, CHN, SWE, NOR, FIN"
+    )
 
 
 @functools.cache
@@ -172,14 +175,21 @@ def cloud(provider: str, cloud_region: str) -> ZoneIntensity:
     for row in _cloud_rows():
         if (row["provider"].lower(), row["region"].lower()) == wanted:
             return ZoneIntensity(
-                float(row["impact"]), f"{row['provider']}/{row['region']}",
-                row["countryIsoCode"], row["country_name"], row["region"],
+                float(row["impact"]),
+                f"{row['provider']}/{row['region']}",
+                row["countryIsoCode"],
+                row["country_name"],
+                row["region"],
             )
     known = ", ".join(sorted(cloud_providers()))
-    raise CarbonTableError(f"cloud region {provider}/{cloud_region} is not in codecarbon's cloud table (providers: {known})")
+    raise CarbonTableError(
+        f"cloud region {provider}/{cloud_region} is not in codecarbon's cloud table (providers: {known})"
+    )
 
 
-def lookup(country_iso3: str = "", region_name: str = "", cloud_provider: str = "", cloud_region: str = "") -> ZoneIntensity:
+def lookup(
+    country_iso3: str = "", region_name: str = "", cloud_provider: str = "", cloud_region: str = ""
+) -> ZoneIntensity:
     """The most specific zone the arguments name: cloud region, then region, then country."""
     if cloud_provider or cloud_region:
         if not (cloud_provider and cloud_region):

@@ -2,6 +2,7 @@
 
 Every user error prints one message naming the flag or key and exits 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def _add_agent_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
     parser.add_argument("--listen", help="host:port of the HTTP listener (default 127.0.0.1:9883)")
     parser.add_argument("--state-dir", dest="state_dir", help="where the ledger lives (default /var/lib/jouleward)")
-    parser.add_argument("--control-socket", dest="control_socket",
-                        help="Unix socket for control endpoints (default <state-dir>/control.sock)")
+    parser.add_argument(
+        "--control-socket",
+        dest="control_socket",
+        help="Unix socket for control endpoints (default <state-dir>/control.sock)",
+    )
     parser.add_argument("--sysfs", help="sysfs root (default /sys; /host/sys in a DaemonSet)")
     parser.add_argument("--procfs", help="procfs root (default /proc; /host/proc in a DaemonSet)")
     parser.add_argument("--interval", dest="interval_s", help="seconds between samples (default 1)")
@@ -155,8 +159,10 @@ def _jobs(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(f"{'JOB ID':<28}{'NAME':<24}{'KIND':<11}{'STATE':<10}{'ENERGY':>12}{'CO2 g':>12}")
     for job in jobs:
-        print(f"{job['id']:<28}{job['name']:<24}{job['kind']:<11}{'running' if job['running'] else 'finished':<10}"
-              f"{energy_text(sum(job['energy_j'].values())):>12}{job.get('emissions_g', 0.0):12.3f}")
+        print(
+            f"{job['id']:<28}{job['name']:<24}{job['kind']:<11}{'running' if job['running'] else 'finished':<10}"
+            f"{energy_text(sum(job['energy_j'].values())):>12}{job.get('emissions_g', 0.0):12.3f}"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """``jouleward doctor``: which sensors this host offers, and exactly why not."""
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,7 @@ def _hwmon_findings(config: Config) -> list[Finding]:
     channels = discover_hwmon(config.sysfs)
     if not channels:
         return [Finding("hwmon", False, True, "no power or energy channels under class/hwmon")]
-    return [Finding("hwmon", True, True, f"{c.chip} {c.label}: {c.kind} channel, domain {c.domain}")
-            for c in channels]
+    return [Finding("hwmon", True, True, f"{c.chip} {c.label}: {c.kind} channel, domain {c.domain}") for c in channels]
 
 
 def _gpu_findings(config: Config) -> list[Finding]:
@@ -66,8 +66,10 @@ def _gpu_findings(config: Config) -> list[Finding]:
         return [Finding("nvml", False, True, "GPUs switched off in the configuration (gpu_enabled = false)")]
     from agent.sensors.nvml import diagnose
 
-    return [Finding("nvml", usable, True, detail)
-            for usable, detail in diagnose(config.gpu_visible_devices, config.gpu_power_sample_interval_s)]
+    return [
+        Finding("nvml", usable, True, detail)
+        for usable, detail in diagnose(config.gpu_visible_devices, config.gpu_power_sample_interval_s)
+    ]
 
 
 def _other_users_process(procfs: Path) -> tuple[int, int] | None:
@@ -116,10 +118,14 @@ def _attribution_findings(config: Config) -> list[Finding]:
 
 def examine(config: Config) -> list[Finding]:
     findings = _powercap_findings(config) + _hwmon_findings(config) + _gpu_findings(config)
-    measured_cpu = any(f.usable and f.measured and ("cpu/" in f.detail or "domain cpu" in f.detail)
-                       for f in findings)
-    model = build_cpu_model(read_cpu_identity(config.procfs), config.cpu_tdp_w, config.cpu_idle_w,
-                            config.cpu_max_w, config.cpu_idle_fraction)
+    measured_cpu = any(f.usable and f.measured and ("cpu/" in f.detail or "domain cpu" in f.detail) for f in findings)
+    model = build_cpu_model(
+        read_cpu_identity(config.procfs),
+        config.cpu_tdp_w,
+        config.cpu_idle_w,
+        config.cpu_max_w,
+        config.cpu_idle_fraction,
+    )
     if measured_cpu:
         findings.append(Finding("cpu_model", False, False, "not needed: the CPU is measured"))
     else:
@@ -137,7 +143,9 @@ def report(findings: list[Finding]) -> tuple[str, int]:
         lines.append(f"{mark}{finding.sensor:10} {finding.detail}")
     measured = any(f.usable and f.measured for f in findings)
     lines.append("")
-    lines.append("energy is measured" if measured else
-                 "no energy counters: the agent runs on the utilisation model (source=\"model\")")
+    lines.append(
+        "energy is measured"
+        if measured
+        else "no energy counters: the agent runs on the utilisation model (source=\"model\")"
+    )
     return "\n".join(lines), 0 if measured else 1
-

@@ -1,4 +1,5 @@
 """Read-only client of a running agent's HTTP API (the TCP listener), for the CLI."""
+
 from __future__ import annotations
 
 import json

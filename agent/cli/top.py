@@ -5,6 +5,7 @@ the grid carbon intensity, and the jobs sorted by power. Keys change the sort
 and ``q`` quits. When standard output is not a terminal it prints one plain
 snapshot instead.
 """
+
 from __future__ import annotations
 
 import time
@@ -57,16 +58,22 @@ def render_lines(node: dict[str, Any], jobs: list[dict[str, Any]], state: ViewSt
         + f"   cpu busy {100.0 * node.get('cpu_utilization_ratio', 0.0):.0f}%",
     ]
     for device in devices:
-        lines.append(f"  {device['domain']:<9}{device['device']:<14}{device['source']:<12}{device['power_w']:9.1f} W"
-                     f"{energy_text(device['energy_j']):>14}")
+        lines.append(
+            f"  {device['domain']:<9}{device['device']:<14}{device['source']:<12}{device['power_w']:9.1f} W"
+            f"{energy_text(device['energy_j']):>14}"
+        )
     carbon = node.get("carbon")
     if carbon:
-        lines.append(f"carbon {carbon['grams_per_kwh']:.1f} gCO2eq/kWh  zone {carbon['zone'] or '-'}  "
-                     f"source {carbon['source']}  pue {carbon['pue']:.2f}  node {carbon['emissions_g']:.3f} g"
-                     f"  provider errors {carbon['provider_errors']}")
+        lines.append(
+            f"carbon {carbon['grams_per_kwh']:.1f} gCO2eq/kWh  zone {carbon['zone'] or '-'}  "
+            f"source {carbon['source']}  pue {carbon['pue']:.2f}  node {carbon['emissions_g']:.3f} g"
+            f"  provider errors {carbon['provider_errors']}"
+        )
     lines.append("")
-    lines.append(f"{'JOB ID':<22}{'NAME':<22}{'KIND':<11}{'POWER W':>9}{'ENERGY':>12}{'CO2 g':>11}"
-                 f"{'GPU %':>7}{'GPU IDLE':>11}  STATE")
+    lines.append(
+        f"{'JOB ID':<22}{'NAME':<22}{'KIND':<11}{'POWER W':>9}{'ENERGY':>12}{'CO2 g':>11}"
+        f"{'GPU %':>7}{'GPU IDLE':>11}  STATE"
+    )
     shown = [job for job in jobs if state.show_finished or job.get("running", True)]
     for job in sorted(shown, key=SORTS[state.sort][1]):
         power = sum(job.get("power_w", {}).values())

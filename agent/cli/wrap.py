@@ -6,6 +6,7 @@ the control socket, else measured in-process. Output passes straight through
 forwarded, and the wrapper exits with the command's status (128 + signal
 when a signal killed it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -160,8 +161,9 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
             env[JOB_ID_ENV] = job.job_id
             env[SOCKET_ENV] = str(job.client.path)
         try:
-            pid = os.posix_spawnp(args.command[0], args.command, env, setsigmask=old_mask,
-                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+            pid = os.posix_spawnp(
+                args.command[0], args.command, env, setsigmask=old_mask, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)
+            )
         except OSError as exc:
             try:
                 job.abandon()
@@ -209,8 +211,14 @@ def _append_emissions(path: Path, job: Job, summary: JobSummary, err: TextIO) ->
             rows = job.client.request("GET", f"/v1/jobs/{quote(summary.job_id, safe='')}/report?format=json")
         else:
             now = time.time()
-            figures = {"id": summary.job_id, "name": summary.name, "energy_j": summary.energy_j,
-                       "emissions_g": summary.emissions_g, "first_seen": now - summary.duration_s, "finished_at": now}
+            figures = {
+                "id": summary.job_id,
+                "name": summary.name,
+                "energy_j": summary.energy_j,
+                "emissions_g": summary.emissions_g,
+                "first_seen": now - summary.duration_s,
+                "finished_at": now,
+            }
             rows = [report.report_row(report.job_emissions(figures, report.site_from_config(CarbonConfig()), 1.0, now))]
         report.append_csv(path, rows)
     except (AgentError, AgentUnavailable, report.ReportError, OSError, ValueError) as exc:

@@ -14,6 +14,7 @@ the rows that changed since the last flush in one transaction (WAL journal),
 so a crash loses at most one flush interval and never leaves a half-written
 total. On start the totals are loaded back and counters resume.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,16 @@ class JobRecord:
     def view(self) -> JobView:
         view = self._view
         if view is None:
-            view = self._view = JobView(self.ref, self.labels, self.power_w, self.processes, self.finished_at,
-                                        self.totals, self.first_seen, self.last_seen)
+            view = self._view = JobView(
+                self.ref,
+                self.labels,
+                self.power_w,
+                self.processes,
+                self.finished_at,
+                self.totals,
+                self.first_seen,
+                self.last_seen,
+            )
         return view
 
 
@@ -132,12 +141,14 @@ def _fresh(record: JobRecord) -> JobView:
 
 
 def _registration_to_json(job: RegisteredJob) -> str:
-    return json.dumps({
-        "roots": [[k.pid, k.start_ticks] for k in job.root_keys],
-        "owner_uid": job.owner_uid,
-        "registered_at": job.registered_at,
-        "finish_reason": job.finish_reason,
-    })
+    return json.dumps(
+        {
+            "roots": [[k.pid, k.start_ticks] for k in job.root_keys],
+            "owner_uid": job.owner_uid,
+            "registered_at": job.registered_at,
+            "finish_reason": job.finish_reason,
+        }
+    )
 
 
 def _registration_from_row(row: sqlite3.Row) -> RegisteredJob:
@@ -191,8 +202,9 @@ class Ledger:
             energy.setdefault(row["job_id"], {})[row["domain"]] = row["energy_j"]
         # Finished jobs stay in SQLite; only running ones come back into memory.
         for row in db.execute("SELECT * FROM jobs WHERE finished_at IS NULL"):
-            self._jobs[row["id"]] = self._record_from_row(row, energy.get(row["id"], {}), self._work_of(row["id"]),
-                                                          self._saved_emissions_g(row["id"]))
+            self._jobs[row["id"]] = self._record_from_row(
+                row, energy.get(row["id"], {}), self._work_of(row["id"]), self._saved_emissions_g(row["id"])
+            )
         for row in db.execute("SELECT emissions_g FROM node_emissions"):
             self.node_emissions_g = row["emissions_g"]
 
@@ -201,12 +213,15 @@ class Ledger:
         return row["emissions_g"] if row else 0.0
 
     def _work_of(self, job_id: str) -> dict[str, float]:
-        return {r["unit"]: r["count"] for r in
-                self._db.execute("SELECT unit, count FROM job_work WHERE job_id = ?", (job_id,))}
+        return {
+            r["unit"]: r["count"]
+            for r in self._db.execute("SELECT unit, count FROM job_work WHERE job_id = ?", (job_id,))
+        }
 
     @staticmethod
-    def _record_from_row(row: sqlite3.Row, energy: dict[str, float], work: dict[str, float],
-                         emissions_g: float) -> JobRecord:
+    def _record_from_row(
+        row: sqlite3.Row, energy: dict[str, float], work: dict[str, float], emissions_g: float
+    ) -> JobRecord:
         energy = dict(energy)
         gpu_idle_j = energy.pop(GPU_IDLE_ROW, 0.0)
         return JobRecord(
@@ -215,16 +230,22 @@ class Ledger:
             first_seen=row["first_seen"],
             last_seen=row["last_seen"],
             finished_at=row["finished_at"],
-            totals=JobTotals(energy_j=energy, cpu_s=row["cpu_s"], work_units=dict(work), emissions_g=emissions_g,
-                             gpu_idle_j=gpu_idle_j),
+            totals=JobTotals(
+                energy_j=energy,
+                cpu_s=row["cpu_s"],
+                work_units=dict(work),
+                emissions_g=emissions_g,
+                gpu_idle_j=gpu_idle_j,
+            ),
             registration=_registration_from_row(row) if row["registration"] else None,
         )
 
     def saved_counters(self) -> dict[str, SavedCounter]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM counters").fetchall()
-        return {r["zone_id"]: SavedCounter(r["raw_uj"], r["max_range_uj"], r["boot_id"], r["monotonic_s"])
-                for r in rows}
+        return {
+            r["zone_id"]: SavedCounter(r["raw_uj"], r["max_range_uj"], r["boot_id"], r["monotonic_s"]) for r in rows
+        }
 
     def registered_jobs(self) -> list[RegisteredJob]:
         """Registered jobs that had not finished when the agent last stopped."""
@@ -276,8 +297,9 @@ class Ledger:
                 energy = job_energy.get(job_id)
                 idle = idle_gpu.get(job_id)
                 if energy is not None or idle is not None or cpu_s:
-                    record.totals = record.totals + JobTotals(energy_j=energy or {}, cpu_s=cpu_s,
-                                                              gpu_idle_j=idle or 0.0)
+                    record.totals = record.totals + JobTotals(
+                        energy_j=energy or {}, cpu_s=cpu_s, gpu_idle_j=idle or 0.0
+                    )
                     record._view = None
                 power = job_power.get(job_id, no_power)
                 if power != record.power_w:
@@ -310,8 +332,13 @@ class Ledger:
                     record.totals = record.totals + JobTotals(emissions_g=grams)
                     self._changed(job_id)
 
-    def ensure_job(self, ref: JobRef, now_unix: float, labels: dict[str, str] | None = None,
-                   registration: RegisteredJob | None = None) -> JobView:
+    def ensure_job(
+        self,
+        ref: JobRef,
+        now_unix: float,
+        labels: dict[str, str] | None = None,
+        registration: RegisteredJob | None = None,
+    ) -> JobView:
         """A job, created (or brought back from SQLite) if needed; its name,
         labels and registration updated where given."""
         with self._lock:
@@ -344,8 +371,10 @@ class Ledger:
         row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             return None
-        energy = {r["domain"]: r["energy_j"] for r in
-                  self._db.execute("SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (job_id,))}
+        energy = {
+            r["domain"]: r["energy_j"]
+            for r in self._db.execute("SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (job_id,))
+        }
         return self._record_from_row(row, energy, self._work_of(job_id), self._saved_emissions_g(job_id))
 
     def add_work(self, job_id: str, unit: str, count: float) -> JobView | None:
@@ -378,15 +407,18 @@ class Ledger:
     def finished_before(self, older_than_unix: float) -> list[JobView]:
         """Jobs in memory that finished before the given time."""
         with self._lock:
-            return [r.view() for r in self._jobs.values()
-                    if r.finished_at is not None and r.finished_at < older_than_unix]
+            return [
+                r.view() for r in self._jobs.values() if r.finished_at is not None and r.finished_at < older_than_unix
+            ]
 
     def evict_finished(self, older_than_unix: float) -> list[str]:
         """Drop finished jobs from memory (they stay in SQLite). Flush first."""
         with self._lock:
-            gone = [job_id for job_id, r in self._jobs.items()
-                    if r.finished_at is not None and r.finished_at < older_than_unix
-                    and job_id not in self._dirty_jobs]
+            gone = [
+                job_id
+                for job_id, r in self._jobs.items()
+                if r.finished_at is not None and r.finished_at < older_than_unix and job_id not in self._dirty_jobs
+            ]
             for job_id in gone:
                 del self._jobs[job_id]
             return gone
@@ -406,9 +438,18 @@ class Ledger:
             "kind=excluded.kind, namespace=excluded.namespace, labels=excluded.labels, "
             "last_seen=excluded.last_seen, finished_at=excluded.finished_at, cpu_s=excluded.cpu_s, "
             "registration=excluded.registration",
-            (ref.id, ref.name, ref.kind, ref.namespace, json.dumps(record.labels), record.first_seen,
-             record.last_seen, record.finished_at, totals.cpu_s,
-             _registration_to_json(record.registration) if record.registration else None),
+            (
+                ref.id,
+                ref.name,
+                ref.kind,
+                ref.namespace,
+                json.dumps(record.labels),
+                record.first_seen,
+                record.last_seen,
+                record.finished_at,
+                totals.cpu_s,
+                _registration_to_json(record.registration) if record.registration else None,
+            ),
         )
         self._db.executemany(
             "INSERT INTO job_energy (job_id, domain, energy_j) VALUES (?,?,?) "
@@ -421,11 +462,14 @@ class Ledger:
             "ON CONFLICT(job_id, unit) DO UPDATE SET count=excluded.count",
             [(ref.id, unit, count) for unit, count in totals.work_units.items()],
         )
-        self._db.execute("INSERT INTO job_emissions VALUES (?,?) ON CONFLICT(job_id) DO UPDATE SET "
-                         "emissions_g=excluded.emissions_g", (ref.id, totals.emissions_g))
+        self._db.execute(
+            "INSERT INTO job_emissions VALUES (?,?) ON CONFLICT(job_id) DO UPDATE SET emissions_g=excluded.emissions_g",
+            (ref.id, totals.emissions_g),
+        )
 
-    def flush(self, counters: dict[str, tuple[int, int]] | None = None, boot_id: str = "",
-              monotonic_s: float = 0.0) -> bool:
+    def flush(
+        self, counters: dict[str, tuple[int, int]] | None = None, boot_id: str = "", monotonic_s: float = 0.0
+    ) -> bool:
         """Write every changed total in one transaction. False on failure."""
         with self._lock:
             db = self._db
@@ -439,20 +483,27 @@ class Ledger:
                 db.executemany(
                     "INSERT INTO domain_totals VALUES (?,?,?) ON CONFLICT(domain) DO UPDATE SET "
                     "idle_j=excluded.idle_j, unattributed_j=excluded.unattributed_j",
-                    [(d, self._idle_j.get(d, 0.0), self._unattributed_j.get(d, 0.0))
-                     for d in set(self._idle_j) | set(self._unattributed_j)],
+                    [
+                        (d, self._idle_j.get(d, 0.0), self._unattributed_j.get(d, 0.0))
+                        for d in set(self._idle_j) | set(self._unattributed_j)
+                    ],
                 )
-                db.execute("INSERT INTO node_emissions VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
-                           "emissions_g=excluded.emissions_g", (self.node_emissions_g,))
+                db.execute(
+                    "INSERT INTO node_emissions VALUES (0, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "emissions_g=excluded.emissions_g",
+                    (self.node_emissions_g,),
+                )
                 for job_id in self._dirty_jobs:
                     record = self._jobs.get(job_id)
                     if record is not None:
                         self._write_job(record)
                 for zone_id, (raw, max_range) in (counters or {}).items():
-                    db.execute("INSERT INTO counters VALUES (?,?,?,?,?) ON CONFLICT(zone_id) DO UPDATE SET "
-                               "raw_uj=excluded.raw_uj, max_range_uj=excluded.max_range_uj, "
-                               "boot_id=excluded.boot_id, monotonic_s=excluded.monotonic_s",
-                               (zone_id, raw, max_range, boot_id, monotonic_s))
+                    db.execute(
+                        "INSERT INTO counters VALUES (?,?,?,?,?) ON CONFLICT(zone_id) DO UPDATE SET "
+                        "raw_uj=excluded.raw_uj, max_range_uj=excluded.max_range_uj, "
+                        "boot_id=excluded.boot_id, monotonic_s=excluded.monotonic_s",
+                        (zone_id, raw, max_range, boot_id, monotonic_s),
+                    )
                 db.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
                 try:
@@ -483,8 +534,10 @@ class Ledger:
         with self._lock:
             power = self._node_power_w
             return LedgerReading(
-                devices=tuple(DeviceTotal(domain, device, source, energy, power.get((domain, device, source), 0.0))
-                              for (domain, device, source), energy in sorted(self._node_energy_j.items())),
+                devices=tuple(
+                    DeviceTotal(domain, device, source, energy, power.get((domain, device, source), 0.0))
+                    for (domain, device, source), energy in sorted(self._node_energy_j.items())
+                ),
                 idle_j=dict(self._idle_j),
                 unattributed_j=dict(self._unattributed_j),
                 node_emissions_g=self.node_emissions_g,
@@ -514,10 +567,15 @@ class Ledger:
                 rows = []
             for row in rows:
                 if row["id"] not in views:
-                    energy = {r["domain"]: r["energy_j"] for r in self._db.execute(
-                        "SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (row["id"],))}
-                    views[row["id"]] = self._record_from_row(row, energy, self._work_of(row["id"]),
-                                                             self._saved_emissions_g(row["id"])).view()
+                    energy = {
+                        r["domain"]: r["energy_j"]
+                        for r in self._db.execute(
+                            "SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (row["id"],)
+                        )
+                    }
+                    views[row["id"]] = self._record_from_row(
+                        row, energy, self._work_of(row["id"]), self._saved_emissions_g(row["id"])
+                    ).view()
         return sorted(views.values(), key=lambda v: v.last_seen, reverse=True)[:limit]
 
     def close(self) -> None:

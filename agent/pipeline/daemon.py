@@ -4,6 +4,7 @@ One ``Agent`` owns every stage. ``tick`` runs one sample; ``run`` repeats it on
 the monotonic clock until ``stop``. Everything readers need is published as an
 immutable ``Snapshot``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,9 +41,14 @@ FINISH_SAMPLE_GAP_S = 0.05
 
 
 def kubelet_settings(config: Config) -> KubeletSettings:
-    return KubeletSettings(url=config.kubelet_url, token_file=config.kubelet_token_file, ca_file=config.kubelet_ca_file,
-                           insecure_skip_verify=config.kubelet_insecure_skip_verify, poll_s=config.kubelet_poll_s,
-                           timeout_s=config.kubelet_timeout_s)
+    return KubeletSettings(
+        url=config.kubelet_url,
+        token_file=config.kubelet_token_file,
+        ca_file=config.kubelet_ca_file,
+        insecure_skip_verify=config.kubelet_insecure_skip_verify,
+        poll_s=config.kubelet_poll_s,
+        timeout_s=config.kubelet_timeout_s,
+    )
 
 
 def read_boot_id(config: Config) -> str:
@@ -108,8 +114,13 @@ class Agent:
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
         self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_active else None
-        self.resolver = JobResolver(self.registry, config.rules, config.systemd_unit_exclude, pods=self.kubelet,
-                                    pod_job_labels=config.pod_job_labels)
+        self.resolver = JobResolver(
+            self.registry,
+            config.rules,
+            config.systemd_unit_exclude,
+            pods=self.kubelet,
+            pod_job_labels=config.pod_job_labels,
+        )
         self.sensor_set = sensors or build_sensors(config)
         self.boot_id = read_boot_id(config)
         self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
@@ -153,8 +164,9 @@ class Agent:
             zone = zones.get(zone_id)
             if previous is None or zone is None or not self.boot_id or previous.boot_id != self.boot_id:
                 continue
-            energy = recoverable_downtime_energy_j(previous.raw_uj, raw, max_range, now - previous.monotonic_s,
-                                                   self.config.max_zone_power_w)
+            energy = recoverable_downtime_energy_j(
+                previous.raw_uj, raw, max_range, now - previous.monotonic_s, self.config.max_zone_power_w
+            )
             if energy > 0:
                 self.ledger.book_recovered(zone.domain, zone.device, "rapl", energy)
                 log.info("recovered %.1f J used by %s while the agent was down", energy, zone.device)
@@ -210,32 +222,43 @@ class Agent:
     def _idle_power_w(self, reading: DeviceEnergy, utilization: float) -> float:
         if reading.idle_power_w is not None:
             return reading.idle_power_w
-        estimator = self.estimators.setdefault((reading.domain, reading.device),
-                                               IdlePowerEstimator(prior_idle_fraction=self.config.cpu_idle_fraction))
+        estimator = self.estimators.setdefault(
+            (reading.domain, reading.device), IdlePowerEstimator(prior_idle_fraction=self.config.cpu_idle_fraction)
+        )
         estimator.observe(utilization, reading.power_w)
         estimate = estimator.estimate_w()
         return estimate if estimate is not None else 0.0
 
-    def _attribute(self, readings: list[DeviceEnergy], scan: Scan, job_cpu_s: dict[str, float],
-                   interval_s: float) -> tuple[list[DomainAttribution], dict[str, float]]:
+    def _attribute(
+        self, readings: list[DeviceEnergy], scan: Scan, job_cpu_s: dict[str, float], interval_s: float
+    ) -> tuple[list[DomainAttribution], dict[str, float]]:
         measured: dict[str, float] = {}
         idle_power: dict[str, float] = {}
         for reading in readings:
             if reading.domain not in ATTRIBUTED_DOMAINS or reading.domain == "gpu":
                 continue
-            utilization = scan.node.utilization_ratio if reading.utilization_ratio is None \
-                else reading.utilization_ratio
+            utilization = (
+                scan.node.utilization_ratio if reading.utilization_ratio is None else reading.utilization_ratio
+            )
             measured[reading.domain] = measured.get(reading.domain, 0.0) + reading.energy_j
             idle_power[reading.domain] = idle_power.get(reading.domain, 0.0) + self._idle_power_w(reading, utilization)
         for domain, watts in self.config.idle_power_w.items():
             if domain in idle_power:
                 idle_power[domain] = watts
-        parts = [split_domain(domain, energy, idle_power[domain], interval_s, job_cpu_s, scan.node.busy_s)
-                 for domain, energy in sorted(measured.items())]
+        parts = [
+            split_domain(domain, energy, idle_power[domain], interval_s, job_cpu_s, scan.node.busy_s)
+            for domain, energy in sorted(measured.items())
+        ]
         return parts, idle_power
 
-    def _attribute_gpus(self, readings: list[DeviceEnergy], scan: Scan, jobs: list[JobRef | None],
-                        parts: list[DomainAttribution], idle_power: dict[str, float]) -> dict[str, float]:
+    def _attribute_gpus(
+        self,
+        readings: list[DeviceEnergy],
+        scan: Scan,
+        jobs: list[JobRef | None],
+        parts: list[DomainAttribution],
+        idle_power: dict[str, float],
+    ) -> dict[str, float]:
         """Append the GPU domain's split to ``parts``; return allocated-idle joules per job."""
         gpus = [r for r in readings if r.domain == "gpu"]
         if not gpus:
@@ -343,7 +366,9 @@ class Agent:
         # Platform and board channels overlap the attributed domains: counting them would double the node.
         node_j = sum(r.energy_j for r in readings if r.domain in ATTRIBUTED_DOMAINS)
         g_per_kwh, pue = self.carbon_now.grams_per_kwh, self.config.carbon.pue
-        self.ledger.book_emissions(emissions.tick_grams(jobs_j, g_per_kwh, pue), emissions.grams(node_j, g_per_kwh, pue))
+        self.ledger.book_emissions(
+            emissions.tick_grams(jobs_j, g_per_kwh, pue), emissions.grams(node_j, g_per_kwh, pue)
+        )
 
     def _maybe_flush(self, now_mono: float, force: bool = False) -> None:
         if force or now_mono - self._last_flush_mono >= self.config.flush_interval_s:
@@ -359,8 +384,15 @@ class Agent:
         for job_id in self.ledger.evict_finished(cutoff):
             self.registry.drop(job_id)
 
-    def _build_snapshot(self, now_unix: float, interval_s: float, scan: Scan, idle_power: dict[str, float],
-                        processes: int, duration_s: float) -> Snapshot:
+    def _build_snapshot(
+        self,
+        now_unix: float,
+        interval_s: float,
+        scan: Scan,
+        idle_power: dict[str, float],
+        processes: int,
+        duration_s: float,
+    ) -> Snapshot:
         totals = self.ledger.read()
         devices = tuple(DeviceView(d.domain, d.device, d.source, d.energy_j, d.power_w) for d in totals.devices)
         running = sum(1 for job in totals.jobs if job.finished_at is None)
@@ -371,15 +403,38 @@ class Agent:
         node_g = totals.node_emissions_g
         statuses = tuple(status for sensor in self.sensor_set.sensors for status in sensor.status())
         self.tick_durations = self.tick_durations.observe(duration_s)
-        health = Health(self.ticks, duration_s, self.tick_durations, statuses, dict(self.sensor_errors), processes, running, finished,
-                        flush_unix, flush_errors, kubelet=self.kubelet.health() if self.kubelet else None)
+        health = Health(
+            self.ticks,
+            duration_s,
+            self.tick_durations,
+            statuses,
+            dict(self.sensor_errors),
+            processes,
+            running,
+            finished,
+            flush_unix,
+            flush_errors,
+            kubelet=self.kubelet.health() if self.kubelet else None,
+        )
         nvml = self.sensor_set.nvml
         gpus = tuple(sorted(nvml.views().values(), key=lambda v: v.index)) if nvml else ()
         now = self.carbon_now
-        carbon = CarbonView(now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g,
-                            self.intensity.errors_total)
-        return Snapshot(now_unix, interval_s, scan.node.utilization_ratio, devices, idle, unattributed,
-                        idle_power, tuple(exported), health, carbon=carbon, gpus=gpus)
+        carbon = CarbonView(
+            now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g, self.intensity.errors_total
+        )
+        return Snapshot(
+            now_unix,
+            interval_s,
+            scan.node.utilization_ratio,
+            devices,
+            idle,
+            unattributed,
+            idle_power,
+            tuple(exported),
+            health,
+            carbon=carbon,
+            gpus=gpus,
+        )
 
     # -- the loop ------------------------------------------------------------------
     def run(self) -> None:

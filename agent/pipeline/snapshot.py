@@ -3,6 +3,7 @@
 The sampler builds a new Snapshot after every tick and swaps a reference:
 readers never lock, never trigger a sample, and never see half a tick.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,7 +16,16 @@ if TYPE_CHECKING:
 
 OVERFLOW_JOB = JobRef("_other", "_other", "overflow")
 
-__all__ = ["OVERFLOW_JOB", "JobView", "DeviceView", "DurationCounts", "Health", "CarbonView", "Snapshot", "EMPTY_SNAPSHOT"]
+__all__ = [
+    "OVERFLOW_JOB",
+    "JobView",
+    "DeviceView",
+    "DurationCounts",
+    "Health",
+    "CarbonView",
+    "Snapshot",
+    "EMPTY_SNAPSHOT",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +48,9 @@ class DurationCounts:
     sum_s: float = 0.0
 
     def observe(self, seconds: float) -> DurationCounts:
-        index = next((i for i, bound in enumerate(TICK_DURATION_BUCKETS_S) if seconds <= bound),
-                     len(TICK_DURATION_BUCKETS_S))
+        index = next(
+            (i for i, bound in enumerate(TICK_DURATION_BUCKETS_S) if seconds <= bound), len(TICK_DURATION_BUCKETS_S)
+        )
         counts = list(self.counts)
         counts[index] += 1
         return DurationCounts(tuple(counts), self.sum_s + seconds)

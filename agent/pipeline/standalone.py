@@ -5,6 +5,7 @@ the process scan, the resolver and the attribution split, with a throwaway
 state directory. Only the measured tree is registered; the figures read back
 are that registered job's.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -32,8 +33,14 @@ class StandaloneMeter:
         self._state_dir = Path(tempfile.mkdtemp(prefix="jouleward-standalone-"))
         base = config or Config()
         # Rules, systemd units and the rest stay out: this meter answers for one tree only.
-        self.config = replace(base, state_dir=self._state_dir, control_socket=None, interval_s=interval_s,
-                              rules=(), flush_interval_s=86400.0)
+        self.config = replace(
+            base,
+            state_dir=self._state_dir,
+            control_socket=None,
+            interval_s=interval_s,
+            rules=(),
+            flush_interval_s=86400.0,
+        )
         self.agent = Agent(self.config)
         self.name = name
         self.job_id = ""
@@ -63,8 +70,12 @@ class StandaloneMeter:
         for device in snapshot.devices:
             if device.domain in (record.energy_j if record else {}):
                 sources.setdefault(device.domain, device.source)
-        totals = TreeTotals(dict(record.energy_j) if record else {}, sources, record.cpu_s if record else 0.0,
-                            record.emissions_g if record else 0.0)
+        totals = TreeTotals(
+            dict(record.energy_j) if record else {},
+            sources,
+            record.cpu_s if record else 0.0,
+            record.emissions_g if record else 0.0,
+        )
         try:
             self.agent.close()
         finally:

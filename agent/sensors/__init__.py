@@ -1,5 +1,6 @@
 """Hardware readers. ``build_sensors`` picks the best source per domain:
 RAPL through powercap, then hwmon, then the utilisation model."""
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,13 @@ def build_sensors(config: Config) -> SensorSet:
         measured |= {channel.domain for channel in hwmon.channels}
     model = None
     if "cpu" not in measured:
-        cpu = build_cpu_model(read_cpu_identity(config.procfs), config.cpu_tdp_w, config.cpu_idle_w,
-                              config.cpu_max_w, config.cpu_idle_fraction)
+        cpu = build_cpu_model(
+            read_cpu_identity(config.procfs),
+            config.cpu_tdp_w,
+            config.cpu_idle_w,
+            config.cpu_max_w,
+            config.cpu_idle_fraction,
+        )
         dram_w = None
         if "dram" not in measured:
             dram_w = config.dram_model_w_per_gib * read_mem_total_gib(config.procfs)

@@ -4,6 +4,7 @@ RAPL (powercap, µJ, wraps at ``max_energy_range_uj``), hwmon ``energyN_input``
 (µJ, no known range) and NVML's total-energy counter (mJ) all go through
 ``EnergyCounter``; the downtime a restart can recover is judged here too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,7 @@ class EnergyCounter:
         if previous is None:
             return None
         energy_j = counter_delta(previous, raw, self.max_range) / self.units_per_j
-        if raw < previous and self.max_power_w is not None \
-                and energy_j > self.max_power_w * max(interval_s, 1e-3) * 2:
+        if raw < previous and self.max_power_w is not None and energy_j > self.max_power_w * max(interval_s, 1e-3) * 2:
             return CounterStep(0.0, reset=True)
         return CounterStep(energy_j)
 

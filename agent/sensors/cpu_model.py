@@ -7,6 +7,7 @@ idle to ``cpu_idle_fraction`` of it; operators who know their nodes set both.
 DRAM power is a constant per GiB installed, all of it static. Readings carry
 ``source="model"``: they are estimates, not measurements.
 """
+
 from __future__ import annotations
 
 import csv
@@ -139,15 +140,20 @@ class ModelSensor:
     def sample(self, ctx: TickContext) -> list[DeviceEnergy]:
         out = [
             DeviceEnergy(
-                "cpu", "cpu", "model",
+                "cpu",
+                "cpu",
+                "model",
                 self.cpu.power_w(ctx.cpu_utilization_ratio) * ctx.interval_s,
                 ctx.interval_s,
                 idle_power_w=self.cpu.idle_w,
             )
         ]
         if self.dram_w is not None:
-            out.append(DeviceEnergy("dram", "dram", "model", self.dram_w * ctx.interval_s, ctx.interval_s,
-                                    idle_power_w=self.dram_w))
+            out.append(
+                DeviceEnergy(
+                    "dram", "dram", "model", self.dram_w * ctx.interval_s, ctx.interval_s, idle_power_w=self.dram_w
+                )
+            )
         return out
 
     def status(self) -> list[SensorStatus]:

@@ -6,6 +6,7 @@ counters; power channels (``powerN_input`` or ``powerN_average``, µW) are
 integrated over the tick with the trapezoid rule. Channels that describe a
 domain RAPL already measures are skipped by the caller.
 """
+
 from __future__ import annotations
 
 import re
@@ -75,8 +76,10 @@ def discover(sysfs: Path) -> list[Channel]:
             existing = by_label.get(label)
             # One figure per labelled channel: an energy counter beats a power
             # reading, and an instantaneous power beats an average.
-            if existing is None or (existing.kind == "power" and kind == "energy") or (
-                existing.kind == kind == "power" and match.group("attr") == "input"
+            if (
+                existing is None
+                or (existing.kind == "power" and kind == "energy")
+                or (existing.kind == kind == "power" and match.group("attr") == "input")
             ):
                 by_label[label] = channel
         channels.extend(_without_nested(list(by_label.values())))
@@ -86,6 +89,7 @@ def discover(sysfs: Path) -> list[Channel]:
 def _without_nested(channels: list[Channel]) -> list[Channel]:
     """Per-core channels are inside a socket channel of the same chip (AMD's
     amd_energy reports Ecore000.. beside Esocket0): keep only the sockets."""
+
     def is_socket(label: str) -> bool:
         return any(word in label.lower() for word in ("socket", "package"))
 
@@ -133,8 +137,11 @@ class HwmonSensor:
                 energy_j = 0.0 if previous is None else (previous + power_w) / 2 * ctx.interval_s
                 source = "hwmon_power"
             if not first:
-                out.append(DeviceEnergy(cast(Domain, channel.domain), channel.device, source, max(energy_j, 0.0),
-                                        ctx.interval_s))
+                out.append(
+                    DeviceEnergy(
+                        cast(Domain, channel.domain), channel.device, source, max(energy_j, 0.0), ctx.interval_s
+                    )
+                )
         return out
 
     def status(self) -> list[SensorStatus]:

@@ -5,6 +5,7 @@ driver does not support it, a background thread samples power faster than
 the tick and integrates it (trapezoids). Only NVML read calls are made: the
 agent never changes a GPU setting.
 """
+
 from __future__ import annotations
 
 import math

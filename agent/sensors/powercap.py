@@ -8,6 +8,7 @@ same layout. Core and uncore are inside the package, so they are read by
 package is dropped; psys covers more than the package and goes to its own
 ``platform`` domain.
 """
+
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,5 @@
 """Reading sysfs attributes: one short ASCII value per file."""
+
 from __future__ import annotations
 
 from pathlib import Path

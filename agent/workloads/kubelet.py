@@ -6,6 +6,7 @@ in proportion to the cluster, while the kubelet only knows its own pods.
 When the kubelet is down or slow the last known metadata stays in place and
 the poller reports itself stale; attribution by pod UID carries on.
 """
+
 from __future__ import annotations
 
 import json

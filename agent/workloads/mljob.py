@@ -5,6 +5,7 @@ same job identity from the pod's metadata alone (namespace plus job name), so
 ``sum by (namespace, job_name)`` over all nodes' series is the whole run.
 Pod names and other per-pod metadata go on the info metric only.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,7 +45,9 @@ def job_for_pod(pod: PodMeta, label_keys: Iterable[str] = DEFAULT_JOB_LABELS) ->
     for _key, value, source in candidates:
         if _usable(value):
             name = value.strip()
-            return PodJob(JobRef(id=job_id(pod.namespace, name), name=name, kind="pod", namespace=pod.namespace), source)
+            return PodJob(
+                JobRef(id=job_id(pod.namespace, name), name=name, kind="pod", namespace=pod.namespace), source
+            )
     return PodJob(JobRef(id=job_id(pod.namespace, pod.name), name=pod.name, kind="pod", namespace=pod.namespace), "pod")
 
 

@@ -5,6 +5,7 @@ process, nothing else. What does not change during a process's life (its
 cgroup, command line, owner, environment labels) is read at most once per
 (pid, start time), and only when the job resolver asks for it.
 """
+
 from __future__ import annotations
 
 import os
@@ -117,10 +118,10 @@ def parse_stat(data: bytes) -> tuple[str, int, int, int, int] | None:
     close = data.rfind(b")")
     if close < 0:
         return None
-    fields = data[close + 2:].split(None, 22)  # fields past rss are never needed
+    fields = data[close + 2 :].split(None, 22)  # fields past rss are never needed
     if len(fields) < 22:
         return None
-    comm = data[data.find(b"(") + 1:close].decode("utf-8", "replace")
+    comm = data[data.find(b"(") + 1 : close].decode("utf-8", "replace")
     return comm, int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[19]), int(fields[21])
 
 
@@ -182,7 +183,7 @@ class ProcessScanner:
                 os_close(fd)
             # parse_stat, inlined: a call per process is a measurable share of the tick.
             close = data.rfind(b")")
-            fields = data[close + 2:].split(None, 21)
+            fields = data[close + 2 :].split(None, 21)
             if close < 0 or len(fields) < 21:
                 continue
             start_ticks = int(fields[19])

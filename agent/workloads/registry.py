@@ -1,4 +1,5 @@
 """Jobs registered through the control API: a set of process trees."""
+
 from __future__ import annotations
 
 import secrets

@@ -10,6 +10,7 @@
 
 Anything else belongs to the host: its energy is unattributed.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -154,9 +155,14 @@ class JobResolver:
     ``jouleward_job_info`` of the pod and Slurm jobs seen in it.
     """
 
-    def __init__(self, registry: Registry, rules: tuple[JobRule, ...] = (),
-                 unit_exclude: tuple[str, ...] = (), pods: PodSource | None = None,
-                 pod_job_labels: tuple[str, ...] = DEFAULT_JOB_LABELS) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        rules: tuple[JobRule, ...] = (),
+        unit_exclude: tuple[str, ...] = (),
+        pods: PodSource | None = None,
+        pod_job_labels: tuple[str, ...] = DEFAULT_JOB_LABELS,
+    ) -> None:
         self.registry = registry
         self._rules = [CompiledRule.of(rule) for rule in rules]
         self._unit_exclude = unit_exclude
@@ -268,7 +274,9 @@ class JobResolver:
                 return identity
         return None
 
-    def _resolve_deferred(self, jobs: list[JobRef | None], deferred: list[tuple[int, CgroupJob, ScannedProcess]]) -> None:
+    def _resolve_deferred(
+        self, jobs: list[JobRef | None], deferred: list[tuple[int, CgroupJob, ScannedProcess]]
+    ) -> None:
         info: dict[str, list[dict[str, str]]] = {}
         seen_uids: set[str] = set()
         slurm: dict[str, list[tuple[int, ScannedProcess]]] = {}

@@ -5,6 +5,7 @@ cluster-wide. The environment adds the name and user where the agent may read
 it, and is trusted only when its ``SLURM_JOB_ID`` agrees with the cgroup, so a
 stray variable inherited into another job cannot rename it.
 """
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@
 The rules file is the one that promtool checks and unit-tests; the
 PrometheusRule carries its groups unchanged, and a test fails when they drift.
 """
+
 from __future__ import annotations
 
 import sys

@@ -3,6 +3,7 @@ agent's NVML sensor and split with its GPU attribution. Prints one JSON report.
 
 Reads only: it never changes clocks, power limits, MIG or persistence mode.
 """
+
 import json
 import subprocess
 import sys
@@ -35,12 +36,23 @@ def measure(sensor, seconds, job_of, idle_w):
                 allocated[job] = allocated.get(job, 0.0) + joules
         view = views.get("gpu-0")
         if view:
-            seen.append({"utilization": view.utilization_ratio, "method": view.split_method,
-                         "processes": [[p.pid, p.sm_utilization_pct, p.used_memory_bytes] for p in view.processes]})
+            seen.append(
+                {
+                    "utilization": view.utilization_ratio,
+                    "method": view.split_method,
+                    "processes": [[p.pid, p.sm_utilization_pct, p.used_memory_bytes] for p in view.processes],
+                }
+            )
         ticks += 1
     active = {job: jobs[job] - allocated.get(job, 0.0) for job in jobs}
-    return {"measured_j": measured, "jobs_j": jobs, "active_j": active, "allocated_idle_j": allocated,
-            "ticks": ticks, "nvml": seen[-3:]}
+    return {
+        "measured_j": measured,
+        "jobs_j": jobs,
+        "active_j": active,
+        "allocated_idle_j": allocated,
+        "ticks": ticks,
+        "nvml": seen[-3:],
+    }
 
 
 def start(duty):

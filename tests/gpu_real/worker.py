@@ -1,5 +1,6 @@
 """A PyTorch load for the real-GPU comparison: matrix products on one GPU for
 ``duty`` of every 100 ms, idle for the rest, until killed."""
+
 import sys
 import time
 

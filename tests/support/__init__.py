@@ -4,6 +4,7 @@ Everything here drives real parts: a powercap tree on disk that the test
 advances, the agent started as a real process with its real CLI, HTTP over
 loopback and over the real Unix control socket.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -27,8 +28,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.05, what: str = "condition",
-               ignore: tuple[type[BaseException], ...] = ()):
+def wait_until(
+    predicate,
+    timeout_s: float = 20.0,
+    interval_s: float = 0.05,
+    what: str = "condition",
+    ignore: tuple[type[BaseException], ...] = (),
+):
     """Poll ``predicate`` until it returns something truthy; errors of the
     ``ignore`` types count as "not yet" (a server still starting)."""
     deadline = time.monotonic() + timeout_s
@@ -70,8 +76,9 @@ class FakePowercap:
     root: Path
     zones: dict[str, PowercapZone] = field(default_factory=dict)
 
-    def add_zone(self, zone_id: str, name: str, max_range_uj: int = 262_143_328_850,
-                 energy_uj: int = 0) -> PowercapZone:
+    def add_zone(
+        self, zone_id: str, name: str, max_range_uj: int = 262_143_328_850, energy_uj: int = 0
+    ) -> PowercapZone:
         base = self.root / "class" / "powercap"
         parent_id = zone_id.rsplit(":", 1)[0] if zone_id.count(":") > 1 else None
         directory = (base / parent_id / zone_id) if parent_id else base / zone_id
@@ -149,8 +156,11 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def metric_values(samples, name: str, **match: str) -> list[tuple[dict[str, str], float]]:
-    return [(labels, value) for n, labels, value in samples
-            if n == name and all(labels.get(k) == v for k, v in match.items())]
+    return [
+        (labels, value)
+        for n, labels, value in samples
+        if n == name and all(labels.get(k) == v for k, v in match.items())
+    ]
 
 
 def metric_sum(samples, name: str, **match: str) -> float:
@@ -160,13 +170,32 @@ def metric_sum(samples, name: str, **match: str) -> float:
 class AgentProcess:
     """``jouleward run`` as a real process on a free loopback port."""
 
-    def __init__(self, state_dir: Path, *extra: str, sysfs: Path | None = None, interval_s: float = 0.2,
-                 env: dict[str, str] | None = None, config: Path | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *extra: str,
+        sysfs: Path | None = None,
+        interval_s: float = 0.2,
+        env: dict[str, str] | None = None,
+        config: Path | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.port = free_port()
         self.socket_path = str(state_dir / "control.sock")
-        args = [sys.executable, "-m", "agent.cli", "run", "--listen", f"127.0.0.1:{self.port}",
-                "--state-dir", str(state_dir), "--interval", str(interval_s), "--log-level", "warning"]
+        args = [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "run",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--state-dir",
+            str(state_dir),
+            "--interval",
+            str(interval_s),
+            "--log-level",
+            "warning",
+        ]
         if sysfs is not None:
             args += ["--sysfs", str(sysfs)]
         if config is not None:

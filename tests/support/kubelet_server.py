@@ -1,4 +1,5 @@
 """A real HTTP server on loopback that answers like a kubelet's ``/pods``."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,11 @@ def pod_item(
     return {
         "metadata": meta,
         "spec": {"nodeName": node},
-        "status": {"containerStatuses": [{"name": f"c{i}", "containerID": f"containerd://{cid}"} for i, cid in enumerate(container_ids)]},
+        "status": {
+            "containerStatuses": [
+                {"name": f"c{i}", "containerID": f"containerd://{cid}"} for i, cid in enumerate(container_ids)
+            ]
+        },
     }
 
 
