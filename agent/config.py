@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from agent.errors import JoulewardError
@@ -37,6 +38,11 @@ DEFAULT_JOB_LABELS = (
 )
 
 
+# Where grid intensity comes from: codecarbon's world average, a fixed figure,
+# a codecarbon zone, an operator's CSV series, an Electricity Maps style API.
+CarbonProvider = Literal["world", "static", "zone", "csv", "http"]
+
+
 class ConfigError(JoulewardError, ValueError):
     """A configuration value is wrong; the message names the key or flag."""
 
@@ -56,7 +62,7 @@ class JobRule:
 class CarbonConfig:
     """The ``[carbon]`` table: where grid intensity comes from, and the PUE."""
 
-    provider: str = "world"  # world, static, zone, csv, http
+    provider: CarbonProvider = "world"
     intensity_g_per_kwh: float | None = None  # static; also the http fallback
     country: str = ""  # ISO 3166 alpha-3, for zone; also the http fallback
     region: str = ""  # US state, Canadian or Chinese province, Nordic bidding zone
@@ -120,6 +126,18 @@ class Config:
     gpu_visible_devices: str | None = None
     gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
     gpu_idle_power_w: float | None = None  # per GPU; default: estimated
+    # The node's name on every exported identity (jouleward_node_info{node},
+    # the GPUs' Hostname): NODE_NAME as the DaemonSet sets it from
+    # spec.nodeName, else the host name.
+    node_name: str = ""
+
+    @property
+    def hostname(self) -> str:
+        return socket.gethostname()
+
+    @property
+    def node(self) -> str:
+        return self.node_name or self.hostname
 
     @property
     def kubelet_active(self) -> bool:
@@ -230,6 +248,10 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a list like \"0,1\" or GPU UUIDs, got {value!r}")
         return str(value)
+    if key == "node_name":
+        if not isinstance(value, str) or len(value) > 253 or re.search(r"[\x00-\x1f\x7f]", value):
+            raise ConfigError(f"{where}: expected a node name (at most 253 printable characters), got {value!r}")
+        return value.strip()
     if key == "listen":
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected host:port, got {value!r}")
@@ -244,7 +266,11 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
         low, high = _INT_KEYS[key]
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()) or not low <= number <= high:
+        if (
+            isinstance(value, bool)
+            or (isinstance(value, float) and not value.is_integer())
+            or not low <= number <= high
+        ):
             raise ConfigError(f"{where}: expected an integer {low}..{high}, got {value!r}")
         return number
     if key == "idle_power_w":
@@ -269,7 +295,7 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
     raise ConfigError(f"{where}: unknown key")
 
 
-_CARBON_PROVIDERS = ("world", "static", "zone", "csv", "http")
+_CARBON_PROVIDERS: tuple[str, ...] = get_args(CarbonProvider)
 _CARBON_FLOATS = {
     "intensity_g_per_kwh": (0.0, 3000.0),
     "timeout_s": (0.1, 120.0),
@@ -399,6 +425,9 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     # The operator's CUDA device restriction applies to the agent's view too.
     if "gpu_visible_devices" not in out and "CUDA_VISIBLE_DEVICES" in environ:
         out["gpu_visible_devices"] = environ["CUDA_VISIBLE_DEVICES"]
+    # Kubernetes' downward API names the node NODE_NAME (as the DaemonSet does).
+    if "node_name" not in out and environ.get("NODE_NAME", "").strip():
+        out["node_name"] = environ["NODE_NAME"]
     return out
 
 

@@ -99,6 +99,17 @@ class DomainAttribution:
     jobs_j: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One device's cumulative energy, and its power over the last tick."""
+
+    domain: str
+    device: str
+    source: str
+    energy_j: float
+    power_w: float
+
+
 def _sum(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
     if not b:
         return a if isinstance(a, dict) else dict(a)
@@ -251,6 +262,7 @@ class GpuDeviceView:
     # False where the process list could not be read (so nobody is known to
     # hold the GPU, and its energy cannot be split).
     processes_known: bool = True
+    pci_bus_id: str = ""  # "00000000:17:00.0"; "" where the driver does not say
 
     @property
     def split_method(self) -> GpuSplitMethod:

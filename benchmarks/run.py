@@ -151,7 +151,7 @@ def scrape_cost(workdir: Path, jobs: int, reps: int) -> float:
             agent.register_job(f"bench-{i}", [pid], {"team": "bench"})
         agent.tick()
         agent.tick()
-        registry = make_registry(SnapshotCollector(lambda: agent.pipeline.snapshot))
+        registry = make_registry(SnapshotCollector(lambda: agent.snapshot))
         cost = cpu_per_call_s(lambda: render(registry), reps)
         agent.close()
     return cost

@@ -13,14 +13,25 @@ import threading
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
 
 from agent import __version__
 from agent.model import ATTRIBUTED_DOMAINS
 from agent.pipeline.snapshot import JobView, Snapshot
 from exporters.gpu import gpu_families
 
-JOB_LABELS = ["job_id", "job_name", "job_kind", "namespace"]
+# Every job identity label starts with job_: none of them is a target label
+# that Prometheus or the Prometheus Operator attaches to the scrape
+# (namespace, pod, service, container, endpoint, instance, job, node), so
+# none is renamed to exported_* or overwritten on the way in.
+JOB_LABELS = ["job_id", "job_name", "job_kind", "job_namespace"]
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -39,19 +50,38 @@ def info_label_name(key: str) -> str:
 
 
 class SnapshotCollector:
+    """``node`` is the node's name (NODE_NAME, else the host name). With
+    ``created`` the per-job counters carry their job's start time as
+    ``_created`` (OpenMetrics only: the classic text format has no place for
+    it and would turn it into extra gauge series)."""
+
     def __init__(
-        self, get_snapshot: Callable[[], Snapshot], extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None
+        self,
+        get_snapshot: Callable[[], Snapshot],
+        extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None,
+        node: str = "",
+        hostname: str = "",
+        created: bool = False,
     ) -> None:
         self._get_snapshot = get_snapshot
         self._extra = extra or []
+        self._node_name = node
+        self._hostname = hostname or node
+        self._created = created
+
+    def _created_at(self, job: JobView) -> float | None:
+        return job.first_seen if self._created and job.first_seen > 0 else None
 
     def collect(self) -> Iterator[Metric]:
         snap = self._get_snapshot()
+        node = GaugeMetricFamily("jouleward_node_info", "The node this agent measures; 1.", labels=["node", "hostname"])
+        node.add_metric([self._node_name, self._hostname], 1.0)
+        yield node
         yield from self._node(snap)
         yield from self._jobs(snap)
         yield from self._health(snap)
         yield from self._carbon(snap)
-        yield from gpu_families(snap)
+        yield from gpu_families(snap, self._node_name, self._created)
         for extra in self._extra:
             yield from extra(snap)
 
@@ -121,15 +151,16 @@ class SnapshotCollector:
         node_domains = {d.domain for d in snap.devices}
         for job in snap.jobs:
             labels = job_label_values(job)
+            created = self._created_at(job)
             for domain in ATTRIBUTED_DOMAINS:
                 if domain in job.energy_j or domain in node_domains:
-                    energy.add_metric([*labels, domain], _safe(job.energy_j.get(domain, 0.0)))
+                    energy.add_metric([*labels, domain], _safe(job.energy_j.get(domain, 0.0)), created=created)
                     power.add_metric([*labels, domain], _safe(job.power_w.get(domain, 0.0)))
-            cpu.add_metric(labels, _safe(job.cpu_s))
+            cpu.add_metric(labels, _safe(job.cpu_s), created=created)
             processes.add_metric(labels, float(job.processes))
             finished.add_metric(labels, 0.0 if job.finished_at is None else 1.0)
             for unit, count in sorted(job.work_units.items()):
-                work.add_metric([*labels, unit], _safe(count))
+                work.add_metric([*labels, unit], _safe(count), created=created)
             # One family per job: each job may carry its own label keys.
             extra = {}
             for key, value in sorted(job.labels.items()):
@@ -222,7 +253,7 @@ class SnapshotCollector:
             labels=JOB_LABELS,
         )
         for job in snap.jobs:
-            jobs.add_metric(job_label_values(job), _safe(job.emissions_g))
+            jobs.add_metric(job_label_values(job), _safe(job.emissions_g), created=self._created_at(job))
         yield jobs
         yield CounterMetricFamily(
             "jouleward_node_emissions_grams",
@@ -256,27 +287,49 @@ def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
 
 
 def render(registry: CollectorRegistry) -> bytes:
+    """The classic text format (0.0.4)."""
     return generate_latest(registry)
 
 
 class RenderCache:
-    """One text rendering per snapshot: every scrape between two ticks gets
-    the same bytes, and concurrent scrapes of a new snapshot wait for one
-    rendering instead of each doing their own."""
+    """One rendering per snapshot and format: every scrape between two ticks
+    gets the same bytes, and concurrent scrapes of a new snapshot wait for one
+    rendering instead of each doing their own. The format follows the
+    scraper's Accept header: OpenMetrics (with ``_created``) when asked for,
+    else the classic text format."""
 
     def __init__(
-        self, get_snapshot: Callable[[], Snapshot], extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None
+        self,
+        get_snapshot: Callable[[], Snapshot],
+        extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None,
+        node: str = "",
+        hostname: str = "",
     ) -> None:
         self._get_snapshot = get_snapshot
         self._lock = threading.Lock()
         self._snapshot: Snapshot | None = None
-        self._text = b""
-        self._registry = make_registry(SnapshotCollector(lambda: self._snapshot, extra))
+        self._rendered: dict[str, tuple[bytes, str]] = {}
+        self._registries = {
+            fmt: make_registry(SnapshotCollector(lambda: self._snapshot, extra, node, hostname, created=fmt == "om"))
+            for fmt in ("text", "om")
+        }
 
     def render(self) -> bytes:
+        """The classic text format."""
+        return self.negotiate(None)[0]
+
+    def negotiate(self, accept: str | None) -> tuple[bytes, str]:
+        """(body, content type) for a scrape sending this Accept header."""
+        encoder, content_type = choose_encoder(accept or "")
+        fmt = "text" if content_type.startswith("text/plain") else "om"
+        if fmt == "text":
+            # Always the classic 0.0.4 format: no _created series, whatever text/plain version was asked for.
+            encoder, content_type = generate_latest, TEXT_CONTENT_TYPE
         snap = self._get_snapshot()
         with self._lock:
             if snap is not self._snapshot:
                 self._snapshot = snap
-                self._text = render(self._registry)
-            return self._text
+                self._rendered = {}
+            if content_type not in self._rendered:
+                self._rendered[content_type] = (encoder(self._registries[fmt]), content_type)
+            return self._rendered[content_type]

@@ -13,12 +13,20 @@ import argparse
 import json
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import bargauge, dashboard, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.builders import (
+    bargauge,
+    dashboard,
+    prometheus,
+    stat,
+    table,
+    timeseries,
+)
 from grafana_foundation_sdk.builders.common import StackingConfig
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.common import StackingMode
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
+    DashboardLinkType,
     DataSourceRef,
     VariableOption,
     VariableRefresh,
@@ -32,11 +40,29 @@ DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SUMMED = 'domain=~"cpu|dram|gpu"'
 CLUSTER = 'cluster=~"$cluster"'
 NODE = f'{CLUSTER}, instance=~"$instance"'
-JOB = f'{CLUSTER}, namespace=~"$namespace", job_name=~"$job_name"'
+NAMESPACE = f'{CLUSTER}, job_namespace=~"$job_namespace"'
+JOB = f'{NAMESPACE}, job_name=~"$job_name", job_id=~"$job_id"'
+# One run of a job, across all its nodes: its cluster-wide id, with its
+# namespace and name kept for the legend.
+RUN = "job_namespace, job_id, job_name"
+RUN_LEGEND = "{{job_namespace}}/{{job_name}} {{job_id}}"
 RATE = "$__rate_interval"
+RANGE = "$__range"
+JOULES_PER_KWH = "3.6e6"
+# Units people read: energy totals in kWh, emissions in grams of CO2eq.
+KWH = "kwatth"
+GRAMS = "suffix: gCO2eq"
+GRAMS_PER_KWH = "suffix: gCO2eq/kWh"
+GRAMS_PER_HOUR = "suffix: gCO2eq/h"
 # The agent's own process metrics share their names with every other Python
 # or Go exporter on the node: keep only the series of jouleward targets.
 OWN = "and on (instance, job) jouleward_build_info"
+TO_JOB = "/d/jouleward-job/jouleward-job?var-job_id=${__field.labels.job_id}&${__url_time_range}"
+TO_NODE = "/d/jouleward-node/jouleward-node?var-instance=${__field.labels.instance}&${__url_time_range}"
+
+
+def kwh(expr: str) -> str:
+    return f"({expr}) / {JOULES_PER_KWH}"
 
 
 def query(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> prometheus.Dataquery:
@@ -48,6 +74,10 @@ def query(expr: str, legend: str = "", ref: str = "A", instant: bool = False) ->
     return q
 
 
+def link(title: str, url: str) -> dashboard.DashboardLink:
+    return dashboard.DashboardLink(title).type(DashboardLinkType.LINK).url(url)
+
+
 def series(
     title: str,
     unit: str,
@@ -56,24 +86,29 @@ def series(
     w: int = 12,
     h: int = 8,
     description: str = "",
+    to: str = "",
 ) -> timeseries.Panel:
     panel = timeseries.Panel().title(title).unit(unit).span(w).height(h).datasource(DATASOURCE).fill_opacity(10)
     if stacked:
         panel = panel.stacking(StackingConfig().mode(StackingMode.NORMAL)).fill_opacity(40)
     if description:
         panel = panel.description(description)
+    if to:
+        panel = panel.data_links([link("Open", to)])
     for target in targets:
         panel = panel.with_target(target)
     return panel
 
 
-def single(title: str, unit: str, expr: str, w: int = 6, h: int = 4, description: str = "") -> stat.Panel:
+def single(title: str, unit: str, expr: str, w: int = 4, h: int = 4, description: str = "") -> stat.Panel:
     panel = stat.Panel().title(title).unit(unit).span(w).height(h).datasource(DATASOURCE).with_target(query(expr))
     return panel.description(description) if description else panel
 
 
-def bars(title: str, unit: str, expr: str, legend: str, w: int = 12, h: int = 8) -> bargauge.Panel:
-    return (
+def bars(
+    title: str, unit: str, expr: str, legend: str, w: int = 8, h: int = 8, description: str = "", to: str = ""
+) -> bargauge.Panel:
+    panel = (
         bargauge.Panel()
         .title(title)
         .unit(unit)
@@ -82,6 +117,9 @@ def bars(title: str, unit: str, expr: str, legend: str, w: int = 12, h: int = 8)
         .datasource(DATASOURCE)
         .with_target(query(expr, legend, instant=True).format(PromQueryFormat.TIME_SERIES))
     )
+    if description:
+        panel = panel.description(description)
+    return panel.data_links([link("Open", to)]) if to else panel
 
 
 def listing(title: str, expr: str, w: int = 24, h: int = 8) -> table.Panel:
@@ -116,11 +154,15 @@ def instance_variable() -> dashboard.QueryVariable:
 
 
 def namespace_variable() -> dashboard.QueryVariable:
-    return label_variable("namespace", "namespace", f"jouleward_job_info{{{CLUSTER}}}", "Namespace")
+    return label_variable("job_namespace", "job_namespace", f"jouleward_job_info{{{CLUSTER}}}", "Namespace")
 
 
-def job_variable() -> dashboard.QueryVariable:
-    return label_variable("job_name", "job_name", f'jouleward_job_info{{{CLUSTER}, namespace=~"$namespace"}}', "Job")
+def job_name_variable() -> dashboard.QueryVariable:
+    return label_variable("job_name", "job_name", f"jouleward_job_info{{{NAMESPACE}}}", "Job")
+
+
+def job_id_variable() -> dashboard.QueryVariable:
+    return label_variable("job_id", "job_id", f'jouleward_job_info{{{NAMESPACE}, job_name=~"$job_name"}}', "Run")
 
 
 def base(uid: str, title: str, description: str) -> dashboard.Dashboard:
@@ -134,43 +176,120 @@ def base(uid: str, title: str, description: str) -> dashboard.Dashboard:
         .refresh("30s")
         .time("now-6h", "now")
         .timezone("browser")
+        # Fleet, job and node dashboards link to each other, keeping the time range and variables.
+        .link(
+            dashboard.DashboardLink("jouleward")
+            .type(DashboardLinkType.DASHBOARDS)
+            .tags(["jouleward"])
+            .as_dropdown(True)
+            .include_vars(True)
+            .keep_time(True)
+        )
         .with_variable(datasource_variable())
         .with_variable(cluster_variable())
     )
 
 
 def fleet() -> dashboard.Dashboard:
-    node_power = f"jouleward_node_power_watts{{{CLUSTER}, {SUMMED}}}"
+    node_energy = f"jouleward_node_energy_joules_total{{{CLUSTER}, {SUMMED}}}"
+    job_energy = f"jouleward_job_energy_joules_total{{{NAMESPACE}}}"
+    job_emissions = f"jouleward_job_emissions_grams_total{{{NAMESPACE}}}"
+    gpu_idle = f"jouleward_job_gpu_idle_energy_joules_total{{{NAMESPACE}}}"
     return (
         base(
             "jouleward-fleet",
             "jouleward / Fleet",
-            "Power, energy and emissions across clusters, nodes, namespaces and jobs.",
+            "Where the energy and the emissions go across clusters, nodes, namespaces and jobs.",
         )
         .with_variable(namespace_variable())
         .with_row(dashboard.Row("Overview"))
-        .with_panel(single("Power now", "watt", f"sum({node_power})"))
+        .with_panel(single("Power now", "watt", f"sum(rate({node_energy}[{RATE}]))"))
+        .with_panel(single("Energy in range", KWH, kwh(f"sum(increase({node_energy}[{RANGE}]))")))
         .with_panel(
             single(
-                "Energy in range",
-                "joule",
-                f"sum(increase(jouleward_node_energy_joules_total{{{CLUSTER}, {SUMMED}}}[$__range]))",
+                "Emissions in range",
+                GRAMS,
+                f"sum(increase(jouleward_node_emissions_grams_total{{{CLUSTER}}}[{RANGE}]))",
+                description="At the grid intensity in force each tick, times PUE.",
             )
         )
         .with_panel(
             single(
-                "Emissions in range",
-                "massg",
-                f"sum(increase(jouleward_node_emissions_grams_total{{{CLUSTER}}}[$__range]))",
-                description="Grams CO2eq, at the grid intensity in force each tick, times PUE.",
+                "Idle share",
+                "percentunit",
+                f"sum(increase(jouleward_idle_energy_joules_total{{{CLUSTER}}}[{RANGE}]))"
+                f" / sum(increase({node_energy}[{RANGE}]))",
+                description="Static power of the nodes that no job was charged for.",
+            )
+        )
+        .with_panel(
+            single(
+                "Modelled share",
+                "percentunit",
+                f'(sum(increase(jouleward_node_energy_joules_total{{{CLUSTER}, {SUMMED}, source="model"}}[{RANGE}]))'
+                f" or vector(0)) / sum(increase({node_energy}[{RANGE}]))",
+                description="Energy estimated from utilisation by the CPU power model rather than measured.",
             )
         )
         .with_panel(
             single(
                 "Grid intensity",
-                "none",
+                GRAMS_PER_KWH,
                 f"avg(jouleward_grid_carbon_intensity_grams_per_kwh{{{CLUSTER}}})",
-                description="gCO2eq/kWh, averaged over the nodes in view.",
+                description="Averaged over the nodes in view.",
+            )
+        )
+        .with_row(dashboard.Row("Top jobs and namespaces"))
+        .with_panel(
+            bars(
+                "Top jobs by energy",
+                KWH,
+                kwh(f"topk(10, sum by ({RUN}) (increase({job_energy}[{RANGE}])))"),
+                RUN_LEGEND,
+                to=TO_JOB,
+            )
+        )
+        .with_panel(
+            bars(
+                "Top jobs by emissions",
+                GRAMS,
+                f"topk(10, sum by ({RUN}) (increase({job_emissions}[{RANGE}])))",
+                RUN_LEGEND,
+                to=TO_JOB,
+            )
+        )
+        .with_panel(
+            bars(
+                "Allocated-but-idle GPU energy by job",
+                KWH,
+                kwh(f"topk(10, sum by ({RUN}) (increase({gpu_idle}[{RANGE}])))"),
+                RUN_LEGEND,
+                to=TO_JOB,
+                description="GPU energy spent while the job held GPUs without using them.",
+            )
+        )
+        .with_panel(
+            bars(
+                "Top namespaces by energy",
+                KWH,
+                kwh(f"topk(10, sum by (job_namespace) (increase({job_energy}[{RANGE}])))"),
+                "{{job_namespace}}",
+            )
+        )
+        .with_panel(
+            bars(
+                "Top namespaces by emissions",
+                GRAMS,
+                f"topk(10, sum by (job_namespace) (increase({job_emissions}[{RANGE}])))",
+                "{{job_namespace}}",
+            )
+        )
+        .with_panel(
+            bars(
+                "Allocated-but-idle GPU energy by namespace",
+                KWH,
+                kwh(f"topk(10, sum by (job_namespace) (increase({gpu_idle}[{RANGE}])))"),
+                "{{job_namespace}}",
             )
         )
         .with_row(dashboard.Row("Power"))
@@ -178,29 +297,22 @@ def fleet() -> dashboard.Dashboard:
             series(
                 "Power by cluster",
                 "watt",
-                query(
-                    f"sum by (cluster) (cluster_instance:jouleward_node_power_watts:sum{{{CLUSTER}}})", "{{cluster}}"
-                ),
+                query(f"sum by (cluster) (rate({node_energy}[{RATE}]))", "{{cluster}}"),
             )
         )
         .with_panel(
             series(
                 "Power by node",
                 "watt",
-                query(
-                    f"sum by (instance) (cluster_instance:jouleward_node_power_watts:sum{{{CLUSTER}}})", "{{instance}}"
-                ),
+                query(f"sum by (instance) (rate({node_energy}[{RATE}]))", "{{instance}}"),
+                to=TO_NODE,
             )
         )
         .with_panel(
             series(
                 "Job power by namespace",
                 "watt",
-                query(
-                    "sum by (namespace) (cluster_namespace_job_name:jouleward_job_power_watts:sum"
-                    f'{{{CLUSTER}, namespace=~"$namespace"}})',
-                    "{{namespace}}",
-                ),
+                query(f"sum by (job_namespace) (rate({job_energy}[{RATE}]))", "{{job_namespace}}"),
                 stacked=True,
             )
         )
@@ -208,53 +320,27 @@ def fleet() -> dashboard.Dashboard:
             series(
                 "Job power by job",
                 "watt",
-                query(
-                    f'cluster_namespace_job_name:jouleward_job_power_watts:sum{{{CLUSTER}, namespace=~"$namespace"}}',
-                    "{{namespace}}/{{job_name}}",
-                ),
-                stacked=True,
-            )
-        )
-        .with_row(dashboard.Row("Top jobs"))
-        .with_panel(
-            bars(
-                "Top jobs by energy in range",
-                "joule",
-                "topk(10, sum by (namespace, job_name) (increase(jouleward_job_energy_joules_total"
-                f'{{{CLUSTER}, namespace=~"$namespace"}}[$__range])))',
-                "{{namespace}}/{{job_name}}",
-            )
-        )
-        .with_panel(
-            bars(
-                "Top jobs by emissions in range",
-                "massg",
-                "topk(10, sum by (namespace, job_name) (increase(jouleward_job_emissions_grams_total"
-                f'{{{CLUSTER}, namespace=~"$namespace"}}[$__range])))',
-                "{{namespace}}/{{job_name}}",
+                query(f"topk(10, sum by ({RUN}) (rate({job_energy}[{RATE}])))", RUN_LEGEND),
+                description="The ten jobs drawing the most power at each moment.",
+                to=TO_JOB,
             )
         )
         .with_panel(
             series(
                 "Emissions rate by namespace",
-                "massg",
-                query(
-                    "sum by (namespace) (rate(jouleward_job_emissions_grams_total"
-                    f'{{{CLUSTER}, namespace=~"$namespace"}}[{RATE}])) * 3600',
-                    "{{namespace}}",
-                ),
-                description="Grams CO2eq per hour.",
+                GRAMS_PER_HOUR,
+                query(f"sum by (job_namespace) (rate({job_emissions}[{RATE}])) * 3600", "{{job_namespace}}"),
             )
         )
         .with_panel(
             series(
                 "Grid carbon intensity",
-                "none",
+                GRAMS_PER_KWH,
                 query(
                     f"avg by (zone, source) (jouleward_grid_carbon_intensity_grams_per_kwh{{{CLUSTER}}})",
                     "{{zone}} ({{source}})",
                 ),
-                description="gCO2eq/kWh by zone, and where the figure came from.",
+                description="By zone, and where the figure came from.",
             )
         )
         .with_row(dashboard.Row("Waste"))
@@ -264,7 +350,7 @@ def fleet() -> dashboard.Dashboard:
                 "percentunit",
                 query(
                     f"sum(rate(jouleward_idle_energy_joules_total{{{CLUSTER}}}[{RATE}]))"
-                    f" / sum(rate(jouleward_node_energy_joules_total{{{CLUSTER}, {SUMMED}}}[{RATE}]))",
+                    f" / sum(rate({node_energy}[{RATE}]))",
                     "idle (no job)",
                 ),
                 description="Static power of the nodes not charged to any job.",
@@ -287,21 +373,41 @@ def fleet() -> dashboard.Dashboard:
 
 def job() -> dashboard.Dashboard:
     sel = f"{{{JOB}}}"
+    energy = f"jouleward_job_energy_joules_total{sel}"
     return (
-        base("jouleward-job", "jouleward / Job", "One ML job across all its pods and nodes.")
+        base("jouleward-job", "jouleward / Job", "One ML job across all its pods and nodes; one run per job_id.")
         .with_variable(namespace_variable())
-        .with_variable(job_variable())
+        .with_variable(job_name_variable())
+        .with_variable(job_id_variable())
         .with_row(dashboard.Row("Totals"))
-        .with_panel(single("Power now", "watt", f"sum(jouleward_job_power_watts{sel})"))
-        .with_panel(single("Energy so far", "joule", f"sum(jouleward_job_energy_joules_total{sel})"))
-        .with_panel(single("Emissions so far", "massg", f"sum(jouleward_job_emissions_grams_total{sel})"))
-        .with_panel(single("Processes", "none", f"sum(jouleward_job_processes{sel})"))
+        .with_panel(single("Power now", "watt", f"sum(rate({energy}[{RATE}]))"))
+        # last_over_time: a finished job's series drop out after a while; its totals stay on screen.
+        .with_panel(single("Energy", KWH, kwh(f"sum(last_over_time({energy}[{RANGE}]))")))
+        .with_panel(
+            single("Emissions", GRAMS, f"sum(last_over_time(jouleward_job_emissions_grams_total{sel}[{RANGE}]))")
+        )
+        .with_panel(
+            single(
+                "Allocated-idle GPU energy",
+                KWH,
+                kwh(f"sum(last_over_time(jouleward_job_gpu_idle_energy_joules_total{sel}[{RANGE}]))"),
+            )
+        )
+        .with_panel(single("Processes", "none", f"sum(last_over_time(jouleward_job_processes{sel}[{RANGE}]))"))
+        .with_panel(
+            single(
+                "Finished",
+                "none",
+                f"max(last_over_time(jouleward_job_finished{sel}[{RANGE}]))",
+                description="1 once every piece of the job has ended.",
+            )
+        )
         .with_row(dashboard.Row("Power and energy"))
         .with_panel(
             series(
                 "Power by domain",
                 "watt",
-                query(f"sum by (domain) (jouleward_job_power_watts{sel})", "{{domain}}"),
+                query(f"sum by (domain) (rate({energy}[{RATE}]))", "{{domain}}"),
                 stacked=True,
             )
         )
@@ -309,22 +415,23 @@ def job() -> dashboard.Dashboard:
             series(
                 "Power by node",
                 "watt",
-                query(f"sum by (instance) (jouleward_job_power_watts{sel})", "{{instance}}"),
+                query(f"sum by (instance) (rate({energy}[{RATE}]))", "{{instance}}"),
                 stacked=True,
+                to=TO_NODE,
             )
         )
         .with_panel(
             series(
                 "Cumulative energy",
-                "joule",
-                query(f"sum by (domain) (jouleward_job_energy_joules_total{sel})", "{{domain}}"),
+                KWH,
+                query(kwh(f"sum by (domain) ({energy})"), "{{domain}}"),
                 stacked=True,
             )
         )
         .with_panel(
             series(
                 "Cumulative emissions",
-                "massg",
+                GRAMS,
                 query(f"sum(jouleward_job_emissions_grams_total{sel})", "CO2eq"),
             )
         )
@@ -334,8 +441,8 @@ def job() -> dashboard.Dashboard:
                 "Energy per unit of work",
                 "joule",
                 query(
-                    f"cluster_namespace_job_name_unit:jouleward_job_joules_per_work_unit:ratio_rate5m{sel}",
-                    "J per {{unit}}",
+                    f"cluster_job_namespace_job_id_job_name_unit:jouleward_job_energy_joules_per_work_unit:ratio_rate5m{sel}",
+                    "J per {{unit}} {{job_id}}",
                 ),
                 description="Joules per sample, token or request over the last five minutes, across all nodes.",
             )
@@ -359,20 +466,13 @@ def job() -> dashboard.Dashboard:
         )
         .with_panel(
             series(
-                "GPU allocated-idle energy",
-                "joule",
-                query(f"sum(jouleward_job_gpu_idle_energy_joules_total{sel})", "allocated but idle"),
-            )
-        )
-        .with_panel(
-            series(
                 "CPU time rate",
                 "none",
                 query(f"sum by (instance) (rate(jouleward_job_cpu_seconds_total{sel}[{RATE}]))", "{{instance}}"),
                 description="CPU cores busy with the job's processes.",
             )
         )
-        .with_panel(listing("Pieces of the job", f"jouleward_job_info{sel}", w=12))
+        .with_panel(listing("Pieces of the job", f"jouleward_job_info{sel}", w=24))
     )
 
 
@@ -382,7 +482,7 @@ def node() -> dashboard.Dashboard:
         base(
             "jouleward-node",
             "jouleward / Node",
-            "Every device of a node, its source, sensor health and the agent's own cost.",
+            "Every device of a node, where its energy went, and the agent's own health and cost.",
         )
         .with_variable(instance_variable())
         .with_row(dashboard.Row("Devices"))
@@ -397,7 +497,7 @@ def node() -> dashboard.Dashboard:
                 "Power by device",
                 "watt",
                 query(
-                    f"sum by (instance, domain, device, source) (jouleward_node_power_watts{sel})",
+                    f"sum by (instance, domain, device, source) (rate(jouleward_node_energy_joules_total{sel}[{RATE}]))",
                     "{{instance}} {{device}} ({{source}})",
                 ),
             )
@@ -406,7 +506,9 @@ def node() -> dashboard.Dashboard:
             series(
                 "Where the energy went",
                 "watt",
-                query(f"sum by (domain) (jouleward_job_power_watts{sel})", "jobs {{domain}}", "A"),
+                query(
+                    f"sum by (domain) (rate(jouleward_job_energy_joules_total{sel}[{RATE}]))", "jobs {{domain}}", "A"
+                ),
                 query(
                     f"sum by (domain) (rate(jouleward_idle_energy_joules_total{sel}[{RATE}]))", "idle {{domain}}", "B"
                 ),
@@ -416,6 +518,7 @@ def node() -> dashboard.Dashboard:
                     "C",
                 ),
                 stacked=True,
+                description="Jobs, idle and unattributed add up to the measured cpu, dram and gpu power.",
             )
         )
         .with_panel(
@@ -429,15 +532,25 @@ def node() -> dashboard.Dashboard:
             series(
                 "GPU utilisation",
                 "percentunit",
-                query(f"jouleward_gpu_utilization_ratio{sel}", "{{instance}} {{device}}"),
+                query(f"jouleward_gpu_utilization_ratio{sel}", "{{instance}} gpu {{gpu}}"),
             )
         )
-        .with_row(dashboard.Row("Sensor health"))
+        .with_row(dashboard.Row("Agent health"))
+        .with_panel(
+            series(
+                "Ticks per second",
+                "none",
+                query(f"rate(jouleward_ticks_total{sel}[{RATE}])", "{{instance}}"),
+                w=8,
+                description="Zero while the sampler is stalled.",
+            )
+        )
         .with_panel(
             series(
                 "Sensors up",
                 "none",
                 query(f"jouleward_sensor_up{sel}", "{{instance}} {{sensor}} {{device}}"),
+                w=8,
             )
         )
         .with_panel(
@@ -448,13 +561,36 @@ def node() -> dashboard.Dashboard:
                     f"sum by (instance, sensor, device) (increase(jouleward_sensor_errors_total{sel}[{RATE}]))",
                     "{{instance}} {{sensor}} {{device}}",
                 ),
+                w=8,
             )
         )
         .with_panel(
             series(
-                "Ledger flush age",
+                "Kubelet",
+                "none",
+                query(f"jouleward_kubelet_up{sel}", "{{instance}} up", "A"),
+                query(f"jouleward_kubelet_metadata_stale{sel}", "{{instance}} stale", "B"),
+                w=8,
+                description="Pod metadata from the kubelet: up, and stale (last poll failed or overdue).",
+            )
+        )
+        .with_panel(
+            series(
+                "Ledger",
                 "s",
-                query(f"time() - jouleward_ledger_flush_timestamp_seconds{sel}", "{{instance}}"),
+                query(f"time() - jouleward_ledger_flush_timestamp_seconds{sel}", "{{instance}} flush age", "A"),
+                query(f"increase(jouleward_ledger_errors_total{sel}[{RATE}])", "{{instance}} errors", "B"),
+                w=8,
+            )
+        )
+        .with_panel(
+            series(
+                "Carbon provider",
+                GRAMS_PER_KWH,
+                query(f"jouleward_grid_carbon_intensity_grams_per_kwh{sel}", "{{instance}} {{zone}} ({{source}})", "A"),
+                query(f"increase(jouleward_carbon_intensity_errors_total{sel}[{RATE}])", "{{instance}} errors", "B"),
+                w=8,
+                description="The intensity in force and its source (fallback_* while the live provider fails).",
             )
         )
         .with_panel(
@@ -463,9 +599,13 @@ def node() -> dashboard.Dashboard:
                 "none",
                 query(f"sum by (state) (jouleward_jobs{sel})", "jobs {{state}}", "A"),
                 query(f"sum(jouleward_processes{sel})", "processes", "B"),
+                query(
+                    f'sum(jouleward_job_processes{{{NODE}, job_id="_other"}}) or vector(0)',
+                    "processes past the export cap",
+                    "C",
+                ),
             )
         )
-        .with_row(dashboard.Row("Agent"))
         .with_panel(
             series(
                 "Agent CPU",

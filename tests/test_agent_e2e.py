@@ -77,9 +77,9 @@ def test_three_to_one_burners_get_three_to_one_energy(tmp_path, rapl, processes,
     agents.append(agent)
     heavy, light = start_burner(0.24), start_burner(0.08)
     processes.extend([heavy, light])
-    status, job_a = agent.api.access("POST", "/v1/jobs", {"name": "heavy", "pids": [heavy.pid], "labels": {"x": "1"}})
+    status, job_a = agent.control("POST", "/v1/jobs", {"name": "heavy", "pids": [heavy.pid], "labels": {"x": "1"}})
     assert status == 201, job_a
-    status, job_b = agent.api.access("POST", "/v1/jobs", {"name": "light", "pids": [light.pid]})
+    status, job_b = agent.control("POST", "/v1/jobs", {"name": "light", "pids": [light.pid]})
     assert status == 201, job_b
     agent.wait_ticks(2)
     start = agent.metrics()
@@ -109,7 +109,8 @@ def test_three_to_one_burners_get_three_to_one_energy(tmp_path, rapl, processes,
     energy_b = energy(end, job_b["id"]) - energy(start, job_b["id"])
     real_cpu_ratio = (cpu_end[0] - cpu_start[0]) / (cpu_end[1] - cpu_start[1])
     assert real_cpu_ratio == pytest.approx(3.0, rel=0.1), "the burners themselves drifted"
-    assert energy_a / energy_b == pytest.approx(3.0, rel=0.05)
+    # Energy follows the CPU time the burners really got (on a loaded machine that drifts from 3:1).
+    assert energy_a / energy_b == pytest.approx(real_cpu_ratio, rel=0.05)
     # node energy is the fixture truth: packages only (core, mmio and psys excluded from cpu)
     node_cpu = metric_sum(end, "jouleward_node_energy_joules_total", domain="cpu") - metric_sum(
         start, "jouleward_node_energy_joules_total", domain="cpu"
@@ -168,8 +169,8 @@ def test_restart_resumes_totals_and_registered_jobs(tmp_path, rapl, processes, a
     sleeper = subprocess.Popen(["sleep", "60"])
     short = subprocess.Popen(["sleep", "60"])
     processes.extend([sleeper, short])
-    _, job = agent.api.access("POST", "/v1/jobs", {"name": "resumed", "pids": [sleeper.pid]})
-    _, gone = agent.api.access("POST", "/v1/jobs", {"name": "gone", "pids": [short.pid]})
+    _, job = agent.control("POST", "/v1/jobs", {"name": "resumed", "pids": [sleeper.pid]})
+    _, gone = agent.control("POST", "/v1/jobs", {"name": "gone", "pids": [short.pid]})
     agent.wait_ticks(3)
     before = agent.metrics()
     assert agent.stop() == 0
@@ -210,10 +211,10 @@ def test_control_api_rejects_bad_input_with_clear_4xx(tmp_path, agents):
         ("{not json", 400, "body: not valid JSON"),
     ]
     for body, code, message in cases:
-        status, reply = agent.api.access("POST", "/v1/jobs", body)
+        status, reply = agent.control("POST", "/v1/jobs", body)
         assert status == code, (body, reply)
         assert message in reply["detail"], reply
-    assert agent.api.access("POST", "/v1/jobs/r-000000000000/finish")[0] == 404
+    assert agent.control("POST", "/v1/jobs/r-000000000000/finish")[0] == 404
     assert agent.get("/v1/jobs/nope")[0] == 404
     # control endpoints are not on the TCP listener
     status, _ = agent.get("/metrics")

@@ -92,6 +92,7 @@ def test_any_flag_value_is_accepted_or_names_the_flag(flag, text):
         ('[[rules]]\nname = "a"\ncmdline = "("\n', [], "rules[0].cmdline"),
         ("[idle_power_w]\ncpu = -3\n", [], "idle_power_w.cpu"),
         ("listen = 9883\n", [], "listen"),
+        ('node_name = "gpu\\u0007node"\n', [], "node_name"),
         ("no_such_key = 1\n", [], "no_such_key"),
         ("interval_s = \n", [], "not valid TOML"),
         ("", ["--interval", "0"], "--interval"),
@@ -159,7 +160,7 @@ def test_awkward_names_and_labels_survive_exposition(tmp_path):
         assert response.status_code == 422 and "control characters" in response.json()["detail"], response.text
     agent.tick()
     agent.tick()
-    text = RenderCache(lambda: agent.pipeline.snapshot).render()
+    text = RenderCache(lambda: agent.snapshot).render()
     _promtool_check(text)
     samples = parse_exposition(text.decode())
     for job_id, name in registered.items():
@@ -185,7 +186,7 @@ def _name_stream(tmp_path: Path, total: int, batch: int = 1000, cap: int = 50) -
         )
     )
     agent.tick()
-    cache = RenderCache(lambda: agent.pipeline.snapshot)
+    cache = RenderCache(lambda: agent.snapshot)
     sizes = []
     pid = 1000
     for round_index in range(total // batch):

@@ -80,9 +80,11 @@ def test_static_intensity_emissions_metrics_ledger_and_report(tmp_path, rapl, pr
     agents.append(agent)
     burner = start_burner(0.5)
     processes.append(burner)
-    _, job = agent.api.access("POST", "/v1/jobs", {"name": "carbon-job", "pids": [burner.pid]})
-    wait_until(lambda: metric_sum(agent.metrics(), "jouleward_job_emissions_grams_total", job_id=job["id"]) > 0,
-               what="the job's emissions")
+    _, job = agent.control("POST", "/v1/jobs", {"name": "carbon-job", "pids": [burner.pid]})
+    wait_until(
+        lambda: metric_sum(agent.metrics(), "jouleward_job_emissions_grams_total", job_id=job["id"]) > 0,
+        what="the job's emissions",
+    )
     agent.wait_ticks(3)
 
     samples = agent.metrics()
@@ -233,8 +235,8 @@ def test_top_in_a_real_terminal(tmp_path, rapl, processes, agents):
     burner = start_burner(0.3)
     sleeper = subprocess.Popen(["sleep", "120"])
     processes.extend([burner, sleeper])
-    agent.api.access("POST", "/v1/jobs", {"name": "zz-burning", "pids": [burner.pid]})
-    agent.api.access("POST", "/v1/jobs", {"name": "aa-sleeping", "pids": [sleeper.pid]})
+    agent.control("POST", "/v1/jobs", {"name": "zz-burning", "pids": [burner.pid]})
+    agent.control("POST", "/v1/jobs", {"name": "aa-sleeping", "pids": [sleeper.pid]})
     agent.wait_ticks(3)
 
     # Not a terminal: one plain snapshot.

@@ -119,3 +119,26 @@ def test_unit_keeps_what_the_agent_needs():
     assert service["StateDirectory"] == ["jouleward"]
     assert "JOULEWARD_STATE_DIR=/var/lib/jouleward" in service["Environment"]
     assert service["ExecStart"][0].split()[:2] == [exec_path(), "run"]
+
+
+def sh_blocks(path: Path) -> list[list[str]]:
+    text = path.read_text()
+    return [
+        [line for line in block.split("```", 1)[0].splitlines() if line.strip()] for block in text.split("```sh\n")[1:]
+    ]
+
+
+def test_every_copy_of_the_install_is_the_one_the_boot_test_runs():
+    """deploy/systemd/README.md's Install block is what
+    test_deploy_systemd_boot.py runs; README.md and docs/deploy.md show the
+    same commands."""
+    readme = ROOT / "deploy" / "systemd" / "README.md"
+    tested = sh_blocks(readme)[0]
+    assert readme.read_text().index("## Install") < readme.read_text().index("```sh")
+    assert any("requirements/runtime.lock" in line and "--require-hashes" in line for line in tested)
+    assert tested[-1] == "sudo systemctl enable --now jouleward"
+    exec_start = unit_sections(UNIT.read_text())["Service"]["ExecStart"][0].split()[0]
+    venv = tested[0].split()[-1]
+    assert tested[0] == f"sudo python3 -m venv {venv}" and exec_start == f"{venv}/bin/jouleward"
+    for other in (ROOT / "README.md", ROOT / "docs" / "deploy.md"):
+        assert [line.strip() for line in tested] in [[line.strip() for line in block] for block in sh_blocks(other)]

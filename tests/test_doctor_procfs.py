@@ -1,6 +1,7 @@
 """``jouleward doctor`` says whether other users' ``/proc/<pid>/environ`` and
 ``exe`` are readable, found by trying on a real process of another uid
 (``nobody``), with and without the capabilities the shipped deployments drop."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,10 @@ import pytest
 from tests.support import REPO
 
 NOBODY = 65534
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="a second uid and dropping capabilities need root and setpriv")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="a second uid and dropping capabilities need root and setpriv",
+)
 
 
 @pytest.fixture
@@ -27,8 +30,15 @@ def nobody_sleeps():
 
 def doctor(*wrapper: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEWARD_")}
-    done = subprocess.run([*wrapper, sys.executable, "-m", "agent.cli", "doctor"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=False, env={**env, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [*wrapper, sys.executable, "-m", "agent.cli", "doctor"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**env, "PYTHONPATH": str(REPO)},
+    )
     assert "Traceback" not in done.stderr, done.stderr
     lines = [line for line in done.stdout.splitlines() if line[3:].startswith("procfs")]
     assert len(lines) == 1, done.stdout

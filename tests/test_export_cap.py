@@ -23,7 +23,7 @@ def test_jobs_past_the_cap_go_to_overflow_and_totals_are_conserved(tmp_path, pro
         processes.append(start_burner(0.05, env={"JOULEWARD_JOB": f"job-{index}"}))
     time.sleep(0.5)
     agent = Agent(config)
-    registry = make_registry(SnapshotCollector(lambda: agent.pipeline.snapshot))
+    registry = make_registry(SnapshotCollector(lambda: agent.snapshot))
     previous_other = {}
     try:
         for _ in range(8):
@@ -72,7 +72,7 @@ def test_no_label_named_job_and_no_nan(tmp_path):
         agent.tick()
         time.sleep(0.1)
         agent.tick()
-        text = render(make_registry(SnapshotCollector(lambda: agent.pipeline.snapshot))).decode()
+        text = render(make_registry(SnapshotCollector(lambda: agent.snapshot))).decode()
     finally:
         agent.close()
     for name, labels, value in parse_metrics(text):

@@ -106,7 +106,7 @@ def test_zone_that_vanishes_and_comes_back(agent_on, tmp_path):
     assert errors(during) > errors(before)
     assert node_j(during) == pytest.approx(node_j(before), abs=1e-9)
     assert node_j(during, "dram-0") - node_j(before, "dram-0") == pytest.approx(5, abs=1e-6)
-    with agent.api.access() as control:
+    with agent.control() as control:
         reasons = [s["reason"] for s in control.get("/v1/node").json()["sensors"] if s["device"] == "package-0"]
     assert reasons == ["zone disappeared"]
     # While it was away its counter moved on; nobody knows by how much for sure.
@@ -145,8 +145,9 @@ def test_permission_flip(tmp_path):
             during = agent.settle()
             assert up(during) == 0.0
             assert errors(during) > errors(before)
-            reasons = [s["reason"] for s in agent.api.access().get("/v1/node").json()["sensors"]
-                       if s["device"] == "package-0"]
+            reasons = [
+                s["reason"] for s in agent.control().get("/v1/node").json()["sensors"] if s["device"] == "package-0"
+            ]
             assert any("permission denied" in reason for reason in reasons), reasons
             os.chmod(rapl.path(PACKAGE), 0o644)
             agent.settle()
@@ -231,7 +232,7 @@ def test_registered_process_replaced_by_a_reused_pid(fake_host):
     agent, rapl, procfs = fake_host()
     start = boot_ticks() - 5000
     procfs.add(4343, start, 0)
-    with agent.api.access() as control:
+    with agent.control() as control:
         job = control.post("/v1/jobs", json={"name": "train", "pids": [4343]}).json()
     agent.settle()
     procfs.remove(4343)
@@ -239,7 +240,7 @@ def test_registered_process_replaced_by_a_reused_pid(fake_host):
     after = agent.settle()
     assert value(after, "jouleward_job_finished", job_id=job["id"]) == 1.0
     assert value(after, "jouleward_job_processes", job_id=job["id"]) == 0.0
-    with agent.api.access() as control:
+    with agent.control() as control:
         assert control.get(f"/v1/jobs/{job['id']}").json()["running"] is False
 
 

@@ -4,6 +4,7 @@ per job on /metrics, conservation, allocated idle, a GPU lost mid-run."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -95,6 +96,7 @@ def gpu_agent(tmp_path):
         "LD_LIBRARY_PATH": str(library.parent),
         "FAKENVML_STATE": str(state_path),
         "PYTHONPATH": str(REPO),
+        "NODE_NAME": "gpu-node-7",
     }
     env.pop("CUDA_VISIBLE_DEVICES", None)
     agent = subprocess.Popen(
@@ -178,13 +180,32 @@ def test_gpu_energy_per_job_conservation_idle_and_lost_gpu(gpu_agent):
     assert idle == pytest.approx(node["gpu-2"] / 2, rel=0.02)
     assert unattributed == pytest.approx(node["gpu-2"] / 2, rel=0.02)
 
+    # One GPU label set on every per-GPU family, the one dcgm-exporter writes: a join on UUID
+    # (or Hostname and gpu) puts these series beside DCGM's.
     info = {dict(k[1])["gpu"]: dict(k[1]) for k in metrics if k[0] == "jouleward_gpu_info"}
-    assert info["gpu-0"] == {"gpu": "gpu-0", "uuid": "GPU-0000aaaa-e2e", "model": "NVIDIA Fake H100", "mig": "0"}
-    assert pick(metrics, "jouleward_gpu_utilization_ratio")  # labelled by gpu, not device
-    assert metrics[("jouleward_gpu_utilization_ratio", (("gpu", "gpu-0"),))] == pytest.approx(0.8)
-    assert metrics[("jouleward_gpu_memory_used_bytes", (("gpu", "gpu-0"),))] == 8 * 2**30
-    assert metrics[("jouleward_gpu_memory_total_bytes", (("gpu", "gpu-0"),))] == 80 * 2**30
-    assert metrics[("jouleward_gpu_power_limit_watts", (("gpu", "gpu-0"),))] == 400.0
+    ident = {
+        "gpu": "0",
+        "UUID": "GPU-0000aaaa-e2e",
+        "model_name": "NVIDIA Fake H100",
+        "pci_bus_id": "00000000:17:00.0",
+        "Hostname": "gpu-node-7",
+    }
+    assert info["0"] == {**ident, "device": "gpu-0", "mig": "0"}
+    assert info["2"]["pci_bus_id"] == "00000000:19:00.0"
+    key = tuple(sorted(ident.items()))
+    for family in (
+        "jouleward_gpu_utilization_ratio",
+        "jouleward_gpu_memory_used_bytes",
+        "jouleward_gpu_memory_total_bytes",
+        "jouleward_gpu_power_limit_watts",
+        "jouleward_gpu_processes",
+    ):
+        assert {tuple(sorted(dict(k[1]))) for k in metrics if k[0] == family} == {tuple(sorted(ident))}, family
+    assert metrics[("jouleward_gpu_utilization_ratio", key)] == pytest.approx(0.8)
+    assert metrics[("jouleward_gpu_memory_used_bytes", key)] == 8 * 2**30
+    assert metrics[("jouleward_gpu_memory_total_bytes", key)] == 80 * 2**30
+    assert metrics[("jouleward_gpu_power_limit_watts", key)] == 400.0
+    assert metrics[("jouleward_node_info", (("hostname", socket.gethostname()), ("node", "gpu-node-7")))] == 1.0
     assert metrics[("jouleward_idle_power_watts", (("domain", "gpu"),))] == pytest.approx(3 * GPU_IDLE_W)
     assert pick(metrics, "jouleward_sensor_up", sensor="nvml") == {"gpu-0": 1.0, "gpu-1": 1.0, "gpu-2": 1.0}
 

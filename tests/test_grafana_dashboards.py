@@ -55,8 +55,8 @@ def test_sdk_reads_the_json_back(name):
 @pytest.mark.parametrize(
     "name, variables",
     [
-        ("fleet", ["datasource", "cluster", "namespace"]),
-        ("job", ["datasource", "cluster", "namespace", "job_name"]),
+        ("fleet", ["datasource", "cluster", "job_namespace"]),
+        ("job", ["datasource", "cluster", "job_namespace", "job_name", "job_id"]),
         ("node", ["datasource", "cluster", "instance"]),
     ],
 )
@@ -101,3 +101,108 @@ def test_provisioning_points_grafana_at_the_files():
     assert entry["type"] == "file" and entry["options"]["path"].startswith("/")
     source = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
     assert source["datasources"][0]["type"] == "prometheus"
+
+
+def panels(board: dict) -> list[dict]:
+    return [p for p in board["panels"] if p["type"] != "row"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_units_people_read(name):
+    for panel in panels(load(name)):
+        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        if "emissions_grams" in exprs:
+            assert unit in ("suffix: gCO2eq", "suffix: gCO2eq/h"), panel["title"]
+            assert (unit == "suffix: gCO2eq/h") == ("rate(" in exprs), panel["title"]
+        elif "carbon_intensity" in exprs:
+            assert unit == "suffix: gCO2eq/kWh", panel["title"]
+        elif "energy_joules_total" in exprs and "rate(" not in exprs and unit != "percentunit":
+            # Energy totals in kWh, converted from the joule counters.
+            assert unit == "kwatth" and "/ 3.6e6" in exprs, panel["title"]
+        elif "energy_joules_total" in exprs and "rate(" in exprs and "/" not in exprs:
+            assert unit == "watt", panel["title"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_power_comes_from_energy_counters(name):
+    """A 1 s power gauge scraped every 15 s aliases bursty load: every power
+    (but the device list) is rate() of an energy counter."""
+    for panel in panels(load(name)):
+        for target in panel["targets"]:
+            if panel["title"] != "Devices and sources":
+                assert "_power_watts" not in target["expr"], panel["title"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_legends_name_labels_the_query_keeps(name):
+    for panel in panels(load(name)):
+        for target in panel["targets"]:
+            legend = target.get("legendFormat", "")
+            groupings = re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", target["expr"])
+            if not groupings or "without" in target["expr"]:
+                continue  # no aggregation: the series keep all their labels
+            kept = {label.strip() for label in groupings[-1].split(",")} | {"__name__"}
+            if target["expr"].lstrip().startswith(("topk", "(topk")):
+                kept = {label.strip() for label in groupings[0].split(",")}
+            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", legend):
+                assert label in kept, f"{panel['title']}: legend {{{{{label}}}}} but the query keeps {sorted(kept)}"
+
+
+def test_first_screen_answers_the_ops_questions():
+    board = load("fleet")
+    first = [p["title"] for p in board["panels"] if p["gridPos"]["y"] < 20 and p["type"] != "row"]
+    for title in (
+        "Power now",
+        "Energy in range",
+        "Emissions in range",
+        "Idle share",
+        "Modelled share",
+        "Top jobs by energy",
+        "Top jobs by emissions",
+        "Allocated-but-idle GPU energy by job",
+        "Top namespaces by energy",
+        "Top namespaces by emissions",
+        "Allocated-but-idle GPU energy by namespace",
+    ):
+        assert title in first, title
+    (by_job,) = [p for p in board["panels"] if p["title"] == "Job power by job"]
+    assert by_job["targets"][0]["expr"].startswith("topk(")
+
+
+def test_links_fleet_to_job_to_node():
+    for name in NAMES:
+        (links,) = [load(name)["links"]]
+        assert links[0]["type"] == "dashboards" and links[0]["tags"] == ["jouleward"] and links[0]["keepTime"]
+    urls = {
+        name: [
+            link["url"]
+            for p in panels(load(name))
+            for link in p.get("fieldConfig", {}).get("defaults", {}).get("links", [])
+        ]
+        for name in NAMES
+    }
+    assert any("/d/jouleward-job/" in u and "var-job_id=${__field.labels.job_id}" in u for u in urls["fleet"])
+    assert any("/d/jouleward-node/" in u and "var-instance=${__field.labels.instance}" in u for u in urls["fleet"])
+    assert any("/d/jouleward-node/" in u for u in urls["job"])
+
+
+def test_finished_jobs_keep_their_totals_on_screen():
+    for panel in panels(load("job")):
+        if panel["type"] == "stat" and panel["title"] != "Power now":
+            assert "last_over_time(" in panel["targets"][0]["expr"] and "[$__range]" in panel["targets"][0]["expr"]
+
+
+def test_node_dashboard_shows_the_agents_health():
+    exprs = " ".join(t["expr"] for p in panels(load("node")) for t in p["targets"])
+    for metric in (
+        "jouleward_ticks_total",
+        "jouleward_sensor_up",
+        "jouleward_kubelet_up",
+        "jouleward_kubelet_metadata_stale",
+        "jouleward_ledger_flush_timestamp_seconds",
+        "jouleward_ledger_errors_total",
+        "jouleward_grid_carbon_intensity_grams_per_kwh",
+        "jouleward_carbon_intensity_errors_total",
+    ):
+        assert metric in exprs, metric

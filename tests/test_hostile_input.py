@@ -2,6 +2,7 @@
 requests over the real control socket and the real TCP listener, and the
 agent's own lifecycle (one per state directory, exit status when a part
 dies, liveness when the sampler stalls)."""
+
 from __future__ import annotations
 
 import json
@@ -52,12 +53,21 @@ def read_response(sock: socket.socket) -> tuple[int, dict, dict[str, str]]:
     return status, json.loads(body[:length]) if length else {}, headers
 
 
-def request(sock: socket.socket, method: str, path: str, body: bytes = b"",
-            headers: dict[str, str] | None = None) -> tuple[int, dict, dict[str, str]]:
-    head = {"Host": "localhost", "Content-Length": str(len(body)), "Content-Type": "application/json",
-            **(headers or {})}
-    sock.sendall(f"{method} {path} HTTP/1.1\r\n".encode() + "".join(f"{k}: {v}\r\n" for k, v in head.items())
-                 .encode() + b"\r\n" + body)
+def request(
+    sock: socket.socket, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict, dict[str, str]]:
+    head = {
+        "Host": "localhost",
+        "Content-Length": str(len(body)),
+        "Content-Type": "application/json",
+        **(headers or {}),
+    }
+    sock.sendall(
+        f"{method} {path} HTTP/1.1\r\n".encode()
+        + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+        + b"\r\n"
+        + body
+    )
     try:
         return read_response(sock)
     finally:
@@ -75,8 +85,9 @@ def rss_kib(pid: int) -> int:
 def agent(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    process = AgentProcess(tmp_path / "state", env={"JOULEWARD_CONTROL_TOKEN_FILE": str(token_file),
-                                                   "JOULEWARD_REQUEST_TIMEOUT_S": "1.5"})
+    process = AgentProcess(
+        tmp_path / "state", env={"JOULEWARD_CONTROL_TOKEN_FILE": str(token_file), "JOULEWARD_REQUEST_TIMEOUT_S": "1.5"}
+    )
     yield process
     process.stop()
 
@@ -94,11 +105,19 @@ def sleeper():
 def test_a_declared_300_mb_body_is_refused_413_before_it_is_read(agent, where):
     sock = connect_unix(agent.socket_path, 5) if where == "unix" else connect_tcp(agent.port, 5)
     headers = {"Authorization": f"Bearer {TOKEN}"} if where == "tcp" else {}
-    head = {"Host": "localhost", "Content-Length": str(300 * 1024 * 1024), "Content-Type": "application/json",
-            **headers}
+    head = {
+        "Host": "localhost",
+        "Content-Length": str(300 * 1024 * 1024),
+        "Content-Type": "application/json",
+        **headers,
+    }
     started = time.monotonic()
-    sock.sendall(b"POST /v1/jobs HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
-                 + b"\r\n" + b'{"name": "')
+    sock.sendall(
+        b"POST /v1/jobs HTTP/1.1\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in head.items()).encode()
+        + b"\r\n"
+        + b'{"name": "'
+    )
     status, body, response_headers = read_response(sock)
     sock.close()
     assert status == 413, body
@@ -110,8 +129,10 @@ def test_a_declared_300_mb_body_is_refused_413_before_it_is_read(agent, where):
 def test_a_streamed_body_is_cut_off_at_the_cap_and_memory_stays_flat(agent):
     before = rss_kib(agent.proc.pid)
     sock = connect_unix(agent.socket_path, 10)
-    sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
-                 b"Content-Type: application/json\r\n\r\n")
+    sock.sendall(
+        b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/json\r\n\r\n"
+    )
     chunk = b"x" * 65536
     sent = 0
     try:
@@ -125,12 +146,13 @@ def test_a_streamed_body_is_cut_off_at_the_cap_and_memory_stays_flat(agent):
     assert status == 413 and "over the limit of 16384 bytes" in body["detail"]
     assert sent < 16 * 1024 * 1024, f"the agent read {sent} bytes before refusing"
     assert rss_kib(agent.proc.pid) - before < 20 * 1024
-    assert agent.api.access("GET", "/healthz")[0] == 200
+    assert agent.control("GET", "/healthz")[0] == 200
 
 
 def test_the_body_cap_is_configurable(tmp_path, sleeper):
-    body = json.dumps({"name": "big-labels", "pids": [sleeper.pid],
-                       "labels": {f"k{i}": "v" * 200 for i in range(20)}}).encode()
+    body = json.dumps(
+        {"name": "big-labels", "pids": [sleeper.pid], "labels": {f"k{i}": "v" * 200 for i in range(20)}}
+    ).encode()
     assert 4096 < len(body) < 16384
     small = AgentProcess(tmp_path / "state", env={"JOULEWARD_MAX_REQUEST_BODY_BYTES": "4096"})
     try:
@@ -152,9 +174,13 @@ def test_bodies_that_are_not_json_get_400_with_a_message(agent, sleeper):
         assert status == 400, (raw, answer)
         assert answer["detail"].startswith("body: not valid JSON")
     # JSON is JSON whatever the Content-Type says (curl -d sends a form type).
-    status, answer, _ = request(connect_unix(agent.socket_path), "POST", "/v1/jobs",
-                                json.dumps({"name": "curl", "pids": [sleeper.pid]}).encode(),
-                                {"Content-Type": "application/x-www-form-urlencoded"})
+    status, answer, _ = request(
+        connect_unix(agent.socket_path),
+        "POST",
+        "/v1/jobs",
+        json.dumps({"name": "curl", "pids": [sleeper.pid]}).encode(),
+        {"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert status == 201 and answer["name"] == "curl"
 
 
@@ -165,15 +191,17 @@ def test_an_unauthenticated_tcp_caller_gets_401_before_its_body_is_looked_at(age
         assert status == 401, answer
         assert "bearer token" in answer["detail"] and "pids" not in answer["detail"]
         assert headers.get("www-authenticate") == "Bearer"
-    status, answer, _ = request(connect_tcp(agent.port), "POST", "/v1/jobs", invalid,
-                                {"Authorization": "Bearer wrong-token-000000000"})
+    status, answer, _ = request(
+        connect_tcp(agent.port), "POST", "/v1/jobs", invalid, {"Authorization": "Bearer wrong-token-000000000"}
+    )
     assert status == 401 and "name" not in answer["detail"]
     # With the token, the same body gets its validation message.
     auth = {"Authorization": f"Bearer {TOKEN}"}
     status, answer, _ = request(connect_tcp(agent.port), "POST", "/v1/jobs", invalid, auth)
     assert status == 422 and "name" in answer["detail"]
-    status, answer, _ = request(connect_tcp(agent.port), "POST", "/v1/jobs",
-                                json.dumps({"name": "tcp", "pids": [sleeper.pid]}).encode(), auth)
+    status, answer, _ = request(
+        connect_tcp(agent.port), "POST", "/v1/jobs", json.dumps({"name": "tcp", "pids": [sleeper.pid]}).encode(), auth
+    )
     assert status == 201
     # Reads stay open.
     assert agent.get("/healthz")[0] == 200
@@ -187,8 +215,9 @@ def test_slow_and_lying_requests_do_not_hold_other_requests(agent):
     trickle = connect_tcp(agent.port, 10)
     trickle.sendall(b"GET /healthz HTT")
     slow_body = connect_tcp(agent.port, 10)
-    slow_body.sendall(f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-                      f"Content-Length: 50\r\n\r\n".encode())
+    slow_body.sendall(
+        f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 50\r\n\r\n".encode()
+    )
     started = time.monotonic()
 
     stop = threading.Event()
@@ -206,7 +235,7 @@ def test_slow_and_lying_requests_do_not_hold_other_requests(agent):
         for _ in range(5):
             t0 = time.monotonic()
             assert agent.get("/healthz")[0] == 200
-            assert agent.api.access("GET", "/healthz")[0] == 200
+            assert agent.control("GET", "/healthz")[0] == 200
             assert time.monotonic() - t0 < 1.0
         status, answer, _ = read_response(lying)
         assert status == 408 and "request_timeout_s" in answer["detail"]
@@ -229,8 +258,15 @@ def test_slow_and_lying_requests_do_not_hold_other_requests(agent):
 # -- one agent per state directory, and the control socket is never stolen ---------------
 def run_agent(*args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEWARD_")}
-    return subprocess.run([sys.executable, "-m", "agent.cli", "run", "--log-level", "warning", *args], check=False, cwd=REPO,
-                          env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=timeout_s)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--log-level", "warning", *args],
+        check=False,
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def test_a_second_agent_on_the_same_state_directory_exits_2_and_leaves_the_first_alone(agent):
@@ -241,20 +277,32 @@ def test_a_second_agent_on_the_same_state_directory_exits_2_and_leaves_the_first
     assert f"pid {agent.proc.pid}" in second.stderr
     assert "Traceback" not in second.stderr
     assert os.stat(agent.socket_path).st_ino == inode
-    assert agent.api.access("GET", "/healthz")[0] == 200
+    assert agent.control("GET", "/healthz")[0] == 200
     # Another state directory, but the first agent's socket: refused too, socket untouched.
-    third = run_agent("--state-dir", str(agent.state_dir.parent / "other"), "--control-socket", agent.socket_path,
-                      "--listen", f"127.0.0.1:{free_port()}")
+    third = run_agent(
+        "--state-dir",
+        str(agent.state_dir.parent / "other"),
+        "--control-socket",
+        agent.socket_path,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
     assert third.returncode == 2 and "another process is listening" in third.stderr, third.stderr
     assert os.stat(agent.socket_path).st_ino == inode
-    assert agent.api.access("GET", "/healthz")[0] == 200
+    assert agent.control("GET", "/healthz")[0] == 200
 
 
 def test_a_control_socket_path_that_is_not_a_socket_is_refused_not_deleted(tmp_path):
     precious = tmp_path / "notes.txt"
     precious.write_text("do not delete\n")
-    done = run_agent("--state-dir", str(tmp_path / "state"), "--control-socket", str(precious),
-                     "--listen", f"127.0.0.1:{free_port()}")
+    done = run_agent(
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--control-socket",
+        str(precious),
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+    )
     assert done.returncode == 2
     assert "is not a socket" in done.stderr and str(precious) in done.stderr
     assert precious.read_text() == "do not delete\n"

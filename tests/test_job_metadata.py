@@ -101,9 +101,9 @@ def test_two_pods_of_one_training_job_resolve_to_one_job_once_metadata_arrives(k
     assert poller.poll_once()
     jobs = resolver.resolve(processes)
     assert {(j.id, j.name, j.kind, j.namespace) for j in jobs} == {
-        ("k8s-research/llama-ft", "llama-ft", "pod", "research")
+        ("k8s-research.llama-ft", "llama-ft", "pod", "research")
     }
-    info = resolver.info_labels["k8s-research/llama-ft"]
+    info = resolver.info_labels["k8s-research.llama-ft"]
     assert info == {
         "pod": "llama-ft-worker-0,llama-ft-worker-1",
         "pod_uid": f"{UID_0},{UID_1}",
@@ -117,18 +117,20 @@ def test_two_pods_of_one_training_job_resolve_to_one_job_once_metadata_arrives(k
 
 def test_kubelet_going_away_keeps_the_ml_job_and_reports_stale(kubelet, token_file, procs, tmp_path):
     kubelet.pods = [worker(UID_0, 0)]
-    poller = KubeletPoller(KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=60, timeout_s=1.0))
+    poller = KubeletPoller(
+        KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=60, timeout_s=1.0)
+    )
     assert poller.poll_once()
     resolver = JobResolver(Registry(tmp_path), pods=poller)
     process = procs.add(pod_cgroup(UID_0))
-    assert resolver.resolve([process])[0].id == "k8s-research/llama-ft"
+    assert resolver.resolve([process])[0].id == "k8s-research.llama-ft"
     assert poller.health().stale is False
 
     kubelet.stop()
     assert poller.poll_once() is False
     health = poller.health()
     assert (health.up, health.stale, health.errors_total, health.pods) == (False, True, 1, 1)
-    assert resolver.resolve([process])[0].id == "k8s-research/llama-ft"
+    assert resolver.resolve([process])[0].id == "k8s-research.llama-ft"
 
 
 def test_a_pod_without_metadata_asks_for_an_early_poll(kubelet, token_file, procs, tmp_path):
@@ -143,7 +145,7 @@ def test_a_pod_without_metadata_asks_for_an_early_poll(kubelet, token_file, proc
         assert resolver.resolve([process])[0].id == f"pod-{UID_2}"
         # The regular poll is ten minutes away: only the early poll can bring the metadata.
         wait_until(lambda: poller.pod(UID_2) is not None, timeout_s=15, what="an early kubelet poll")
-        assert resolver.resolve([process])[0].id == "k8s-research/nightly-eval"
+        assert resolver.resolve([process])[0].id == "k8s-research.nightly-eval"
         resolver.resolve([process])
         assert kubelet.requests == 2  # once per unknown pod, not once per tick
     finally:
@@ -156,7 +158,7 @@ def test_configured_label_list_is_used(kubelet, token_file, procs, tmp_path):
     assert poller.poll_once()
     resolver = JobResolver(Registry(tmp_path), pods=poller, pod_job_labels=("team.example.com/run",))
     job = resolver.resolve([procs.add(pod_cgroup(UID_0))])[0]
-    assert (job.id, job.name) == ("k8s-ml/run-7", "run-7")
+    assert (job.id, job.name) == ("k8s-ml.run-7", "run-7")
 
 
 def test_slurm_name_and_user_come_from_the_tasks_environment(procs, tmp_path):

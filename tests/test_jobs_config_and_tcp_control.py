@@ -24,6 +24,19 @@ def write_toml(path: Path, text: str) -> Path:
     return path
 
 
+def test_node_name_from_the_downward_api_else_the_host_name(tmp_path):
+    import socket
+
+    assert build(environ={}).node == socket.gethostname()
+    assert build(environ={"NODE_NAME": "gpu-node-7"}).node == "gpu-node-7"
+    assert build(environ={"NODE_NAME": "  "}).node == socket.gethostname()
+    # The agent's own variable wins over the DaemonSet's, the environment over the file.
+    assert build(environ={"NODE_NAME": "a", "JOULEWARD_NODE_NAME": "b"}).node == "b"
+    (tmp_path / "agent.toml").write_text('node_name = "from-file"\n')
+    assert build(tmp_path / "agent.toml", environ={}).node == "from-file"
+    assert build(tmp_path / "agent.toml", environ={"NODE_NAME": "from-env"}).node == "from-env"
+
+
 def test_kubelet_settings_from_toml_and_environment(tmp_path):
     toml = write_toml(
         tmp_path / "agent.toml",
@@ -156,8 +169,7 @@ def test_token_configured_enables_control_on_tcp_with_the_token_only(tmp_path, a
     assert tcp(agent, "POST", "/v1/jobs", body, token="wrong-token-0123456789")[0] == 401
     assert tcp(agent, "POST", "/v1/jobs", body, token=TOKEN[:-1])[0] == 401
     # Every caller must name the pids (a TCP caller has no peer process anyway).
-    assert tcp(agent, "POST", "/v1/jobs", {"name": "no-pids"}, token=TOKEN) == \
-        (422, {"detail": "pids: Field required"})
+    assert tcp(agent, "POST", "/v1/jobs", {"name": "no-pids"}, token=TOKEN) == (422, {"detail": "pids: Field required"})
 
     status, job = tcp(agent, "POST", "/v1/jobs", body, token=TOKEN)
     assert status == 201, job

@@ -63,7 +63,9 @@ def test_malformed_items_are_skipped_and_non_podlists_rejected():
 
 
 def test_kubelet_going_away_keeps_metadata_and_marks_stale(kubelet, token_file):
-    settings = KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=0.05, timeout_s=1.0)
+    settings = KubeletSettings(
+        url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=0.05, timeout_s=1.0
+    )
     poller = KubeletPoller(settings)
     poller.start()
     try:
@@ -91,7 +93,8 @@ def test_kubelet_going_away_keeps_metadata_and_marks_stale(kubelet, token_file):
 def test_pods_gone_from_the_kubelet_are_kept_for_the_retention_only(kubelet, token_file):
     clock = [1000.0]
     poller = KubeletPoller(
-        KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, gone_retention_s=60.0), monotonic=lambda: clock[0]
+        KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, gone_retention_s=60.0),
+        monotonic=lambda: clock[0],
     )
     assert poller.poll_once()
     kubelet.pods = kubelet.pods[:1]
@@ -109,7 +112,8 @@ def test_pods_gone_from_the_kubelet_are_kept_for_the_retention_only(kubelet, tok
 def test_overdue_poll_counts_as_stale(kubelet, token_file):
     clock = [0.0]
     poller = KubeletPoller(
-        KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=30, timeout_s=5), monotonic=lambda: clock[0]
+        KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=30, timeout_s=5),
+        monotonic=lambda: clock[0],
     )
     assert poller.health().stale  # nothing known yet
     poller.poll_once()
@@ -142,3 +146,33 @@ def test_a_redirect_to_another_host_is_not_followed_with_the_token(kubelet, toke
         assert elsewhere.authorizations == []  # nothing reached the other host, token or not
     finally:
         elsewhere.stop()
+
+
+def test_the_controlling_owner_and_its_uid_come_from_owner_references():
+    from agent.workloads.kubelet import parse_pod
+
+    pod = parse_pod(
+        {
+            "metadata": {
+                "uid": "p1",
+                "name": "w-0",
+                "namespace": "ml",
+                "ownerReferences": [
+                    {"kind": "Node", "name": "n1", "uid": "node-uid"},
+                    {
+                        "kind": "PyTorchJob",
+                        "name": "ft",
+                        "uid": "6f1c1a7e-0b1d-4c55-9a3e-1d2b3c4d5e6f",
+                        "controller": True,
+                    },
+                ],
+            }
+        }
+    )
+    assert (pod.owner_kind, pod.owner_name, pod.owner_uid) == (
+        "PyTorchJob",
+        "ft",
+        "6f1c1a7e-0b1d-4c55-9a3e-1d2b3c4d5e6f",
+    )
+    bare = parse_pod({"metadata": {"uid": "p2", "name": "x", "namespace": "ml"}})
+    assert (bare.owner_kind, bare.owner_uid) == ("", "")

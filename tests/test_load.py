@@ -73,7 +73,7 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
         pool += [subprocess.Popen(["sleep", "600"]) for _ in range(POOL)]
         holder: dict[int, str] = {}
         started = time.monotonic()
-        with agent.api.access() as control:
+        with agent.control() as control:
             index = 0
             while (now := time.monotonic()) - started < duration_s:
                 due = started + index / rate_per_s
@@ -84,8 +84,9 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
                     finished = control.post(f"/v1/jobs/{holder.pop(pid)}/finish")
                     if finished.status_code != 200:
                         failures.append(f"finish on {pid}: {finished.status_code} {finished.text}")
-                response = control.post("/v1/jobs", json={"name": f"load-{index}", "pids": [pid],
-                                                           "labels": {"batch": str(index % 7)}})
+                response = control.post(
+                    "/v1/jobs", json={"name": f"load-{index}", "pids": [pid], "labels": {"batch": str(index % 7)}}
+                )
                 if response.status_code != 201:
                     failures.append(f"register {index}: {response.status_code} {response.text}")
                 else:

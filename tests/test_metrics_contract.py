@@ -37,9 +37,9 @@ def test_every_exported_family_is_documented(tmp_path, processes, agents):
         processes.append(worker)
     agent = AgentProcess(tmp_path / "state", sysfs=tmp_path / "sys", interval_s=0.2, env=env)
     agents.append(agent)
-    status, job = agent.api.access("POST", "/v1/jobs", {"name": "doc", "pids": [worker.pid], "labels": {"team": "x"}})
+    status, job = agent.control("POST", "/v1/jobs", {"name": "doc", "pids": [worker.pid], "labels": {"team": "x"}})
     assert status == 201
-    assert agent.api.access("POST", f"/v1/jobs/{job['id']}/work", {"unit": "samples", "count": 8})[0] == 200
+    assert agent.control("POST", f"/v1/jobs/{job['id']}/work", {"unit": "samples", "count": 8})[0] == 200
     tree.zones["intel-rapl:0"].add_j(5)
     agent.wait_ticks(3)
     text = agent.metrics_text()

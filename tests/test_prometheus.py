@@ -28,9 +28,15 @@ def agent_with_jobs(tmp_path, processes, agents):
     agents.append(agent)
     sleeper = subprocess.Popen(["sleep", "120"])
     processes.append(sleeper)
-    status, job = agent.api.access("POST", "/v1/jobs", {
-        "name": 'quote " back \\ slash ünï', "pids": [sleeper.pid],
-        "labels": {"team": "vision", "run_id": "42", "pod_name": 'a"b'}})
+    status, job = agent.control(
+        "POST",
+        "/v1/jobs",
+        {
+            "name": 'quote " back \\ slash ünï',
+            "pids": [sleeper.pid],
+            "labels": {"team": "vision", "run_id": "42", "pod_name": 'a"b'},
+        },
+    )
     assert status == 201, job
     for _ in range(3):
         tree.zones["intel-rapl:0"].add_j(20)
@@ -132,3 +138,40 @@ def _up(port: int) -> bool:
     except OSError:
         return False
     return bool(result) and result[0]["value"][1] == "1"
+
+
+def _scrape(port: int, accept: str | None) -> tuple[str, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.headers["Content-Type"], response.read().decode()
+
+
+def test_metrics_negotiate_openmetrics_with_created_for_job_counters(agent_with_jobs):
+    from prometheus_client.openmetrics.parser import (
+        text_string_to_metric_families as parse_openmetrics,
+    )
+
+    agent, job = agent_with_jobs
+    # What Prometheus sends by default: OpenMetrics first.
+    prometheus_accept = (
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+        "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    )
+    content_type, text = _scrape(agent.port, prometheus_accept)
+    assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+    assert text.endswith("# EOF\n")
+    families = {family.name: family for family in parse_openmetrics(text)}  # strict: raises on a bad exposition
+    started = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{agent.port}/v1/jobs/{job['id']}", timeout=10).read()
+    )["first_seen"]
+    for name in ("jouleward_job_energy_joules", "jouleward_job_cpu_seconds", "jouleward_job_emissions_grams"):
+        created = [s for s in families[name].samples if s.name == f"{name}_created" and s.labels["job_id"] == job["id"]]
+        assert created and all(s.value == pytest.approx(started, abs=1e-3) for s in created), name
+    # Node counters carry no _created: only per-job counters start with their job.
+    assert not [s for s in families["jouleward_node_energy_joules"].samples if s.name.endswith("_created")]
+    # Anything else, and no Accept header at all, gets the classic text format, without _created.
+    for accept in (None, "text/plain;version=0.0.4", "*/*"):
+        content_type, plain = _scrape(agent.port, accept)
+        assert content_type == "text/plain; version=0.0.4; charset=utf-8", accept
+        assert "_created" not in plain and "# EOF" not in plain
+        assert "jouleward_job_energy_joules_total{" in plain

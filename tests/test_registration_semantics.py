@@ -2,6 +2,7 @@
 socket: a process belongs to one job, threads and absent pids are refused,
 a caller in another pid namespace is understood, and a registration that
 lands while a tick runs is not finished by that tick."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def test_a_registration_during_a_tick_is_not_finished_by_that_tick(agent, spawne
     for index in range(150):
         proc = subprocess.Popen(["sleep", "120"])
         spawned.append(proc)
-        status, job = http_request(UnixHTTPConnection(conn_path), "POST", "/v1/jobs",
-                                   {"name": f"fresh-{index}", "pids": [proc.pid]})
+        status, job = http_request(
+            UnixHTTPConnection(conn_path), "POST", "/v1/jobs", {"name": f"fresh-{index}", "pids": [proc.pid]}
+        )
         assert status == 201, job
         jobs.append(job["id"])
     agent.wait_ticks(4)
@@ -66,37 +68,41 @@ def test_a_registration_during_a_tick_is_not_finished_by_that_tick(agent, spawne
     # And a job whose process really exits is still finished.
     short = subprocess.Popen(["sleep", "0.3"])
     spawned.append(short)
-    _, job = agent.api.access("POST", "/v1/jobs", {"name": "short", "pids": [short.pid]})
+    _, job = agent.control("POST", "/v1/jobs", {"name": "short", "pids": [short.pid]})
     short.wait()
-    wait_until(lambda: agent.get(f"/v1/jobs/{job['id']}")[1]["running"] is False, timeout_s=10,
-               what="the exited job to finish")
+    wait_until(
+        lambda: agent.get(f"/v1/jobs/{job['id']}")[1]["running"] is False, timeout_s=10, what="the exited job to finish"
+    )
 
 
 def test_a_process_belongs_to_one_registered_job(agent, spawned):
     parent = subprocess.Popen(["sh", "-c", "sleep 120 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
     spawned.append(parent)
     child_pid = int(parent.stdout.readline())
-    status, first = agent.api.access("POST", "/v1/jobs", {"name": "first", "pids": [parent.pid]})
+    status, first = agent.control("POST", "/v1/jobs", {"name": "first", "pids": [parent.pid]})
     assert status == 201
-    status, again = agent.api.access("POST", "/v1/jobs", {"name": "again", "pids": [parent.pid]})
+    status, again = agent.control("POST", "/v1/jobs", {"name": "again", "pids": [parent.pid]})
     assert status == 409
     assert again["detail"] == f"pid {parent.pid} already belongs to registered job {first['id']!r}"
     # A descendant is the job's too, seen by a tick or not.
-    status, nested = agent.api.access("POST", "/v1/jobs", {"name": "nested", "pids": [child_pid]})
+    status, nested = agent.control("POST", "/v1/jobs", {"name": "nested", "pids": [child_pid]})
     assert status == 409
-    assert nested["detail"] == (f"pid {child_pid} already belongs to registered job {first['id']!r} "
-                                f"through its ancestor {parent.pid}")
+    assert nested["detail"] == (
+        f"pid {child_pid} already belongs to registered job {first['id']!r} through its ancestor {parent.pid}"
+    )
     # Nothing was half applied: the first job still has both processes.
     agent.wait_ticks(3)
     assert agent.get(f"/v1/jobs/{first['id']}")[1]["processes"] == 2
     # Once the first job is finished, its processes are free again.
-    assert agent.api.access("POST", f"/v1/jobs/{first['id']}/finish", {})[0] == 200
-    status, later = agent.api.access("POST", "/v1/jobs", {"name": "later", "pids": [child_pid]})
+    assert agent.control("POST", f"/v1/jobs/{first['id']}/finish", {})[0] == 200
+    status, later = agent.control("POST", "/v1/jobs", {"name": "later", "pids": [child_pid]})
     assert status == 201 and later["name"] == "later"
 
 
-THREADED = "import threading, time\nt = threading.Thread(target=time.sleep, args=(120,)); t.start()\n" \
-           "print(t.native_id, flush=True); t.join()"
+THREADED = (
+    "import threading, time\nt = threading.Thread(target=time.sleep, args=(120,)); t.start()\n"
+    "print(t.native_id, flush=True); t.join()"
+)
 
 
 def test_thread_ids_and_missing_pids_are_refused(agent, spawned):
@@ -104,13 +110,13 @@ def test_thread_ids_and_missing_pids_are_refused(agent, spawned):
     spawned.append(proc)
     tid = int(proc.stdout.readline())
     assert tid != proc.pid and Path(f"/proc/{tid}/stat").exists()  # the kernel answers for a tid too
-    status, answer = agent.api.access("POST", "/v1/jobs", {"name": "thread", "pids": [tid]})
+    status, answer = agent.control("POST", "/v1/jobs", {"name": "thread", "pids": [tid]})
     assert status == 400
     assert answer["detail"] == f"pid {tid}: a thread of process {proc.pid}, not a process; register the process"
     # No pids: not the HTTP client's own short-lived process, but a 422.
-    status, answer = agent.api.access("POST", "/v1/jobs", {"name": "who"})
+    status, answer = agent.control("POST", "/v1/jobs", {"name": "who"})
     assert status == 422 and answer["detail"] == "pids: Field required"
-    status, answer = agent.api.access("POST", "/v1/jobs", {"name": "ok", "pids": [proc.pid]})
+    status, answer = agent.control("POST", "/v1/jobs", {"name": "ok", "pids": [proc.pid]})
     assert status == 201
 
 
@@ -132,8 +138,22 @@ sys.stdin.readline()  # live until the test says
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="a new pid namespace needs root")
 def test_a_caller_in_another_pid_namespace_registers_itself_by_its_own_pid(agent, spawned):
-    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", NAMESPACED_CLIENT,
-                             agent.socket_path, str(REPO)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            sys.executable,
+            "-c",
+            NAMESPACED_CLIENT,
+            agent.socket_path,
+            str(REPO),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     spawned.append(proc)
     answer = json.loads(proc.stdout.readline())
     assert answer["pid_here"] == 1  # the namespace's first process
@@ -146,8 +166,11 @@ def test_a_caller_in_another_pid_namespace_registers_itself_by_its_own_pid(agent
     proc.stdin.write("\n")
     proc.stdin.flush()
     proc.wait(10)
-    wait_until(lambda: agent.get(f"/v1/jobs/{job['id']}")[1]["running"] is False, timeout_s=10,
-               what="the namespaced client's job to finish when the client exits")
+    wait_until(
+        lambda: agent.get(f"/v1/jobs/{job['id']}")[1]["running"] is False,
+        timeout_s=10,
+        what="the namespaced client's job to finish when the client exits",
+    )
 
 
 def test_concurrent_registrations_of_one_process_give_one_job(agent, spawned):
@@ -156,8 +179,9 @@ def test_concurrent_registrations_of_one_process_give_one_job(agent, spawned):
     results: list[int] = []
 
     def claim(index: int) -> None:
-        status, _ = http_request(UnixHTTPConnection(agent.socket_path), "POST", "/v1/jobs",
-                                 {"name": f"claim-{index}", "pids": [proc.pid]})
+        status, _ = http_request(
+            UnixHTTPConnection(agent.socket_path), "POST", "/v1/jobs", {"name": f"claim-{index}", "pids": [proc.pid]}
+        )
         results.append(status)
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]

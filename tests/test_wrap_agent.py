@@ -1,6 +1,7 @@
 """``jouleward wrap`` and the read commands against a real agent: where they
 find it, what the last partial interval is charged to, the exit status when
 the agent or the CSV file misbehave, and job ids that hold ``/``."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def jouleward(*args: str, env: dict[str, str] | None = None, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout_s, env=env or clean_env(), check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=env or clean_env(),
+        check=False,
+    )
 
 
 def test_the_last_partial_interval_is_charged_to_the_job(tmp_path):
@@ -32,8 +40,18 @@ def test_the_last_partial_interval_is_charged_to_the_job(tmp_path):
     agent = AgentProcess(tmp_path / "state", interval_s=30)
     try:
         report = tmp_path / "r.json"
-        done = jouleward("wrap", "--require-agent", "--socket", agent.socket_path, "--report", str(report),
-                         "--", sys.executable, "-c", BURN.format(s=1.5))
+        done = jouleward(
+            "wrap",
+            "--require-agent",
+            "--socket",
+            agent.socket_path,
+            "--report",
+            str(report),
+            "--",
+            sys.executable,
+            "-c",
+            BURN.format(s=1.5),
+        )
         assert done.returncode == 0, done.stderr
         summary = json.loads(report.read_text())
         assert summary["mode"] == "agent"
@@ -47,9 +65,25 @@ def test_the_last_partial_interval_is_charged_to_the_job(tmp_path):
 
 def test_wrap_keeps_the_commands_status_when_the_agent_vanishes(tmp_path):
     agent = AgentProcess(tmp_path / "state")
-    wrapped = subprocess.Popen([sys.executable, "-m", "agent.cli", "wrap", "--require-agent", "--socket",
-                                agent.socket_path, "--", "sh", "-c", "sleep 2; exit 7"], cwd=REPO, env=clean_env(),
-                               stderr=subprocess.PIPE, text=True)
+    wrapped = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "wrap",
+            "--require-agent",
+            "--socket",
+            agent.socket_path,
+            "--",
+            "sh",
+            "-c",
+            "sleep 2; exit 7",
+        ],
+        cwd=REPO,
+        env=clean_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_until(lambda: any(j["running"] for j in agent.get("/v1/jobs")[1]), timeout_s=20, what="registration")
         assert agent.stop() == 0
@@ -95,8 +129,9 @@ def test_wrap_finds_the_agent_through_the_same_flags_config_and_environment_as_e
 
 def test_by_default_clients_look_where_the_shipped_deployments_put_the_socket():
     unit = (REPO / "deploy/systemd/jouleward.service").read_text()
-    unit_socket = next(line.split("=", 2)[2] for line in unit.splitlines()
-                       if line.startswith("Environment=JOULEWARD_CONTROL_SOCKET="))
+    unit_socket = next(
+        line.split("=", 2)[2] for line in unit.splitlines() if line.startswith("Environment=JOULEWARD_CONTROL_SOCKET=")
+    )
     daemonset = (REPO / "deploy/kubernetes/base/agent/daemonset.yaml").read_text().splitlines()
     index = next(i for i, line in enumerate(daemonset) if "name: JOULEWARD_CONTROL_SOCKET" in line)
     pod_socket = daemonset[index + 1].split("value:", 1)[1].strip()
@@ -105,6 +140,7 @@ def test_by_default_clients_look_where_the_shipped_deployments_put_the_socket():
     # The state directory's own socket first (where `jouleward run` puts it by default).
     assert candidates[0] == Config().state_dir / "control.sock"
     from agent.client import DEFAULT_CONTROL_SOCKETS
+
     assert set(DEFAULT_CONTROL_SOCKETS) <= set(candidates)
 
 
@@ -113,8 +149,17 @@ def test_a_wrap_inside_a_registered_job_runs_standalone_instead_of_stealing_it(t
     try:
         inner_report = tmp_path / "inner.json"
         inner = f"{sys.executable} -m agent.cli wrap --report {inner_report} -- sh -c 'exit 4'"
-        done = jouleward("wrap", "--require-agent", "--socket", agent.socket_path, "--", "sh", "-c",
-                         f"{inner}; echo inner=$?", env=clean_env(JOULEWARD_CONTROL_SOCKET=agent.socket_path))
+        done = jouleward(
+            "wrap",
+            "--require-agent",
+            "--socket",
+            agent.socket_path,
+            "--",
+            "sh",
+            "-c",
+            f"{inner}; echo inner=$?",
+            env=clean_env(JOULEWARD_CONTROL_SOCKET=agent.socket_path),
+        )
         assert done.returncode == 0, done.stderr
         assert "inner=4" in done.stdout
         assert "already belongs to registered job" in done.stderr and "measuring this command standalone" in done.stderr
@@ -134,26 +179,40 @@ def test_job_ids_with_a_slash_are_served_by_id_report_and_the_cli(tmp_path):
     for pid, uid in ((4242, POD_UID), (4243, WORK_UID)):
         procfs.add(pid, boot_ticks() - 100, 0)
         (procfs.root / str(pid) / "cgroup").write_text(
-            f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/cri-containerd-{'e' * 64}.scope\n")
-    kubelet = FakeKubelet(None, [pod_item(POD_UID, "llama-ft-worker-0", "research",
-                                          {"training.kubeflow.org/job-name": "llama-ft"}),
-                                 # A job whose name is also a sub-resource's: only its encoded id is unambiguous.
-                                 pod_item(WORK_UID, "work-0", "research", {"batch.kubernetes.io/job-name": "work"})],
-                          tls=False)
+            f"0::/kubepods.slice/kubepods-pod{uid.replace('-', '_')}.slice/cri-containerd-{'e' * 64}.scope\n"
+        )
+    kubelet = FakeKubelet(
+        None,
+        [
+            pod_item(POD_UID, "llama-ft-worker-0", "research", {"training.kubeflow.org/job-name": "llama-ft"}),
+            # A job whose name is also a sub-resource's: only its encoded id is unambiguous.
+            pod_item(WORK_UID, "work-0", "research", {"batch.kubernetes.io/job-name": "work"}),
+        ],
+        tls=False,
+    )
     Powercap(tmp_path / "sys")
-    agent = AgentProcess(tmp_path / "state", "--procfs", str(procfs.root), sysfs=tmp_path / "sys",
-                         env={"JOULEWARD_KUBELET_ENABLED": "true", "JOULEWARD_KUBELET_URL": kubelet.url,
-                              "JOULEWARD_KUBELET_TOKEN_FILE": ""})
+    agent = AgentProcess(
+        tmp_path / "state",
+        "--procfs",
+        str(procfs.root),
+        sysfs=tmp_path / "sys",
+        env={
+            "JOULEWARD_KUBELET_ENABLED": "true",
+            "JOULEWARD_KUBELET_URL": kubelet.url,
+            "JOULEWARD_KUBELET_TOKEN_FILE": "",
+        },
+    )
     try:
         job_id = "k8s-research/llama-ft"
-        wait_until(lambda: any(j["id"] == job_id for j in agent.get("/v1/jobs")[1]), timeout_s=20,
-                   what="the pod's job")
+        wait_until(lambda: any(j["id"] == job_id for j in agent.get("/v1/jobs")[1]), timeout_s=20, what="the pod's job")
         for path in ("/v1/jobs/k8s-research%2Fllama-ft", "/v1/jobs/k8s-research/llama-ft"):
             status, job = agent.get(path)
             assert status == 200 and job["id"] == job_id and job["namespace"] == "research", (path, job)
-            assert agent.api.access("GET", path)[1]["id"] == job_id
-        for path in ("/v1/jobs/k8s-research%2Fllama-ft/report?format=json",
-                     "/v1/jobs/k8s-research/llama-ft/report?format=json"):
+            assert agent.control("GET", path)[1]["id"] == job_id
+        for path in (
+            "/v1/jobs/k8s-research%2Fllama-ft/report?format=json",
+            "/v1/jobs/k8s-research/llama-ft/report?format=json",
+        ):
             status, rows = agent.get(path)
             assert status == 200 and rows[0]["run_id"] == job_id, (path, rows)
         assert agent.get("/v1/jobs/k8s-research%2Fnope")[0] == 404
@@ -183,7 +242,7 @@ def test_jobs_and_report_reach_the_agent_over_its_control_socket_when_the_listen
     agent = AgentProcess(tmp_path / "state")
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        _, job = agent.api.access("POST", "/v1/jobs", {"name": "via-socket", "pids": [sleeper.pid]})
+        _, job = agent.control("POST", "/v1/jobs", {"name": "via-socket", "pids": [sleeper.pid]})
         # This shell's configuration names a port nothing listens on and an empty state directory.
         elsewhere = ("--listen", f"127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "empty"))
         env = clean_env(JOULEWARD_CONTROL_SOCKET=agent.socket_path)

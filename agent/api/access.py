@@ -135,8 +135,9 @@ def process_uids(pid: int, procfs: Path = Path("/proc")) -> tuple[int, int]:
     uids = None
     for line in text.splitlines():
         if line.startswith("Tgid:") and int(line.split()[1]) != pid:
-            raise ControlError(400, f"pid {pid}: a thread of process {line.split()[1]}, not a process; "
-                                    f"register the process")
+            raise ControlError(
+                400, f"pid {pid}: a thread of process {line.split()[1]}, not a process; register the process"
+            )
         if line.startswith("Uid:"):
             fields = line.split()
             uids = int(fields[1]), int(fields[2])
@@ -178,8 +179,11 @@ def pids_as_seen_here(caller: Caller, pids: list[int], procfs: Path = Path("/pro
     own = theirs[-1]  # the caller's pid in its own namespace
     for pid in pids:
         if pid != own:
-            raise ControlError(400, f"pids: the caller is in another pid namespace, where it is pid {own}; "
-                                    f"pid {pid} there is not pid {pid} here, so it may register only itself")
+            raise ControlError(
+                400,
+                f"pids: the caller is in another pid namespace, where it is pid {own}; "
+                f"pid {pid} there is not pid {pid} here, so it may register only itself",
+            )
     return [caller.pid]
 
 

@@ -24,9 +24,7 @@ from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_
 from agent.api.peercred import peer_of
 from agent.workloads.registry import AlreadyRegistered, RegistrationError, UnknownJob
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)
-}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)}
 
 
 def caller_of(request: Request, tcp_token: str | None) -> Caller:

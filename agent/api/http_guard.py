@@ -7,6 +7,7 @@ closed, and on the TCP listener a control request is authenticated before
 a byte of its body is read or parsed. Errors have the API's shape,
 ``{"detail": "..."}``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,10 +29,14 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_HEADER_BYTES = 16 * 1024  # h11's incomplete-event limit: request line plus headers
 
 
-async def _answer(send: Send, status: int, detail: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
+async def _answer(send: Send, status: int, detail: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close"), *extra]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *extra,
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -68,13 +73,21 @@ class RequestGuard:
         if self.bearer_token is not None and method not in READ_METHODS:
             authorization = _header(scope, b"authorization")
             if not bearer_ok(authorization.decode("latin-1") if authorization else None, self.bearer_token):
-                await _answer(send, 401, "control requests need the Unix control socket or a valid bearer token",
-                              [(b"www-authenticate", b"Bearer")])
+                await _answer(
+                    send,
+                    401,
+                    "control requests need the Unix control socket or a valid bearer token",
+                    ((b"www-authenticate", b"Bearer"),),
+                )
                 return
         declared = _header(scope, b"content-length")
         if declared is not None and int(declared) > self.max_body_bytes:  # h11 has checked it is a number
-            await _answer(send, 413, f"request body of {int(declared)} bytes is over the limit of "
-                                     f"{self.max_body_bytes} bytes (max_request_body_bytes)")
+            await _answer(
+                send,
+                413,
+                f"request body of {int(declared)} bytes is over the limit of "
+                f"{self.max_body_bytes} bytes (max_request_body_bytes)",
+            )
             return
         body = await self._read_body(scope, receive, send)
         if body is None:
@@ -109,16 +122,16 @@ class RequestGuard:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
             except TimeoutError:
-                await _answer(send, 408, f"request body not received within {self.timeout_s:g} s "
-                                         f"(request_timeout_s)")
+                await _answer(send, 408, f"request body not received within {self.timeout_s:g} s (request_timeout_s)")
                 return None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.max_body_bytes:
-                await _answer(send, 413, f"request body is over the limit of {self.max_body_bytes} bytes "
-                                         f"(max_request_body_bytes)")
+                await _answer(
+                    send, 413, f"request body is over the limit of {self.max_body_bytes} bytes (max_request_body_bytes)"
+                )
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -42,14 +42,20 @@ def _whole(value: Any) -> Any:
 
 
 class JobRegistration(BaseModel):
-    name: str = Field(description="Human name of the job: 1-128 characters, no control characters",
-                      json_schema_extra={"pattern": NAME_PATTERN})
-    pids: Annotated[list[Annotated[int, Field(strict=True, gt=0, lt=2**31), BeforeValidator(_whole)]],
-                    Field(min_length=1, max_length=MAX_PIDS)] \
-        = Field(description="Root processes of the job (required); their descendants join it")
-    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS,
-                                   description="Extra metadata, exported on jouleward_job_info as label_<key>",
-                                   json_schema_extra=LABELS_SCHEMA)
+    name: str = Field(
+        description="Human name of the job: 1-128 characters, no control characters",
+        json_schema_extra={"pattern": NAME_PATTERN},
+    )
+    pids: Annotated[
+        list[Annotated[int, Field(strict=True, gt=0, lt=2**31), BeforeValidator(_whole)]],
+        Field(min_length=1, max_length=MAX_PIDS),
+    ] = Field(description="Root processes of the job (required); their descendants join it")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_LABELS,
+        description="Extra metadata, exported on jouleward_job_info as label_<key>",
+        json_schema_extra=LABELS_SCHEMA,
+    )
 
     @field_validator("name")
     @classmethod

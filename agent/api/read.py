@@ -21,12 +21,13 @@ from agent.api.control import control_router
 from agent.api.control import install_error_handler as install_control_error_handler
 from agent.api.http_guard import RequestGuard
 from agent.api.models import ErrorOut, JobOut, job_out
-from agent.ledger.totals import JobRecord
+from agent.model import JobView
 from agent.pipeline.daemon import Agent
 from exporters import report
 from exporters.prometheus import RenderCache
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 class JobIdConvertor(Convertor[str]):
@@ -106,11 +107,16 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def _add_read_routes(app: FastAPI, agent: Agent) -> None:
-    cache = RenderCache(lambda: agent.pipeline.snapshot)
+    cache = RenderCache(lambda: agent.snapshot, node=agent.config.node, hostname=agent.config.hostname)
 
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}}}})
-    def metrics() -> Response:
-        return Response(cache.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}, OPENMETRICS_CONTENT_TYPE: {}}}},
+    )
+    def metrics(request: Request) -> Response:
+        body, content_type = cache.negotiate(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/healthz", responses={503: {"model": ErrorOut}})
     def healthz() -> Any:
@@ -118,13 +124,14 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         since = agent.seconds_since_tick()
         limit = agent.config.sampler_stall_after_s
         if since is not None and since > limit:
-            return JSONResponse({"detail": f"sampler stalled: no tick for {since:.0f} s "
-                                           f"(sampler_stall_s {limit:g} s)"}, status_code=503)
+            return JSONResponse(
+                {"detail": f"sampler stalled: no tick for {since:.0f} s (sampler_stall_s {limit:g} s)"}, status_code=503
+            )
         return {"status": "ok", "ticks": agent.ticks}
 
     @app.get("/readyz", responses={503: {"model": ErrorOut}})
     def readyz() -> Any:
-        snap = agent.pipeline.snapshot
+        snap = agent.snapshot
         age = time.time() - snap.timestamp_unix
         ready = agent.ticks >= 2 and age < max(5 * agent.config.interval_s, 10.0)
         if not ready:
@@ -136,7 +143,7 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
 
     @app.get("/v1/node", response_model=NodeOut)
     def node() -> NodeOut:
-        snap = agent.pipeline.snapshot
+        snap = agent.snapshot
         return NodeOut(
             timestamp=snap.timestamp_unix,
             cpu_utilization_ratio=snap.cpu_utilization_ratio,
@@ -169,7 +176,7 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         hold ``/`` (``k8s-<namespace>/<job>``): read from the raw path, an
         encoded ``%2F`` is part of the id and only a literal ``/report`` ends it."""
         raw = request.scope.get("raw_path") or request.url.path.encode()
-        tail = raw.split(b"?", 1)[0][len(b"/v1/jobs/"):]
+        tail = raw.split(b"?", 1)[0][len(b"/v1/jobs/") :]
         parts = tail.split(b"/")
         if len(parts) > 1 and parts[-1] == b"report":
             job_id = unquote(b"/".join(parts[:-1]).decode("latin-1"))
@@ -180,16 +187,16 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
             return job_id, True
         return unquote(tail.decode("latin-1")), False
 
-    def _record(job_id: str) -> JobRecord:
+    def _record(job_id: str) -> JobView:
         record = agent.ledger.job(job_id)
         if record is None:
             raise HTTPException(404, f"no job {job_id!r}")
         return record
 
-    def _report(record: JobRecord, format: str) -> Response:
+    def _report(record: JobView, format: str) -> Response:
         if format not in report.FORMATS:
             raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
-        gpus = sum(1 for d in agent.pipeline.snapshot.devices if d.domain == "gpu")
+        gpus = sum(1 for d in agent.snapshot.devices if d.domain == "gpu")
         site = report.site_from_config(agent.config.carbon, agent.config.procfs, gpus)
         row = report.report_row(
             report.job_emissions(job_out(record).model_dump(), site, agent.config.carbon.pue, time.time())
@@ -199,8 +206,11 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
 
     # Declared before the job route: both take ids with "/", this one ends in /report.
     @app.get("/v1/jobs/{job_id:jobid}/report", response_class=Response, responses={404: {"model": ErrorOut}})
-    def job_report(job_id: str, request: Request,
-                   format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})] = "csv") -> Any:
+    def job_report(
+        job_id: str,
+        request: Request,
+        format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})] = "csv",
+    ) -> Any:
         """The job in codecarbon's emissions.csv format (csv, json or text)."""
         target, is_report = _target(request)
         if not is_report:
@@ -249,8 +259,12 @@ def create_read_app(agent: Agent, control_token: str | None = None) -> FastAPI:
     _add_read_routes(app, agent)
     # Authenticated before the body is read: an unauthenticated caller learns nothing of validation.
     app.add_middleware(EncodedSlashes)
-    app.add_middleware(RequestGuard, max_body_bytes=agent.config.max_request_body_bytes,
-                       timeout_s=agent.config.request_timeout_s, bearer_token=control_token or None)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=agent.config.max_request_body_bytes,
+        timeout_s=agent.config.request_timeout_s,
+        bearer_token=control_token or None,
+    )
     if control_token:
         install_control_error_handler(app)
         app.include_router(control_router(agent, tcp_token=control_token))
@@ -263,8 +277,9 @@ def create_control_app(agent: Agent) -> FastAPI:
     _install_error_handlers(app)
     _add_read_routes(app, agent)
     app.add_middleware(EncodedSlashes)
-    app.add_middleware(RequestGuard, max_body_bytes=agent.config.max_request_body_bytes,
-                       timeout_s=agent.config.request_timeout_s)
+    app.add_middleware(
+        RequestGuard, max_body_bytes=agent.config.max_request_body_bytes, timeout_s=agent.config.request_timeout_s
+    )
 
     # Register, finish and work units, with the caller's uid checked (agent.api.access).
     install_control_error_handler(app)

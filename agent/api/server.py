@@ -51,8 +51,10 @@ def lock_state_dir(state_dir: Path) -> int:
     except OSError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         os.close(fd)
-        raise ServeError(f"--state-dir {state_dir} is in use by another agent"
-                         f"{f' (pid {holder})' if holder.isdigit() else ''}; one agent per state directory") from None
+        raise ServeError(
+            f"--state-dir {state_dir} is in use by another agent"
+            f"{f' (pid {holder})' if holder.isdigit() else ''}; one agent per state directory"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -160,16 +162,39 @@ def _serve_locked(config: Config, stop: threading.Event | None) -> None:
     agent.tick()  # baseline, so the first scrape already has devices
     stop = stop or threading.Event()
 
-    limits: dict[str, Any] = {"log_level": "warning", "access_log": False, "lifespan": "off",
-              "timeout_keep_alive": max(1, int(config.request_timeout_s)),
-              "h11_max_incomplete_event_size": MAX_HEADER_BYTES}
+    limits: dict[str, Any] = {
+        "log_level": "warning",
+        "access_log": False,
+        "lifespan": "off",
+        "timeout_keep_alive": max(1, int(config.request_timeout_s)),
+        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
+    }
     servers = [
-        (uvicorn.Server(uvicorn.Config(create_read_app(agent, control_token), host=host, port=port,
-                                       http=with_header_timeout(DeadlineH11Protocol, config.request_timeout_s),
-                                       **limits)), tcp_sock, f"the HTTP listener on {host}:{port}"),
-        (uvicorn.Server(uvicorn.Config(create_control_app(agent), uds=str(socket_path),
-                                       http=with_header_timeout(PeerCredH11Protocol, config.request_timeout_s),
-                                       **limits)), unix_sock, f"the control socket server on {socket_path}"),
+        (
+            uvicorn.Server(
+                uvicorn.Config(
+                    create_read_app(agent, control_token),
+                    host=host,
+                    port=port,
+                    http=with_header_timeout(DeadlineH11Protocol, config.request_timeout_s),
+                    **limits,
+                )
+            ),
+            tcp_sock,
+            f"the HTTP listener on {host}:{port}",
+        ),
+        (
+            uvicorn.Server(
+                uvicorn.Config(
+                    create_control_app(agent),
+                    uds=str(socket_path),
+                    http=with_header_timeout(PeerCredH11Protocol, config.request_timeout_s),
+                    **limits,
+                )
+            ),
+            unix_sock,
+            f"the control socket server on {socket_path}",
+        ),
     ]
     ended: list[str] = []  # what stopped first, and why
 
@@ -201,8 +226,13 @@ def _serve_locked(config: Config, stop: threading.Event | None) -> None:
         signal.signal(signal.SIGINT, request_stop)
     sampler.start()
     http_thread.start()
-    log.info("jouleward listening on %s:%d, control socket %s, sensors: %s", host, port, socket_path,
-             ", ".join(sensor.name for sensor in agent.sensor_set.sensors))
+    log.info(
+        "jouleward listening on %s:%d, control socket %s, sensors: %s",
+        host,
+        port,
+        socket_path,
+        ", ".join(sensor.name for sensor in agent.sensor_set.sensors),
+    )
     failure = ""
     while not stop.wait(0.5):
         if ended or not http_thread.is_alive():

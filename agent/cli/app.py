@@ -129,8 +129,9 @@ def _report(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     try:
-        rows = json.loads(AgentReader(config.listen, control_sockets=config.control_socket_candidates)
-                          .report(args.job_id, "json"))
+        rows = json.loads(
+            AgentReader(config.listen, control_sockets=config.control_socket_candidates).report(args.job_id, "json")
+        )
     except AgentNotRunning:
         jobs = _jobs_from_agent_or_ledger(config, args.job_id)
         site = report.site_from_config(config.carbon, config.procfs)
@@ -171,8 +172,9 @@ def _top(args: argparse.Namespace) -> int:
     from agent.cli.top import run_curses, snapshot
 
     config = config_from_args(args)
-    reader = AgentReader(config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)),
-                         control_sockets=config.control_socket_candidates)
+    reader = AgentReader(
+        config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)), control_sockets=config.control_socket_candidates
+    )
     if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
         try:
             sys.stdout.write(snapshot(reader))

@@ -96,8 +96,14 @@ def _attribution_findings(config: Config) -> list[Finding]:
     neither shipped deployment grants. Found by trying."""
     found = _other_users_process(config.procfs)
     if found is None:
-        return [Finding("procfs", False, False, "no process of another user runs now: cannot tell whether other "
-                        "users' environ and exe are readable")]
+        return [
+            Finding(
+                "procfs",
+                False,
+                False,
+                "no process of another user runs now: cannot tell whether other users' environ and exe are readable",
+            )
+        ]
     pid, uid = found
     try:
         (config.procfs / str(pid) / "environ").read_bytes()
@@ -105,15 +111,28 @@ def _attribution_findings(config: Config) -> list[Finding]:
     except FileNotFoundError:
         return [Finding("procfs", False, False, f"pid {pid} (uid {uid}) exited while being read; run doctor again")]
     except PermissionError as exc:
-        return [Finding("procfs", False, False,
-                        f"cannot read {exc.filename} of uid {uid}: {exc.strerror}. Without CAP_SYS_PTRACE (the "
-                        "shipped systemd unit and DaemonSet grant none) JOULEWARD_JOB labels, Slurm job names and "
-                        "exe rules see only the agent's own uid's processes; use cmdline rules, the jouleward.io/job "
-                        "pod annotation, or register jobs (a Slurm prolog; docs/jobs.md)")]
+        return [
+            Finding(
+                "procfs",
+                False,
+                False,
+                f"cannot read {exc.filename} of uid {uid}: {exc.strerror}. Without CAP_SYS_PTRACE (the "
+                "shipped systemd unit and DaemonSet grant none) JOULEWARD_JOB labels, Slurm job names and "
+                "exe rules see only the agent's own uid's processes; use cmdline rules, the jouleward.io/job "
+                "pod annotation, or register jobs (a Slurm prolog; docs/jobs.md)",
+            )
+        ]
     except OSError as exc:
         return [Finding("procfs", False, False, f"cannot read /proc/{pid} of uid {uid}: {exc.strerror}")]
-    return [Finding("procfs", True, False, f"other users' environ and exe are readable (tried pid {pid}, uid {uid}): "
-                    "JOULEWARD_JOB labels, Slurm job names and exe rules work for every user")]
+    return [
+        Finding(
+            "procfs",
+            True,
+            False,
+            f"other users' environ and exe are readable (tried pid {pid}, uid {uid}): "
+            "JOULEWARD_JOB labels, Slurm job names and exe rules work for every user",
+        )
+    ]
 
 
 def examine(config: Config) -> list[Finding]:
@@ -129,8 +148,15 @@ def examine(config: Config) -> list[Finding]:
     if measured_cpu:
         findings.append(Finding("cpu_model", False, False, "not needed: the CPU is measured"))
     else:
-        findings.append(Finding("cpu_model", True, False, f"CPU estimated from utilisation: idle {model.idle_w:.1f} W,"
-                                f" max {model.max_w:.1f} W (TDP from {model.tdp_source})"))
+        findings.append(
+            Finding(
+                "cpu_model",
+                True,
+                False,
+                f"CPU estimated from utilisation: idle {model.idle_w:.1f} W,"
+                f" max {model.max_w:.1f} W (TDP from {model.tdp_source})",
+            )
+        )
     return findings + _attribution_findings(config)
 
 

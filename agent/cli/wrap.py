@@ -49,14 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="job name (default: the command's base name)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="job label, repeatable")
     parser.add_argument("--report", type=Path, metavar="FILE.json", help="write the summary as JSON to this file")
-    parser.add_argument("--emissions-csv", dest="emissions_csv", type=Path, metavar="emissions.csv",
-                        help="append the job as a row of codecarbon's emissions.csv (header written once)")
+    parser.add_argument(
+        "--emissions-csv",
+        dest="emissions_csv",
+        type=Path,
+        metavar="emissions.csv",
+        help="append the job as a row of codecarbon's emissions.csv (header written once)",
+    )
     # Located as every command locates the agent: flags, then JOULEWARD_* variables, then --config.
     parser.add_argument("--config", type=Path, help="TOML configuration file (its control_socket, state_dir)")
     parser.add_argument("--state-dir", dest="state_dir", help="the agent's state directory")
-    parser.add_argument("--control-socket", "--socket", dest="control_socket", type=Path,
-                        help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, else <state-dir>/control.sock, "
-                        "/run/jouleward/control.sock or /var/lib/jouleward/control.sock, the first that exists)")
+    parser.add_argument(
+        "--control-socket",
+        "--socket",
+        dest="control_socket",
+        type=Path,
+        help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, else <state-dir>/control.sock, "
+        "/run/jouleward/control.sock or /var/lib/jouleward/control.sock, the first that exists)",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="measure in-process even if an agent runs")
     mode.add_argument("--require-agent", action="store_true", help="fail unless the agent registers the job")
@@ -85,7 +95,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not 0.05 <= args.interval <= 60:
         raise UsageError("--interval: expected 0.05..60 seconds")
     try:
-        config = build(file_path=args.config, flags={"state_dir": args.state_dir, "control_socket": args.control_socket})
+        config = build(
+            file_path=args.config, flags={"state_dir": args.state_dir, "control_socket": args.control_socket}
+        )
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     args.socket = first_socket(config.control_socket_candidates)
@@ -179,8 +191,7 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
             summary = job.finish()  # the agent samples once more first: the last partial interval is the job's
         except (AgentError, AgentUnavailable, OSError) as exc:
             # The command ran; its status is the answer whatever became of the agent.
-            print(f"jouleward wrap: cannot finish job {job.job_id} with the agent ({exc}); no energy figures",
-                  file=err)
+            print(f"jouleward wrap: cannot finish job {job.job_id} with the agent ({exc}); no energy figures", file=err)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
     finally:

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from agent.errors import JoulewardError
-from agent.model import NO_TOTALS, DeviceEnergy, DomainAttribution, JobRef, JobTotals, JobView, ProcessKey
+from agent.model import NO_TOTALS, DeviceEnergy, DeviceView, DomainAttribution, JobRef, JobTotals, JobView, ProcessKey
 from agent.workloads.registry import RegisteredJob
 
 SCHEMA = """
@@ -95,19 +95,10 @@ class JobRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceTotal:
-    domain: str
-    device: str
-    source: str
-    energy_j: float
-    power_w: float  # over the last tick
-
-
-@dataclass(frozen=True, slots=True)
 class LedgerReading:
     """What a snapshot needs of the ledger, copied in one go."""
 
-    devices: tuple[DeviceTotal, ...]  # sorted by (domain, device, source)
+    devices: tuple[DeviceView, ...]  # sorted by (domain, device, source)
     idle_j: dict[str, float]
     unattributed_j: dict[str, float]
     node_emissions_g: float
@@ -535,7 +526,7 @@ class Ledger:
             power = self._node_power_w
             return LedgerReading(
                 devices=tuple(
-                    DeviceTotal(domain, device, source, energy, power.get((domain, device, source), 0.0))
+                    DeviceView(domain, device, source, energy, power.get((domain, device, source), 0.0))
                     for (domain, device, source), energy in sorted(self._node_energy_j.items())
                 ),
                 idle_j=dict(self._idle_j),

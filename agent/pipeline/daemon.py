@@ -23,7 +23,6 @@ from agent.pipeline.snapshot import (
     EMPTY_SNAPSHOT,
     OVERFLOW_JOB,
     CarbonView,
-    DeviceView,
     DurationCounts,
     Health,
     JobView,
@@ -191,8 +190,11 @@ class Agent:
         registration = self.registry.get(job_id)
         since = self.seconds_since_tick()
         # At most one extra sample per FINISH_SAMPLE_GAP_S, however fast callers finish jobs.
-        if registration is not None and registration.finished_at is None and (since is None or
-                                                                              since > FINISH_SAMPLE_GAP_S):
+        if (
+            registration is not None
+            and registration.finished_at is None
+            and (since is None or since > FINISH_SAMPLE_GAP_S)
+        ):
             try:
                 if self.try_tick(wait_s=max(2 * self.config.interval_s, 2.0)) is None:
                     log.warning("no sample before finishing %s: the sampler is busy", job_id)
@@ -309,8 +311,7 @@ class Agent:
         jobs = self.resolver.resolve(scan.processes)
         self.resolver.forget(scan.exited)
         # Registered processes not seen now, exited since the last scan or before the first one.
-        finished = self.registry.forget_exited([k for k in self.registry.keys_joined_by(epoch)
-                                                if k not in scan.live])
+        finished = self.registry.forget_exited([k for k in self.registry.keys_joined_by(epoch) if k not in scan.live])
         now_unix = time.time()
         for job_id in finished:
             registration = self.registry.get(job_id)
@@ -349,8 +350,9 @@ class Agent:
         self.ticks += 1
         self._maybe_flush(now_mono)
         self._retire(now_unix)
-        self.snapshot = self._build_snapshot(now_unix, interval_s, scan, idle_power, len(scan.processes),
-                                             time.monotonic() - started)
+        self.snapshot = self._build_snapshot(
+            now_unix, interval_s, scan, idle_power, len(scan.processes), time.monotonic() - started
+        )
         self._last_tick_done_mono = time.monotonic()
         return self.snapshot
 
@@ -359,8 +361,9 @@ class Agent:
         done = self._last_tick_done_mono
         return None if done is None else time.monotonic() - done
 
-    def _charge_emissions(self, now_unix: float, interval_s: float, readings: list[DeviceEnergy],
-                          jobs_j: dict[str, float]) -> None:
+    def _charge_emissions(
+        self, now_unix: float, interval_s: float, readings: list[DeviceEnergy], jobs_j: dict[str, float]
+    ) -> None:
         """Charge this tick's energy at the intensity in force during the tick."""
         self.carbon_now = self.intensity.at(emissions.interval_midpoint_s(now_unix, interval_s))
         # Platform and board channels overlap the attributed domains: counting them would double the node.
@@ -394,7 +397,7 @@ class Agent:
         duration_s: float,
     ) -> Snapshot:
         totals = self.ledger.read()
-        devices = tuple(DeviceView(d.domain, d.device, d.source, d.energy_j, d.power_w) for d in totals.devices)
+        devices = totals.devices
         running = sum(1 for job in totals.jobs if job.finished_at is None)
         finished = len(totals.jobs) - running
         exported = self.selection.select(totals.jobs)

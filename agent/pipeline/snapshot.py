@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.model import GpuDeviceView, JobRef, JobView, SensorStatus
+from agent.model import DeviceView, GpuDeviceView, JobRef, JobView, SensorStatus
 
 if TYPE_CHECKING:
     from agent.workloads.kubelet import KubeletHealth
@@ -26,15 +26,6 @@ __all__ = [
     "Snapshot",
     "EMPTY_SNAPSHOT",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceView:
-    domain: str
-    device: str
-    source: str
-    energy_j: float
-    power_w: float
 
 
 TICK_DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

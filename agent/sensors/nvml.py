@@ -96,6 +96,7 @@ class _Gpu:
     handle: object
     uuid: str = ""
     name: str = ""
+    pci_bus_id: str = ""  # "00000000:17:00.0", as nvidia-smi and dcgm-exporter write it
     mode: str | None = None  # SOURCE_ENERGY or SOURCE_POWER once known
     counter: EnergyCounter = field(default_factory=lambda: EnergyCounter(units_per_j=1000.0))  # mJ
     last_energy_t: float = 0.0
@@ -108,6 +109,12 @@ class _Gpu:
     @property
     def label(self) -> str:
         return f"gpu-{self.index}"
+
+
+def _pci_bus_id(handle: object) -> str:
+    """The PCI address, or "" where the driver does not say."""
+    info = _optional(lambda: pynvml.nvmlDeviceGetPciInfo(handle))
+    return _text(info.busId) if info is not None else ""
 
 
 class NvmlSensor:
@@ -148,6 +155,7 @@ class NvmlSensor:
                 gpu = _Gpu(index=index, handle=handle)
                 gpu.uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
                 gpu.name = _text(pynvml.nvmlDeviceGetName(handle))
+                gpu.pci_bus_id = _pci_bus_id(handle)
             except pynvml.NVMLError as exc:
                 gpu = _Gpu(index=index, handle=None, up=False, reason=_reason(exc))
             found.append(gpu)
@@ -165,6 +173,7 @@ class NvmlSensor:
                     gpu.handle = pynvml.nvmlDeviceGetHandleByIndex(gpu.index)
                     gpu.uuid = _text(pynvml.nvmlDeviceGetUUID(gpu.handle))
                     gpu.name = _text(pynvml.nvmlDeviceGetName(gpu.handle))
+                    gpu.pci_bus_id = _pci_bus_id(gpu.handle)
                 energy = self._energy(gpu)
                 view = views[gpu.label] = self._view(gpu)
             except pynvml.NVMLError as exc:
@@ -249,6 +258,7 @@ class NvmlSensor:
             device=gpu.label,
             uuid=gpu.uuid,
             name=gpu.name,
+            pci_bus_id=gpu.pci_bus_id,
             utilization_ratio=utilization,
             memory_used_bytes=memory.used if memory is not None else None,
             memory_total_bytes=memory.total if memory is not None else None,

@@ -49,6 +49,7 @@ class PodMeta:
     annotations: Mapping[str, str] = field(default_factory=dict)
     owner_kind: str = ""
     owner_name: str = ""
+    owner_uid: str = ""  # the controlling owner's UID: new for every re-created object
     container_ids: tuple[str, ...] = ()
 
 
@@ -104,13 +105,14 @@ def parse_pod(item: Any) -> PodMeta | None:
         return None
     spec = item.get("spec") if isinstance(item.get("spec"), Mapping) else {}
     status = item.get("status") if isinstance(item.get("status"), Mapping) else {}
-    owner_kind = owner_name = ""
+    owner_kind = owner_name = owner_uid = ""
     owners = meta.get("ownerReferences")
     if isinstance(owners, list):
         refs = [o for o in owners if isinstance(o, Mapping)]
         chosen = next((o for o in refs if o.get("controller") is True), refs[0] if refs else None)
         if chosen is not None:
             owner_kind, owner_name = str(chosen.get("kind", "")), str(chosen.get("name", ""))
+            owner_uid = str(chosen.get("uid", "") or "")
     ids: list[str] = []
     for key in ("initContainerStatuses", "containerStatuses", "ephemeralContainerStatuses"):
         statuses = status.get(key)
@@ -127,6 +129,7 @@ def parse_pod(item: Any) -> PodMeta | None:
         annotations=_str_map(meta.get("annotations")),
         owner_kind=owner_kind,
         owner_name=owner_name,
+        owner_uid=owner_uid,
         container_ids=tuple(ids),
     )
 
@@ -160,8 +163,10 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
     wherever the Location points (urllib forwards the Authorization header)."""
 
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        raise KubeletError(f"kubelet answered HTTP {code}, a redirect to {newurl}; not followed, "
-                           f"so the token stays with {_host(req.full_url)}")
+        raise KubeletError(
+            f"kubelet answered HTTP {code}, a redirect to {newurl}; not followed, "
+            f"so the token stays with {_host(req.full_url)}"
+        )
 
 
 def _host(url: str) -> str:

@@ -92,8 +92,9 @@ class Registry:
     _joined: dict[ProcessKey, int] = field(default_factory=dict, repr=False)  # key -> epoch it joined at
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
-    def register(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0,
-                 job_id: str | None = None) -> RegisteredJob:
+    def register(
+        self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0, job_id: str | None = None
+    ) -> RegisteredJob:
         """Raises RegistrationError for a gone process, AlreadyRegistered when a
         process or one of its ancestors already belongs to a running job."""
         chains = []

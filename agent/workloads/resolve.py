@@ -81,8 +81,7 @@ def job_from_cgroups(paths: Sequence[str], unit_exclude: tuple[str, ...] = ()) -
                 unit = match.group(1)
                 if any(fnmatch.fnmatchcase(unit, pattern) for pattern in unit_exclude):
                     return None
-                transient = unit.endswith(".scope") or any(fnmatch.fnmatchcase(c, "user@*.service")
-                                                            for c in components)
+                transient = unit.endswith(".scope") or any(fnmatch.fnmatchcase(c, "user@*.service") for c in components)
                 return CgroupJob(JobRef(f"systemd-{unit}", unit, "systemd"), transient=transient)
     return None
 

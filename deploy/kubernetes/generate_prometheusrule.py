@@ -1,4 +1,4 @@
-"""Write base/prometheusrule.yaml from deploy/prometheus/jouleward-rules.yml.
+"""Write components/prometheus-operator/prometheusrule.yaml from deploy/prometheus/jouleward-rules.yml.
 
     python3 deploy/kubernetes/generate_prometheusrule.py
 
@@ -15,7 +15,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 RULES = HERE.parent / "prometheus" / "jouleward-rules.yml"
-TARGET = HERE / "base" / "prometheusrule.yaml"
+TARGET = HERE / "components" / "prometheus-operator" / "prometheusrule.yaml"
 HEADER = "# Generated from deploy/prometheus/jouleward-rules.yml by generate_prometheusrule.py: do not edit.\n"
 
 

