@@ -173,8 +173,9 @@ POD_UID = "5d1f3a2b-0000-4c1d-8e2f-000000000000"
 WORK_UID = "5d1f3a2b-1111-4c1d-8e2f-111111111111"
 
 
-def test_job_ids_with_a_slash_are_served_by_id_report_and_the_cli(tmp_path):
-    """A Kubernetes job, ``k8s-<namespace>/<name>``, from a fixture procfs and a real kubelet server."""
+def test_pod_job_ids_are_served_by_id_report_and_the_cli(tmp_path):
+    """A Kubernetes job (``k8s-<namespace>.<name>`` where no run UID names it), from a fixture procfs and a
+    real kubelet server: served by id, report and the CLI, literal or percent-encoded."""
     procfs = FakeProcfs(tmp_path / "proc")
     for pid, uid in ((4242, POD_UID), (4243, WORK_UID)):
         procfs.add(pid, boot_ticks() - 100, 0)
@@ -203,23 +204,23 @@ def test_job_ids_with_a_slash_are_served_by_id_report_and_the_cli(tmp_path):
         },
     )
     try:
-        job_id = "k8s-research/llama-ft"
+        job_id = "k8s-research.llama-ft"
         wait_until(lambda: any(j["id"] == job_id for j in agent.get("/v1/jobs")[1]), timeout_s=20, what="the pod's job")
-        for path in ("/v1/jobs/k8s-research%2Fllama-ft", "/v1/jobs/k8s-research/llama-ft"):
+        for path in ("/v1/jobs/k8s%2Dresearch.llama-ft", "/v1/jobs/k8s-research.llama-ft"):
             status, job = agent.get(path)
             assert status == 200 and job["id"] == job_id and job["namespace"] == "research", (path, job)
             assert agent.control("GET", path)[1]["id"] == job_id
         for path in (
-            "/v1/jobs/k8s-research%2Fllama-ft/report?format=json",
-            "/v1/jobs/k8s-research/llama-ft/report?format=json",
+            "/v1/jobs/k8s%2Dresearch.llama-ft/report?format=json",
+            "/v1/jobs/k8s-research.llama-ft/report?format=json",
         ):
             status, rows = agent.get(path)
             assert status == 200 and rows[0]["run_id"] == job_id, (path, rows)
-        assert agent.get("/v1/jobs/k8s-research%2Fnope")[0] == 404
-        status, job = agent.get("/v1/jobs/k8s-research%2Fwork")
-        assert status == 200 and job["id"] == "k8s-research/work"
-        status, rows = agent.get("/v1/jobs/k8s-research%2Fwork/report?format=json")
-        assert status == 200 and rows[0]["run_id"] == "k8s-research/work"
+        assert agent.get("/v1/jobs/k8s-research.nope")[0] == 404
+        status, job = agent.get("/v1/jobs/k8s-research.work")
+        assert status == 200 and job["id"] == "k8s-research.work"
+        status, rows = agent.get("/v1/jobs/k8s-research.work/report?format=json")
+        assert status == 200 and rows[0]["run_id"] == "k8s-research.work"
         # A registered job's sub-resources are still their own routes (405 lists their one method).
         conn = UnixHTTPConnection(agent.socket_path)
         conn.request("GET", "/v1/jobs/r-000000000000/finish")
