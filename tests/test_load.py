@@ -16,7 +16,7 @@ import pytest
 from tests.faultkit import AgentProcess, Powercap
 
 SCRAPERS = 50
-POOL = 64  # processes the registrations name in turn
+MAX_POOL = 2500  # processes the registrations name in turn; past it, finished jobs free them
 
 
 _BAD_VALUE = re.compile(rb"^[^#].* (-|NaN|[+-]Inf)", re.MULTILINE)
@@ -70,7 +70,7 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
         registered: list[str] = []
         # Live processes the registrations name; a process belongs to one running job at a
         # time, so the job last registered on one is finished before it is named again.
-        pool += [subprocess.Popen(["sleep", "600"]) for _ in range(POOL)]
+        pool += [subprocess.Popen(["sleep", "600"]) for _ in range(min(MAX_POOL, int(duration_s * rate_per_s)))]
         holder: dict[int, str] = {}
         started = time.monotonic()
         with agent.control() as control:
@@ -79,7 +79,7 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
                 due = started + index / rate_per_s
                 if due > now:
                     time.sleep(due - now)
-                pid = pool[index % POOL].pid
+                pid = pool[index % len(pool)].pid
                 if pid in holder:
                     finished = control.post(f"/v1/jobs/{holder.pop(pid)}/finish")
                     if finished.status_code != 200:
@@ -108,7 +108,10 @@ def _load(tmp_path, duration_s: float, rate_per_s: float) -> None:
             f"\n{len(registered)} registrations in {elapsed:.1f} s ({len(registered) / elapsed:.0f}/s), "
             f"{len(latencies)} scrapes by {SCRAPERS} scrapers, p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms"
         )
-        assert len(registered) >= duration_s * rate_per_s * 0.25  # paced, but a loaded machine may lag
+        # Paced, but a loaded machine may lag. Each registration names a process of its own (one
+        # process belongs to one running job), which the agent reads and checks: about 40/s here
+        # with 50 scrapers on two cores, where naming one process over and over gave about 100/s.
+        assert len(registered) >= duration_s * rate_per_s * 0.15
         assert len(latencies) > SCRAPERS
         assert agent.terminate() == 0
         assert "Traceback" not in agent.log

@@ -160,7 +160,19 @@ def namespace_pids(pid: int | str, procfs: Path = Path("/proc")) -> tuple[int, .
     return None
 
 
-def pids_as_seen_here(caller: Caller, pids: list[int], procfs: Path = Path("/proc")) -> list[int]:
+def nested_under(scanned: Path, procfs: Path = Path("/proc")) -> bool:
+    """Whether the agent runs in a pid namespace below the one whose procfs it
+    scans (a pod that mounts the host's /proc without ``hostPID``): the scanned
+    procfs then names the agent by more pids than its own /proc does."""
+    if scanned == procfs:
+        return False
+    seen_there, seen_here = namespace_pids("self", scanned), namespace_pids("self", procfs)
+    return seen_there is not None and seen_here is not None and len(seen_there) > len(seen_here)
+
+
+def pids_as_seen_here(
+    caller: Caller, pids: list[int], procfs: Path = Path("/proc"), scanned: Path | None = None
+) -> list[int]:
     """The pids a caller names, in the agent's pid namespace.
 
     A caller in a nested pid namespace (a container without the host's pid
@@ -168,8 +180,15 @@ def pids_as_seen_here(caller: Caller, pids: list[int], procfs: Path = Path("/pro
     pid in ours (SO_PEERCRED). Such a caller may register itself, under the
     pid it knows itself by, and nothing else: any other number of its names
     a different process here.
+
+    Where the agent itself is nested below the procfs it scans (``scanned``),
+    pids are numbers of that procfs, and a caller the kernel cannot show us
+    (SO_PEERCRED pid 0) is taken to speak them: its uid is still checked
+    against each process's owner there.
     """
     if caller.via != "unix" or caller.pid is None:
+        return pids
+    if caller.pid == 0 and scanned is not None and nested_under(scanned, procfs):
         return pids
     if caller.pid == 0:
         raise ControlError(400, "pids: the caller's process is not visible in the agent's pid namespace")

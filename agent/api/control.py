@@ -44,7 +44,7 @@ def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
     @router.post("/v1/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
     def register(body: JobRegistration, request: Request) -> JobOut:
         caller = caller_of(request, tcp_token)
-        pids = pids_as_seen_here(caller, list(dict.fromkeys(body.pids)))
+        pids = pids_as_seen_here(caller, list(dict.fromkeys(body.pids)), scanned=procfs)
         for pid in pids:
             authorize_register(caller, pid, procfs)
         owner = caller.uid if caller.uid is not None else 0

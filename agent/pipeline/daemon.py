@@ -36,7 +36,7 @@ from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_p
 from agent.workloads.resolve import JobResolver
 
 log = logging.getLogger("jouleward")
-FINISH_SAMPLE_GAP_S = 0.05
+FINISH_SAMPLE_GAP_S = 0.5
 
 
 def kubelet_settings(config: Config) -> KubeletSettings:
