@@ -23,15 +23,19 @@ import http.client
 import json
 import os
 import socket
+import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
-# Where the systemd unit and the DaemonSet put the control socket.
-DEFAULT_CONTROL_SOCKET = Path("/run/jouleward/control.sock")
+from agent.config import DEFAULT_CONTROL_SOCKETS
+
+DEFAULT_CONTROL_SOCKET = DEFAULT_CONTROL_SOCKETS[0]
 SOCKET_ENV = "JOULEWARD_CONTROL_SOCKET"
+STATE_DIR_ENV = "JOULEWARD_STATE_DIR"
 JOB_ID_ENV = "JOULEWARD_JOB_ID"
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,12 +54,31 @@ class AgentUnavailable(ConnectionError):
     """No agent listens on the control socket."""
 
 
+def first_socket(candidates: Iterable[Path]) -> Path:
+    """The first candidate that is a socket now, else the first candidate."""
+    candidates = list(candidates)
+    for path in candidates:
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+        except OSError:
+            continue
+    return candidates[0]
+
+
 def control_socket_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """``path``; else ``JOULEWARD_CONTROL_SOCKET``; else the first socket of
+    ``$JOULEWARD_STATE_DIR/control.sock`` and the shipped deployments'
+    places (``/run/jouleward/control.sock``, ``/var/lib/jouleward/control.sock``)."""
     if path is not None:
         return Path(path)
     # The client runs in the user's process, so its environment is the
     # user's configuration to read.
-    return Path(os.environ.get(SOCKET_ENV) or DEFAULT_CONTROL_SOCKET)
+    if os.environ.get(SOCKET_ENV):
+        return Path(os.environ[SOCKET_ENV])
+    state_dir = os.environ.get(STATE_DIR_ENV)
+    own = [Path(state_dir) / "control.sock"] if state_dir else []
+    return first_socket([*own, *DEFAULT_CONTROL_SOCKETS])
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -94,6 +117,8 @@ class ControlClient:
                 raise AgentUnavailable(f"no agent at {self.path}: {exc.strerror}") from None
             except PermissionError as exc:
                 raise AgentUnavailable(f"cannot connect to {self.path}: {exc.strerror}") from None
+            except (OSError, http.client.HTTPException) as exc:  # the agent went away mid-request
+                raise AgentUnavailable(f"the agent at {self.path} did not answer: {exc!r}") from None
             try:
                 data = json.loads(raw) if raw else None
             except ValueError:
@@ -109,13 +134,13 @@ class ControlClient:
         return self.request("POST", "/v1/jobs", {"name": name, "pids": pids, "labels": dict(labels or {})})
 
     def finish(self, job_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/jobs/{job_id}/finish", {})
+        return self.request("POST", f"/v1/jobs/{quote(job_id, safe='')}/finish", {})
 
     def add_work(self, job_id: str, unit: str, count: float) -> dict[str, Any]:
-        return self.request("POST", f"/v1/jobs/{job_id}/work", {"unit": unit, "count": count})
+        return self.request("POST", f"/v1/jobs/{quote(job_id, safe='')}/work", {"unit": unit, "count": count})
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}")
+        return self.request("GET", f"/v1/jobs/{quote(job_id, safe='')}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ from agent.errors import JoulewardError
 
 DEFAULT_PORT = 9883
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+# Where the shipped deployments put the control socket (deploy/systemd,
+# deploy/kubernetes), then the default state directory's.
+DEFAULT_CONTROL_SOCKETS = (Path("/run/jouleward/control.sock"), Path("/var/lib/jouleward/control.sock"))
 
 DEFAULT_KUBELET_URL = "https://127.0.0.1:10250/pods"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -125,6 +128,11 @@ class Config:
     pod_job_labels: tuple[str, ...] = DEFAULT_JOB_LABELS  # tried in order after the jouleward.io/job annotation
     # Control endpoints on the TCP listener exist only with a token (read once at start).
     control_token_file: Path | None = None
+    # Hostile-input limits of both HTTP listeners (docs/jobs.md, "Control API security").
+    max_request_body_bytes: int = 16384
+    request_timeout_s: float = 5.0  # headers, then the body, must arrive within this
+    # /healthz fails once no tick has completed for this long; None: 10 intervals, at least 30 s.
+    sampler_stall_s: float | None = None
     carbon: CarbonConfig = field(default_factory=CarbonConfig)
     # NVIDIA GPUs through NVML. Visible devices as in CUDA_VISIBLE_DEVICES
     # (NVML indices or UUIDs; None: all, and CUDA_VISIBLE_DEVICES if set).
@@ -162,6 +170,20 @@ class Config:
         return self.control_socket or self.state_dir / "control.sock"
 
     @property
+    def control_socket_candidates(self) -> tuple[Path, ...]:
+        """Where a client (wrap, the library) looks for the agent, in order:
+        the configured socket; else the state directory's, then where the
+        shipped systemd unit and DaemonSet put it."""
+        if self.control_socket is not None:
+            return (self.control_socket,)
+        own = self.state_dir / "control.sock"
+        return own, *(path for path in DEFAULT_CONTROL_SOCKETS if path != own)
+
+    @property
+    def sampler_stall_after_s(self) -> float:
+        return self.sampler_stall_s if self.sampler_stall_s is not None else max(10 * self.interval_s, 30.0)
+
+    @property
     def listen_host_port(self) -> tuple[str, int]:
         return parse_listen(self.listen)
 
@@ -189,7 +211,10 @@ _FLOAT_KEYS = {
     "gpu_idle_power_w": (0.0, 5000.0),
     "work_source_poll_s": (0.1, 3600.0),
     "work_source_timeout_s": (0.05, 60.0),
+    "request_timeout_s": (0.1, 300.0),
+    "sampler_stall_s": (1.0, 86400.0),
 }
+_INT_KEYS = {"max_exported_jobs": (1, 10**9), "max_request_body_bytes": (1024, 1024 * 1024)}
 _PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs", "kubelet_ca_file", "control_token_file"}
 _BOOL_KEYS = {"kubelet_enabled", "kubelet_insecure_skip_verify", "gpu_enabled", "work_source_discovery"}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
@@ -257,13 +282,18 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         except ConfigError as exc:
             raise ConfigError(f"{origin}{exc}") from None
         return value
-    if key == "max_exported_jobs":
+    if key in _INT_KEYS:
         try:
             number = int(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if isinstance(value, bool) or number < 1:
-            raise ConfigError(f"{where}: expected an integer >= 1, got {value!r}")
+        low, high = _INT_KEYS[key]
+        if (
+            isinstance(value, bool)
+            or (isinstance(value, float) and not value.is_integer())
+            or not low <= number <= high
+        ):
+            raise ConfigError(f"{where}: expected an integer {low}..{high}, got {value!r}")
         return number
     if key == "idle_power_w":
         if not isinstance(value, Mapping):

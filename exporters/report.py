@@ -192,8 +192,11 @@ def append_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     existing: list[str] | None = None
     ends_with_newline = True
     if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="", encoding="utf-8") as handle:
-            existing = next(csv.reader(handle), None)
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                existing = next(csv.reader(handle), None)
+        except (UnicodeDecodeError, csv.Error):
+            raise ReportError(f"{path}: not a UTF-8 CSV file; not appending") from None
         with open(path, "rb") as handle:
             handle.seek(-1, os.SEEK_END)
             ends_with_newline = handle.read(1) == b"\n"

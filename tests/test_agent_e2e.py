@@ -208,7 +208,7 @@ def test_control_api_rejects_bad_input_with_clear_4xx(tmp_path, agents):
         ({"name": "x", "pids": []}, 422, "pids"),
         ({"name": "x", "pids": ["one"]}, 422, "pids"),
         ({"name": "x", "pids": [1], "labels": {"bad key!": "v"}}, 422, "labels: key"),
-        ("{not json", 422, ""),
+        ("{not json", 400, "body: not valid JSON"),
     ]
     for body, code, message in cases:
         status, reply = agent.control("POST", "/v1/jobs", body)

@@ -143,15 +143,16 @@ def test_awkward_names_and_labels_survive_exposition(tmp_path):
     procfs = FakeProcfs(tmp_path / "proc")
     for index, name in enumerate(AWKWARD):  # env labels may even hold newlines
         procfs.add(200 + index, boot_ticks() - 100, 0, env={"JOULEWARD_JOB": name + "\nline two"})
-    procfs.add(300, boot_ticks() - 100, 0)
+    for index in range(len(AWKWARD)):  # one process per registration: a process belongs to one job
+        procfs.add(300 + index, boot_ticks() - 100, 0)
     Powercap(tmp_path / "sys")
     agent = Agent(
         dataclasses.replace(Config(), procfs=procfs.root, sysfs=tmp_path / "sys", state_dir=tmp_path / "state")
     )
     client = TestClient(as_local_peer(create_control_app(agent)))
     registered = {}
-    for name in AWKWARD:
-        response = client.post("/v1/jobs", json={"name": name, "pids": [300], "labels": {"note": name}})
+    for index, name in enumerate(AWKWARD):
+        response = client.post("/v1/jobs", json={"name": name, "pids": [300 + index], "labels": {"note": name}})
         assert response.status_code == 201, response.text
         registered[response.json()["id"]] = name
     for bad in ("new\nline", "tab\there", "nul\x00", "c1\x85inside"):

@@ -66,6 +66,7 @@ def test_pods_and_slurm_jobs_in_real_cgroups(tmp_path, cgroups, agents):
 [agent]
 kubelet_enabled = true
 kubelet_url = "{kubelet.url}"
+kubelet_ca_file = "{kubelet.ca_file}"
 kubelet_token_file = "{token_file}"
 kubelet_poll_s = 1
 kubelet_timeout_s = 1

@@ -136,7 +136,7 @@ def stack(tmp_path_factory):
     # The kubelet answers, so the pod-metadata health metrics exist.
     (tmp / "config.toml").write_text(
         f"[agent]\nflush_interval_s = 1.0\nkubelet_enabled = true\nkubelet_url = \"{kubelet.url}\"\n"
-        f"kubelet_token_file = \"{tmp / 'kubelet-token'}\"\nkubelet_poll_s = 1\n"
+        f"kubelet_token_file = \"{tmp / 'kubelet-token'}\"\nkubelet_ca_file = \"{kubelet.ca_file}\"\nkubelet_poll_s = 1\n"
         "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n"
     )
     # Two fake GPUs behind the real NVML bindings, so the GPU panels and the

@@ -157,6 +157,7 @@ flush_interval_s = 1.0
 kubelet_enabled = true
 kubelet_url = "{self.kubelets[node].url}"
 kubelet_token_file = "{self.tmp / 'token'}"
+kubelet_ca_file = "{self.kubelets[node].ca_file}"
 kubelet_poll_s = 1
 kubelet_timeout_s = 1
 [carbon]

@@ -86,7 +86,7 @@ def by_pid(processes, jobs):
 
 
 def test_two_pods_of_one_training_job_resolve_to_one_job_once_metadata_arrives(kubelet, token_file, procs, tmp_path):
-    poller = KubeletPoller(KubeletSettings(url=kubelet.url, token_file=token_file, poll_s=60))
+    poller = KubeletPoller(KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=60))
     resolver = JobResolver(Registry(tmp_path), pods=poller)
     processes = [procs.add(pod_cgroup(UID_0)), procs.add(pod_cgroup(UID_0)), procs.add(pod_cgroup(UID_1))]
 
@@ -117,7 +117,9 @@ def test_two_pods_of_one_training_job_resolve_to_one_job_once_metadata_arrives(k
 
 def test_kubelet_going_away_keeps_the_ml_job_and_reports_stale(kubelet, token_file, procs, tmp_path):
     kubelet.pods = [worker(UID_0, 0)]
-    poller = KubeletPoller(KubeletSettings(url=kubelet.url, token_file=token_file, poll_s=60, timeout_s=1.0))
+    poller = KubeletPoller(
+        KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=60, timeout_s=1.0)
+    )
     assert poller.poll_once()
     resolver = JobResolver(Registry(tmp_path), pods=poller)
     process = procs.add(pod_cgroup(UID_0))
@@ -132,7 +134,7 @@ def test_kubelet_going_away_keeps_the_ml_job_and_reports_stale(kubelet, token_fi
 
 
 def test_a_pod_without_metadata_asks_for_an_early_poll(kubelet, token_file, procs, tmp_path):
-    poller = KubeletPoller(KubeletSettings(url=kubelet.url, token_file=token_file, poll_s=600))
+    poller = KubeletPoller(KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=600))
     poller.start()
     try:
         assert poller.first_poll.wait(10)
@@ -152,7 +154,7 @@ def test_a_pod_without_metadata_asks_for_an_early_poll(kubelet, token_file, proc
 
 def test_configured_label_list_is_used(kubelet, token_file, procs, tmp_path):
     kubelet.pods = [pod_item(UID_0, "w-0", "ml", {KUBEFLOW: "llama-ft", "team.example.com/run": "run-7"})]
-    poller = KubeletPoller(KubeletSettings(url=kubelet.url, token_file=token_file))
+    poller = KubeletPoller(KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file))
     assert poller.poll_once()
     resolver = JobResolver(Registry(tmp_path), pods=poller, pod_job_labels=("team.example.com/run",))
     job = resolver.resolve([procs.add(pod_cgroup(UID_0))])[0]

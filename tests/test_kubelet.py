@@ -38,7 +38,7 @@ def kubelet():
 
 
 def test_fetch_reads_pods_with_bearer_token(kubelet, token_file):
-    pods = fetch_pods(KubeletSettings(url=kubelet.url, token_file=token_file))
+    pods = fetch_pods(KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file))
     assert set(pods) == {UID_A, UID_B}
     worker = pods[UID_A]
     assert (worker.name, worker.namespace, worker.node) == ("llama-ft-worker-0", "research", "node-a")
@@ -51,7 +51,7 @@ def test_wrong_token_is_an_error_naming_the_status(kubelet, tmp_path):
     bad = tmp_path / "bad"
     bad.write_text("nope")
     with pytest.raises(KubeletError, match="HTTP 401"):
-        fetch_pods(KubeletSettings(url=kubelet.url, token_file=bad))
+        fetch_pods(KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=bad))
     assert kubelet.unauthorized == 1
 
 
@@ -63,7 +63,9 @@ def test_malformed_items_are_skipped_and_non_podlists_rejected():
 
 
 def test_kubelet_going_away_keeps_metadata_and_marks_stale(kubelet, token_file):
-    settings = KubeletSettings(url=kubelet.url, token_file=token_file, poll_s=0.05, timeout_s=1.0)
+    settings = KubeletSettings(
+        url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=0.05, timeout_s=1.0
+    )
     poller = KubeletPoller(settings)
     poller.start()
     try:
@@ -91,7 +93,8 @@ def test_kubelet_going_away_keeps_metadata_and_marks_stale(kubelet, token_file):
 def test_pods_gone_from_the_kubelet_are_kept_for_the_retention_only(kubelet, token_file):
     clock = [1000.0]
     poller = KubeletPoller(
-        KubeletSettings(url=kubelet.url, token_file=token_file, gone_retention_s=60.0), monotonic=lambda: clock[0]
+        KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, gone_retention_s=60.0),
+        monotonic=lambda: clock[0],
     )
     assert poller.poll_once()
     kubelet.pods = kubelet.pods[:1]
@@ -109,7 +112,8 @@ def test_pods_gone_from_the_kubelet_are_kept_for_the_retention_only(kubelet, tok
 def test_overdue_poll_counts_as_stale(kubelet, token_file):
     clock = [0.0]
     poller = KubeletPoller(
-        KubeletSettings(url=kubelet.url, token_file=token_file, poll_s=30, timeout_s=5), monotonic=lambda: clock[0]
+        KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file, poll_s=30, timeout_s=5),
+        monotonic=lambda: clock[0],
     )
     assert poller.health().stale  # nothing known yet
     poller.poll_once()
@@ -118,6 +122,30 @@ def test_overdue_poll_counts_as_stale(kubelet, token_file):
     assert not poller.health().stale
     clock[0] = 66.0
     assert poller.health().stale and poller.health().up
+
+
+def test_the_token_is_never_sent_over_plain_http(token_file):
+    plain = FakeKubelet(None, [pod_item(UID_B, "notebook-7", "research")], tls=False)
+    try:
+        assert plain.url.startswith("http://")
+        pods = fetch_pods(KubeletSettings(url=plain.url, token_file=token_file))
+        assert set(pods) == {UID_B}  # a read-only port answers without one
+        assert plain.authorizations == [None]
+    finally:
+        plain.stop()
+
+
+def test_a_redirect_to_another_host_is_not_followed_with_the_token(kubelet, token_file):
+    elsewhere = FakeKubelet(None, [], host="127.0.0.2")
+    try:
+        for target in (elsewhere.url, elsewhere.url.replace("https://", "http://")):
+            kubelet.redirect_to = target
+            with pytest.raises(KubeletError, match="HTTP 302, a redirect to .*not followed"):
+                fetch_pods(KubeletSettings(url=kubelet.url, ca_file=kubelet.ca_file, token_file=token_file))
+        assert kubelet.authorizations == ["Bearer s3cret-token"] * 2  # the kubelet itself got it
+        assert elsewhere.authorizations == []  # nothing reached the other host, token or not
+    finally:
+        elsewhere.stop()
 
 
 def test_the_controlling_owner_and_its_uid_come_from_owner_references():

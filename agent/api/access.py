@@ -132,11 +132,78 @@ def process_uids(pid: int, procfs: Path = Path("/proc")) -> tuple[int, int]:
         raise ControlError(404, f"pid {pid}: no such process") from None
     except OSError as exc:
         raise ControlError(404, f"pid {pid}: cannot read its status: {exc.strerror}") from None
+    uids = None
     for line in text.splitlines():
+        if line.startswith("Tgid:") and int(line.split()[1]) != pid:
+            raise ControlError(
+                400, f"pid {pid}: a thread of process {line.split()[1]}, not a process; register the process"
+            )
         if line.startswith("Uid:"):
             fields = line.split()
-            return int(fields[1]), int(fields[2])
-    raise ControlError(404, f"pid {pid}: no Uid line in its status")
+            uids = int(fields[1]), int(fields[2])
+    if uids is None:
+        raise ControlError(404, f"pid {pid}: no Uid line in its status")
+    return uids
+
+
+def namespace_pids(pid: int | str, procfs: Path = Path("/proc")) -> tuple[int, ...] | None:
+    """A process's pid in each pid namespace it is in, ours first (the
+    ``NSpid`` line of its status, world-readable, unlike ``ns/pid``); None
+    where the kernel does not say."""
+    try:
+        text = (procfs / str(pid) / "status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("NSpid:"):
+            return tuple(int(field) for field in line.split()[1:])
+    return None
+
+
+def nested_under(scanned: Path, procfs: Path = Path("/proc")) -> bool:
+    """Whether the agent runs in a pid namespace below the one whose procfs it
+    scans (a pod that mounts the host's /proc without ``hostPID``): the scanned
+    procfs then names the agent by more pids than its own /proc does."""
+    if scanned == procfs:
+        return False
+    seen_there, seen_here = namespace_pids("self", scanned), namespace_pids("self", procfs)
+    return seen_there is not None and seen_here is not None and len(seen_there) > len(seen_here)
+
+
+def pids_as_seen_here(
+    caller: Caller, pids: list[int], procfs: Path = Path("/proc"), scanned: Path | None = None
+) -> list[int]:
+    """The pids a caller names, in the agent's pid namespace.
+
+    A caller in a nested pid namespace (a container without the host's pid
+    namespace) knows only its own namespace's pids; the kernel gives us its
+    pid in ours (SO_PEERCRED). Such a caller may register itself, under the
+    pid it knows itself by, and nothing else: any other number of its names
+    a different process here.
+
+    Where the agent itself is nested below the procfs it scans (``scanned``),
+    pids are numbers of that procfs, and a caller the kernel cannot show us
+    (SO_PEERCRED pid 0) is taken to speak them: its uid is still checked
+    against each process's owner there.
+    """
+    if caller.via != "unix" or caller.pid is None:
+        return pids
+    if caller.pid == 0 and scanned is not None and nested_under(scanned, procfs):
+        return pids
+    if caller.pid == 0:
+        raise ControlError(400, "pids: the caller's process is not visible in the agent's pid namespace")
+    theirs, ours = namespace_pids(caller.pid, procfs), namespace_pids("self", procfs)
+    if theirs is None or ours is None or len(theirs) <= len(ours):
+        return pids
+    own = theirs[-1]  # the caller's pid in its own namespace
+    for pid in pids:
+        if pid != own:
+            raise ControlError(
+                400,
+                f"pids: the caller is in another pid namespace, where it is pid {own}; "
+                f"pid {pid} there is not pid {pid} here, so it may register only itself",
+            )
+    return [caller.pid]
 
 
 def authorize_register(caller: Caller, pid: int, procfs: Path = Path("/proc")) -> None:

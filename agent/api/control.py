@@ -2,7 +2,7 @@
 
 Served on the Unix control socket (callers identified by SO_PEERCRED) and, only
 when the operator configures a token, on a TCP listener that requires it.
-Every decision about who may do what is in ``agent.control``.
+Every decision about who may do what is in ``agent.api.access``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,19 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from agent.api.access import Caller, ControlError, authorize_job_change, authorize_register, bearer_ok
+from agent.api.access import (
+    Caller,
+    ControlError,
+    authorize_job_change,
+    authorize_register,
+    bearer_ok,
+    pids_as_seen_here,
+)
 from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
 from agent.api.peercred import peer_of
-from agent.workloads.registry import RegistrationError, UnknownJob
+from agent.workloads.registry import AlreadyRegistered, RegistrationError, UnknownJob
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (401, 403, 404, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)}
 
 
 def caller_of(request: Request, tcp_token: str | None) -> Caller:
@@ -30,21 +37,21 @@ def caller_of(request: Request, tcp_token: str | None) -> Caller:
 
 
 def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
-    """``agent`` is ``agent.daemon.Agent`` (register_job, finish_job, add_work, registered, ledger)."""
+    """``agent`` is ``agent.pipeline.daemon.Agent`` (register_job, finish_job, add_work, registered, ledger)."""
     router = APIRouter()
     procfs = agent.config.procfs
 
     @router.post("/v1/jobs", status_code=201, response_model=JobOut, responses=ERRORS)
     def register(body: JobRegistration, request: Request) -> JobOut:
         caller = caller_of(request, tcp_token)
-        pids = list(dict.fromkeys(body.pids)) if body.pids else ([caller.pid] if caller.pid else [])
-        if not pids:
-            raise ControlError(422, "pids: a TCP caller must name the processes")
+        pids = pids_as_seen_here(caller, list(dict.fromkeys(body.pids)), scanned=procfs)
         for pid in pids:
             authorize_register(caller, pid, procfs)
         owner = caller.uid if caller.uid is not None else 0
         try:
             record = agent.register_job(body.name, pids, body.labels, owner_uid=owner)
+        except AlreadyRegistered as exc:
+            raise ControlError(409, str(exc)) from None
         except RegistrationError as exc:
             raise ControlError(404, str(exc)) from None
         return job_out(record)
@@ -57,6 +64,7 @@ def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
 
     @router.post("/v1/jobs/{job_id}/finish", response_model=JobOut, responses=ERRORS)
     def finish(job_id: str, request: Request) -> JobOut:
+        job_id = job_id.replace("\x00", "/")  # an encoded slash (agent.api.EncodedSlashes)
         _owned(caller_of(request, tcp_token), job_id)
         try:
             return job_out(agent.finish_job(job_id))
@@ -65,6 +73,7 @@ def control_router(agent: Any, tcp_token: str | None = None) -> APIRouter:
 
     @router.post("/v1/jobs/{job_id}/work", response_model=JobOut, responses=ERRORS)
     def add_work(job_id: str, body: WorkReport, request: Request) -> JobOut:
+        job_id = job_id.replace("\x00", "/")  # an encoded slash (agent.api.EncodedSlashes)
         _owned(caller_of(request, tcp_token), job_id)
         try:
             return job_out(agent.add_work(job_id, body.unit, body.count))

@@ -14,14 +14,14 @@ from agent.model import PIDS_MAX as MAX_PIDS
 
 
 def _delegate(check, *args: Any):
-    """Run a framework-free validator from agent.control inside pydantic."""
+    """Run a framework-free validator from agent.api.access inside pydantic."""
     try:
         return check(*args)
     except ControlError as exc:
         raise ValueError(exc.message) from None
 
 
-# The schema states what agent.control enforces, so that a client (or a
+# The schema states what agent.api.access enforces, so that a client (or a
 # fuzzer) can tell a valid request from the schema alone: the name is
 # stripped of whitespace, then 1-128 characters with no control characters.
 _CONTROL = CONTROL_CHAR_CLASS
@@ -46,13 +46,10 @@ class JobRegistration(BaseModel):
         description="Human name of the job: 1-128 characters, no control characters",
         json_schema_extra={"pattern": NAME_PATTERN},
     )
-    pids: (
-        Annotated[
-            list[Annotated[int, Field(strict=True, gt=0, lt=2**31), BeforeValidator(_whole)]],
-            Field(min_length=1, max_length=MAX_PIDS),
-        ]
-        | None
-    ) = Field(None, description="Root processes of the job; their descendants join it. Default: the caller")
+    pids: Annotated[
+        list[Annotated[int, Field(strict=True, gt=0, lt=2**31), BeforeValidator(_whole)]],
+        Field(min_length=1, max_length=MAX_PIDS),
+    ] = Field(description="Root processes of the job (required); their descendants join it")
     labels: dict[str, str] = Field(
         default_factory=dict,
         max_length=MAX_LABELS,

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
-
 from agent.api.access import Caller, peer_credentials
+from agent.api.http_guard import DeadlineH11Protocol
 
 STATE_KEY = "jouleward_peer"
 
 
-class PeerCredH11Protocol(H11Protocol):
+class PeerCredH11Protocol(DeadlineH11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")

@@ -3,26 +3,63 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any
+from urllib.parse import unquote
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from agent.api.control import control_router
 from agent.api.control import install_error_handler as install_control_error_handler
+from agent.api.http_guard import RequestGuard
 from agent.api.models import ErrorOut, JobOut, job_out
+from agent.model import JobView
 from agent.pipeline.daemon import Agent
 from exporters import report
 from exporters.prometheus import RenderCache
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+class JobIdConvertor(Convertor[str]):
+    """A job id in a path: "/" allowed (Kubernetes jobs are k8s-<namespace>/<job>),
+    but not ending in a sub-resource's name, so /finish, /work and /report
+    stay their own routes (and a 405 lists only their methods)."""
+
+    regex = r"(?:(?!/(?:finish|work|report)/?$).)+(?<!/)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("jobid", JobIdConvertor())
+
+
+class EncodedSlashes:
+    """Routing on the decoded path would read k8s-ns%2Fwork as a /work
+    request; keep an encoded slash apart (the handlers read the raw path)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        raw = scope.get("raw_path") if scope["type"] == "http" else None
+        if raw and raw.startswith(b"/v1/jobs/") and b"%2f" in raw.lower():
+            marked = re.sub(rb"%2[fF]", b"%00", raw.split(b"?", 1)[0])
+            scope = {**scope, "path": unquote(marked.decode("latin-1"))}
+        await self.app(scope, receive, send)
 
 
 class DeviceOut(BaseModel):
@@ -81,8 +118,15 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         body, content_type = cache.negotiate(request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
+    @app.get("/healthz", responses={503: {"model": ErrorOut}})
+    def healthz() -> Any:
+        """Liveness: fails once the sampler has not completed a tick for ``sampler_stall_s``."""
+        since = agent.seconds_since_tick()
+        limit = agent.config.sampler_stall_after_s
+        if since is not None and since > limit:
+            return JSONResponse(
+                {"detail": f"sampler stalled: no tick for {since:.0f} s (sampler_stall_s {limit:g} s)"}, status_code=503
+            )
         return {"status": "ok", "ticks": agent.ticks}
 
     @app.get("/readyz", responses={503: {"model": ErrorOut}})
@@ -127,23 +171,31 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
     def jobs(limit: Annotated[int, Field(ge=1, le=10000)] = 1000) -> list[JobOut]:
         return [job_out(record) for record in agent.ledger.all_jobs(limit)]
 
-    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}})
-    def job(job_id: str) -> JobOut:
+    def _target(request: Request) -> tuple[str, bool]:
+        """The job id and whether its report is asked for. Kubernetes job ids
+        hold ``/`` (``k8s-<namespace>/<job>``): read from the raw path, an
+        encoded ``%2F`` is part of the id and only a literal ``/report`` ends it."""
+        raw = request.scope.get("raw_path") or request.url.path.encode()
+        tail = raw.split(b"?", 1)[0][len(b"/v1/jobs/") :]
+        parts = tail.split(b"/")
+        if len(parts) > 1 and parts[-1] == b"report":
+            job_id = unquote(b"/".join(parts[:-1]).decode("latin-1"))
+            whole = unquote(tail.decode("latin-1"))
+            # "k8s-ns/report" unencoded: the job named report, unless a job "k8s-ns" exists.
+            if agent.ledger.job(job_id) is None and agent.ledger.job(whole) is not None:
+                return whole, False
+            return job_id, True
+        return unquote(tail.decode("latin-1")), False
+
+    def _record(job_id: str) -> JobView:
         record = agent.ledger.job(job_id)
         if record is None:
             raise HTTPException(404, f"no job {job_id!r}")
-        return job_out(record)
+        return record
 
-    @app.get("/v1/jobs/{job_id}/report", response_class=Response, responses={404: {"model": ErrorOut}})
-    def job_report(
-        job_id: str, format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})] = "csv"
-    ) -> Response:
-        """The job in codecarbon's emissions.csv format (csv, json or text)."""
+    def _report(record: JobView, format: str) -> Response:
         if format not in report.FORMATS:
             raise HTTPException(400, f"format: expected one of {', '.join(report.FORMATS)}, got {format!r}")
-        record = agent.ledger.job(job_id)
-        if record is None:
-            raise HTTPException(404, f"no job {job_id!r}")
         gpus = sum(1 for d in agent.snapshot.devices if d.domain == "gpu")
         site = report.site_from_config(agent.config.carbon, agent.config.procfs, gpus)
         row = report.report_row(
@@ -152,11 +204,30 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
         media = {"csv": "text/csv", "json": "application/json", "text": "text/plain"}[format]
         return Response(report.render([row], format), media_type=f"{media}; charset=utf-8")
 
+    # Declared before the job route: both take ids with "/", this one ends in /report.
+    @app.get("/v1/jobs/{job_id:jobid}/report", response_class=Response, responses={404: {"model": ErrorOut}})
+    def job_report(
+        job_id: str,
+        request: Request,
+        format: Annotated[str, Query(json_schema_extra={"enum": list(report.FORMATS)})] = "csv",
+    ) -> Any:
+        """The job in codecarbon's emissions.csv format (csv, json or text)."""
+        target, is_report = _target(request)
+        if not is_report:
+            return JSONResponse(job_out(_record(target)).model_dump())
+        return _report(_record(target), format)
+
+    @app.get("/v1/jobs/{job_id:jobid}", response_model=JobOut, responses={404: {"model": ErrorOut}})
+    def job(job_id: str, request: Request) -> JobOut:
+        """One job; ids may hold "/" (Kubernetes jobs), encoded as %2F or not."""
+        return job_out(_record(_target(request)[0]))
+
 
 # Validation errors are one message string (see _validation_message), not
 # FastAPI's default list, and a body that is not JSON is a 400: the schema
-# must say so.
-_INVALID: dict[int | str, dict[str, Any]] = {400: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+# must say so. A body over max_request_body_bytes is a 413, one that does not
+# arrive within request_timeout_s a 408 (agent.api.http_guard).
+_INVALID: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 408, 413, 422)}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -186,6 +257,14 @@ def create_read_app(agent: Agent, control_token: str | None = None) -> FastAPI:
     app = FastAPI(title="jouleward", version="0.1.0", responses=_INVALID)
     _install_error_handlers(app)
     _add_read_routes(app, agent)
+    # Authenticated before the body is read: an unauthenticated caller learns nothing of validation.
+    app.add_middleware(EncodedSlashes)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=agent.config.max_request_body_bytes,
+        timeout_s=agent.config.request_timeout_s,
+        bearer_token=control_token or None,
+    )
     if control_token:
         install_control_error_handler(app)
         app.include_router(control_router(agent, tcp_token=control_token))
@@ -197,8 +276,12 @@ def create_control_app(agent: Agent) -> FastAPI:
     app = FastAPI(title="jouleward control", version="0.1.0", responses=_INVALID)
     _install_error_handlers(app)
     _add_read_routes(app, agent)
+    app.add_middleware(EncodedSlashes)
+    app.add_middleware(
+        RequestGuard, max_body_bytes=agent.config.max_request_body_bytes, timeout_s=agent.config.request_timeout_s
+    )
 
-    # Register, finish and work units, with the caller's uid checked (agent.control).
+    # Register, finish and work units, with the caller's uid checked (agent.api.access).
     install_control_error_handler(app)
     app.include_router(control_router(agent))
     return app

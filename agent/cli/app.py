@@ -16,6 +16,7 @@ from agent import __version__
 from agent.config import Config, ConfigError, build
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1  # the agent ran and a part of it died: a service manager should restart it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agent.api.server import ServeError, serve
+    from agent.api.server import ServeError, ServeFailed, serve
     from agent.ledger.totals import LedgerError
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -82,6 +83,9 @@ def _run(args: argparse.Namespace) -> int:
     except (LedgerError, ServeError) as exc:
         print(f"jouleward: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ServeFailed as exc:
+        print(f"jouleward: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 
@@ -97,9 +101,9 @@ def _jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[
     """The running agent's answer, or the state directory's ledger when no agent runs."""
     from agent.cli.reader import AgentNotRunning, AgentReader
 
-    reader = AgentReader(config.listen)
+    reader = AgentReader(config.listen, control_sockets=config.control_socket_candidates)
     try:
-        return [reader.get_json(f"/v1/jobs/{job_id}")] if job_id else reader.jobs()
+        return [reader.job(job_id)] if job_id else reader.jobs()
     except AgentNotRunning:
         pass
     from agent.api.models import job_out
@@ -125,7 +129,9 @@ def _report(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     try:
-        rows = json.loads(AgentReader(config.listen).report(args.job_id, "json"))
+        rows = json.loads(
+            AgentReader(config.listen, control_sockets=config.control_socket_candidates).report(args.job_id, "json")
+        )
     except AgentNotRunning:
         jobs = _jobs_from_agent_or_ledger(config, args.job_id)
         site = report.site_from_config(config.carbon, config.procfs)
@@ -166,7 +172,9 @@ def _top(args: argparse.Namespace) -> int:
     from agent.cli.top import run_curses, snapshot
 
     config = config_from_args(args)
-    reader = AgentReader(config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)))
+    reader = AgentReader(
+        config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)), control_sockets=config.control_socket_candidates
+    )
     if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
         try:
             sys.stdout.write(snapshot(reader))

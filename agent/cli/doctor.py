@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from agent.config import Config
 from agent.sensors.cpu_model import build_cpu_model, read_cpu_identity
@@ -70,6 +72,69 @@ def _gpu_findings(config: Config) -> list[Finding]:
     ]
 
 
+def _other_users_process(procfs: Path) -> tuple[int, int] | None:
+    """(pid, uid) of a live process of another uid than the agent's."""
+    me = os.geteuid()
+    try:
+        entries = os.listdir(procfs)
+    except OSError:
+        return None
+    for name in entries:
+        if name.isdigit():
+            try:
+                uid = os.stat(procfs / name).st_uid
+            except OSError:
+                continue
+            if uid != me:
+                return int(name), uid
+    return None
+
+
+def _attribution_findings(config: Config) -> list[Finding]:
+    """Env labels (JOULEWARD_JOB, SLURM_JOB_NAME) and exe rules read other
+    users' /proc/<pid>/environ and exe: that needs CAP_SYS_PTRACE, which
+    neither shipped deployment grants. Found by trying."""
+    found = _other_users_process(config.procfs)
+    if found is None:
+        return [
+            Finding(
+                "procfs",
+                False,
+                False,
+                "no process of another user runs now: cannot tell whether other users' environ and exe are readable",
+            )
+        ]
+    pid, uid = found
+    try:
+        (config.procfs / str(pid) / "environ").read_bytes()
+        os.readlink(config.procfs / str(pid) / "exe")
+    except FileNotFoundError:
+        return [Finding("procfs", False, False, f"pid {pid} (uid {uid}) exited while being read; run doctor again")]
+    except PermissionError as exc:
+        return [
+            Finding(
+                "procfs",
+                False,
+                False,
+                f"cannot read {exc.filename} of uid {uid}: {exc.strerror}. Without CAP_SYS_PTRACE (the "
+                "shipped systemd unit and DaemonSet grant none) JOULEWARD_JOB labels, Slurm job names and "
+                "exe rules see only the agent's own uid's processes; use cmdline rules, the jouleward.io/job "
+                "pod annotation, or register jobs (a Slurm prolog; docs/jobs.md)",
+            )
+        ]
+    except OSError as exc:
+        return [Finding("procfs", False, False, f"cannot read /proc/{pid} of uid {uid}: {exc.strerror}")]
+    return [
+        Finding(
+            "procfs",
+            True,
+            False,
+            f"other users' environ and exe are readable (tried pid {pid}, uid {uid}): "
+            "JOULEWARD_JOB labels, Slurm job names and exe rules work for every user",
+        )
+    ]
+
+
 def examine(config: Config) -> list[Finding]:
     findings = _powercap_findings(config) + _hwmon_findings(config) + _gpu_findings(config)
     measured_cpu = any(f.usable and f.measured and ("cpu/" in f.detail or "domain cpu" in f.detail) for f in findings)
@@ -92,7 +157,7 @@ def examine(config: Config) -> list[Finding]:
                 f" max {model.max_w:.1f} W (TDP from {model.tdp_source})",
             )
         )
-    return findings
+    return findings + _attribution_findings(config)
 
 
 def report(findings: list[Finding]) -> tuple[str, int]:

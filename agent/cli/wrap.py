@@ -17,9 +17,19 @@ import signal
 import sys
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote
 
 from agent.api.access import ControlError, validate_job_name, validate_labels
-from agent.client import JOB_ID_ENV, SOCKET_ENV, AgentError, AgentUnavailable, Job, JobSummary
+from agent.client import (
+    JOB_ID_ENV,
+    SOCKET_ENV,
+    AgentError,
+    AgentUnavailable,
+    Job,
+    JobSummary,
+    first_socket,
+)
+from agent.config import ConfigError, build
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _SI_KERNEL = 0x80  # si_code of signals the terminal driver sends to the whole foreground group
@@ -46,10 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="emissions.csv",
         help="append the job as a row of codecarbon's emissions.csv (header written once)",
     )
+    # Located as every command locates the agent: flags, then JOULEWARD_* variables, then --config.
+    parser.add_argument("--config", type=Path, help="TOML configuration file (its control_socket, state_dir)")
+    parser.add_argument("--state-dir", dest="state_dir", help="the agent's state directory")
     parser.add_argument(
+        "--control-socket",
         "--socket",
+        dest="control_socket",
         type=Path,
-        help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, else /run/jouleward/control.sock)",
+        help="agent control socket (default: $JOULEWARD_CONTROL_SOCKET, else <state-dir>/control.sock, "
+        "/run/jouleward/control.sock or /var/lib/jouleward/control.sock, the first that exists)",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--standalone", action="store_true", help="measure in-process even if an agent runs")
@@ -78,6 +94,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         raise UsageError(exc.message.replace("name:", "--name:").replace("labels", "--label")) from None
     if not 0.05 <= args.interval <= 60:
         raise UsageError("--interval: expected 0.05..60 seconds")
+    try:
+        config = build(
+            file_path=args.config, flags={"state_dir": args.state_dir, "control_socket": args.control_socket}
+        )
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    args.socket = first_socket(config.control_socket_candidates)
     return args
 
 
@@ -123,6 +146,7 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         job = Job(args.name, args.labels, socket_path=args.socket, standalone=False, interval_s=args.interval)
+        fallback = ""
         try:
             if args.standalone:
                 raise AgentUnavailable("standalone requested")
@@ -131,12 +155,19 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
             if args.require_agent:
                 print(f"jouleward wrap: {exc}", file=err)
                 return 2
+            fallback = "standalone"
+        except AgentError as exc:
+            if exc.status != 409 or args.require_agent:
+                print(f"jouleward wrap: the agent refused the job: {exc.message}", file=err)
+                return 2
+            # Already inside a registered job (a Slurm prolog's, an outer wrap): the agent books
+            # the command there; its own figures are measured here.
+            print(f"jouleward wrap: {exc.message}; measuring this command standalone", file=err)
+            fallback = "standalone"
+        if fallback:
             # Measured here: the command is the root, so the meter's own work is not charged to it.
             job = Job(args.name, args.labels, standalone=True, interval_s=args.interval)
             job.prime()
-        except AgentError as exc:
-            print(f"jouleward wrap: the agent refused the job: {exc.message}", file=err)
-            return 2
         env = dict(os.environ)
         if job.mode == "agent":
             env[JOB_ID_ENV] = job.job_id
@@ -146,17 +177,27 @@ def run(args: argparse.Namespace, err: TextIO) -> int:
                 args.command[0], args.command, env, setsigmask=old_mask, setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)
             )
         except OSError as exc:
-            job.abandon()
+            try:
+                job.abandon()
+            except (AgentError, AgentUnavailable, OSError):
+                pass
             print(f"jouleward wrap: cannot run {shlex.join(args.command[:1])}: {exc.strerror}", file=err)
             return 127 if isinstance(exc, FileNotFoundError) else 126
         if job.mode != "agent":
             job.start([pid])
         _wait(pid, signals)
-        summary = job.finish()
+        summary: JobSummary | None = None
+        try:
+            summary = job.finish()  # the agent samples once more first: the last partial interval is the job's
+        except (AgentError, AgentUnavailable, OSError) as exc:
+            # The command ran; its status is the answer whatever became of the agent.
+            print(f"jouleward wrap: cannot finish job {job.job_id} with the agent ({exc}); no energy figures", file=err)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    if summary is None:
+        return code if code >= 0 else 128 - code
     print(format_summary(summary), file=err)
     if args.emissions_csv is not None:
         _append_emissions(args.emissions_csv, job, summary, err)
@@ -178,7 +219,7 @@ def _append_emissions(path: Path, job: Job, summary: JobSummary, err: TextIO) ->
 
     try:
         if job.mode == "agent":
-            rows = job.client.request("GET", f"/v1/jobs/{summary.job_id}/report?format=json")
+            rows = job.client.request("GET", f"/v1/jobs/{quote(summary.job_id, safe='')}/report?format=json")
         else:
             now = time.time()
             figures = {
@@ -191,7 +232,7 @@ def _append_emissions(path: Path, job: Job, summary: JobSummary, err: TextIO) ->
             }
             rows = [report.report_row(report.job_emissions(figures, report.site_from_config(CarbonConfig()), 1.0, now))]
         report.append_csv(path, rows)
-    except (AgentError, AgentUnavailable, report.ReportError, OSError) as exc:
+    except (AgentError, AgentUnavailable, report.ReportError, OSError, ValueError) as exc:
         print(f"jouleward wrap: cannot append to {path}: {exc}", file=err)
 
 

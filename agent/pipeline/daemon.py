@@ -37,6 +37,7 @@ from agent.workloads.resolve import JobResolver
 from agent.workloads.worksources import JobMembers, WorkSourcePoller, WorkSourceSettings
 
 log = logging.getLogger("jouleward")
+FINISH_SAMPLE_GAP_S = 0.5
 
 
 def kubelet_settings(config: Config) -> KubeletSettings:
@@ -148,6 +149,7 @@ class Agent:
         self.tick_durations = DurationCounts()
         self.sensor_errors: dict[tuple[str, str], int] = {}
         self._last_mono: float | None = None
+        self._last_tick_done_mono: float | None = None
         self._last_flush_mono = time.monotonic()
         self._stop = threading.Event()
         self._tick_lock = threading.Lock()
@@ -202,6 +204,21 @@ class Agent:
         return self._job(job.ref.id)
 
     def finish_job(self, job_id: str) -> JobView:
+        """Finish a registered job, after one more sample: the partial interval
+        since the last tick is the job's, not the host's."""
+        registration = self.registry.get(job_id)
+        since = self.seconds_since_tick()
+        # At most one extra sample per FINISH_SAMPLE_GAP_S, however fast callers finish jobs.
+        if (
+            registration is not None
+            and registration.finished_at is None
+            and (since is None or since > FINISH_SAMPLE_GAP_S)
+        ):
+            try:
+                if self.try_tick(wait_s=max(2 * self.config.interval_s, 2.0)) is None:
+                    log.warning("no sample before finishing %s: the sampler is busy", job_id)
+            except Exception:  # the job must still finish; the next tick books the interval
+                log.exception("sample before finishing %s failed", job_id)
         job = self.registry.finish(job_id)  # raises UnknownJob
         self.ledger.mark_finished(job_id, job)
         self.ledger.flush()
@@ -278,8 +295,20 @@ class Agent:
         with self._tick_lock:
             return self._tick()
 
+    def try_tick(self, wait_s: float) -> Snapshot | None:
+        """One sample, unless another tick holds the lock for ``wait_s``
+        (None): a stalled sampler must not hang an API call."""
+        if not self._tick_lock.acquire(timeout=wait_s):
+            return None
+        try:
+            return self._tick()
+        finally:
+            self._tick_lock.release()
+
     def _tick(self) -> Snapshot:
         started = time.monotonic()
+        # Registrations from now on may name processes this scan does not list: they are judged next tick.
+        epoch = self.registry.epoch
         scan = self.scanner.scan()
         now_mono = time.monotonic()
         interval_s = 0.0 if self._last_mono is None else now_mono - self._last_mono
@@ -301,7 +330,7 @@ class Agent:
         jobs = self.resolver.resolve(scan.processes)
         self.resolver.forget(scan.exited)
         # Registered processes not seen now, exited since the last scan or before the first one.
-        finished = self.registry.forget_exited([k for k in list(self.registry.keys) if k not in scan.live])
+        finished = self.registry.forget_exited([k for k in self.registry.keys_joined_by(epoch) if k not in scan.live])
         now_unix = time.time()
         for job_id in finished:
             registration = self.registry.get(job_id)
@@ -353,7 +382,13 @@ class Agent:
         self.snapshot = self._build_snapshot(
             now_unix, interval_s, scan, idle_power, len(scan.processes), time.monotonic() - started
         )
+        self._last_tick_done_mono = time.monotonic()
         return self.snapshot
+
+    def seconds_since_tick(self) -> float | None:
+        """Seconds since the last tick completed; None before the first."""
+        done = self._last_tick_done_mono
+        return None if done is None else time.monotonic() - done
 
     def _charge_emissions(
         self, now_unix: float, interval_s: float, readings: list[DeviceEnergy], jobs_j: dict[str, float]

@@ -15,6 +15,7 @@ import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -159,10 +160,29 @@ def _ssl_context(settings: KubeletSettings) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is never followed: it would carry the bearer token to
+    wherever the Location points (urllib forwards the Authorization header)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise KubeletError(
+            f"kubelet answered HTTP {code}, a redirect to {newurl}; not followed, "
+            f"so the token stays with {_host(req.full_url)}"
+        )
+
+
+def _host(url: str) -> str:
+    return urllib.parse.urlsplit(url).netloc
+
+
 def fetch_pods(settings: KubeletSettings) -> dict[str, PodMeta]:
-    """One GET of the kubelet's pod list. Raises KubeletError."""
+    """One GET of the kubelet's pod list. Raises KubeletError.
+
+    The bearer token goes only over https:// and only to the configured
+    host: over plain http:// (a read-only port) none is sent, and redirects
+    are refused."""
     headers = {"Accept": "application/json"}
-    if settings.token_file is not None:
+    if settings.token_file is not None and settings.url.startswith("https:"):
         # Re-read every poll: projected service-account tokens rotate.
         try:
             token = settings.token_file.read_text().strip()
@@ -170,7 +190,7 @@ def fetch_pods(settings: KubeletSettings) -> dict[str, PodMeta]:
             raise KubeletError(f"cannot read token file {settings.token_file}: {exc.strerror}") from None
         if token:
             headers["Authorization"] = f"Bearer {token}"
-    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({}), _NoRedirects()]
     if settings.url.startswith("https:"):
         try:
             handlers.append(urllib.request.HTTPSHandler(context=_ssl_context(settings)))

@@ -51,6 +51,19 @@ class ProcessFacts:
         return best
 
     @cached_property
+    def cgroups(self) -> tuple[str, ...]:
+        """Every hierarchy's path, the unified (v2) one first. A hybrid host
+        lists v1 controllers (where Slurm's cgroup plugin puts the job) beside
+        a ``0::`` line that may only name the daemon's systemd unit."""
+        unified: list[str] = []
+        legacy: list[str] = []
+        for line in self._read("cgroup").decode("utf-8", "replace").splitlines():
+            path = line.split(":", 2)[-1]
+            if path and path != "/":
+                (unified if line.startswith("0::") else legacy).append(path)
+        return tuple(dict.fromkeys(unified + legacy))
+
+    @cached_property
     def cmdline(self) -> str:
         return self._read("cmdline").rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
 

@@ -20,6 +20,15 @@ class UnknownJob(KeyError):
     pass
 
 
+class AlreadyRegistered(RegistrationError):
+    """A process (or an ancestor of it) already belongs to a running registered job."""
+
+    def __init__(self, pid: int, job_id: str, via_pid: int) -> None:
+        through = "" if via_pid == pid else f" through its ancestor {via_pid}"
+        super().__init__(f"pid {pid} already belongs to registered job {job_id!r}{through}")
+        self.job_id = job_id
+
+
 @dataclass(frozen=True)
 class RegisteredJob:
     ref: JobRef
@@ -40,6 +49,25 @@ def read_process_key(procfs: Path, pid: int) -> ProcessKey | None:
     return ProcessKey(pid, parsed[3]) if parsed else None
 
 
+def _ancestry(procfs: Path, pid: int, limit: int = 4096) -> list[ProcessKey]:
+    """The process and its ancestors, nearest first (a parent starts before its child)."""
+    chain: list[ProcessKey] = []
+    while pid > 0 and len(chain) < limit:
+        try:
+            with open(procfs / str(pid) / "stat", "rb") as handle:
+                parsed = parse_stat(handle.read())
+        except (OSError, ValueError):
+            break
+        if parsed is None:
+            break
+        key = ProcessKey(pid, parsed[3])
+        if chain and key.start_ticks > chain[-1].start_ticks:
+            break  # a reused pid, not the parent
+        chain.append(key)
+        pid = parsed[1]
+    return chain
+
+
 def new_job_id() -> str:
     return "r-" + secrets.token_hex(6)
 
@@ -51,42 +79,61 @@ class Registry:
     ``keys`` maps every process known to belong to a registered job (the
     registered roots and every descendant seen since) to its job id.
     ``generation`` changes whenever the set of roots changes, telling the
-    resolver to look at already-known processes again.
+    resolver to look at already-known processes again. ``epoch`` counts
+    registrations; each key remembers the epoch it joined at, so that a tick
+    judges only keys that were registered before it scanned.
     """
 
     procfs: Path
     jobs: dict[str, RegisteredJob] = field(default_factory=dict)
     keys: dict[ProcessKey, str] = field(default_factory=dict)
     generation: int = 0
+    epoch: int = 0
+    _joined: dict[ProcessKey, int] = field(default_factory=dict, repr=False)  # key -> epoch it joined at
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def register(
         self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0, job_id: str | None = None
     ) -> RegisteredJob:
-        keys = []
+        """Raises RegistrationError for a gone process, AlreadyRegistered when a
+        process or one of its ancestors already belongs to a running job."""
+        chains = []
         for pid in pids:
-            key = read_process_key(self.procfs, pid)
-            if key is None:
+            chain = _ancestry(self.procfs, pid)
+            if not chain:
                 raise RegistrationError(f"no such process: {pid}")
-            keys.append(key)
+            chains.append(chain)
         job = RegisteredJob(
             ref=JobRef(job_id or new_job_id(), name, "registered"),
             labels=dict(labels),
-            root_keys=tuple(keys),
+            root_keys=tuple(chain[0] for chain in chains),
             owner_uid=owner_uid,
             registered_at=time.time(),
         )
-        self.restore(job)
+        with self._lock:  # checked and added at once: two callers cannot both claim a process
+            for chain in chains:
+                for key in chain:
+                    owner = self.keys.get(key)
+                    if owner is not None:
+                        raise AlreadyRegistered(chain[0].pid, owner, key.pid)
+            self.restore(job)
         return job
 
     def restore(self, job: RegisteredJob) -> None:
         """Add a job as it is (a new registration, or one resumed from the ledger)."""
         with self._lock:
             self.jobs[job.ref.id] = job
+            self.epoch += 1
             if job.finished_at is None:
                 for key in job.root_keys:
                     self.keys[key] = job.ref.id
+                    self._joined[key] = self.epoch
             self.generation += 1
+
+    def keys_joined_by(self, epoch: int) -> list[ProcessKey]:
+        """Member processes that had joined their job by ``epoch``."""
+        with self._lock:
+            return [key for key in self.keys if self._joined.get(key, 0) <= epoch]
 
     def finish(self, job_id: str, reason: str = "finished") -> RegisteredJob:
         with self._lock:
@@ -98,6 +145,7 @@ class Registry:
                 self.jobs[job_id] = job
                 for key in [k for k, owner in self.keys.items() if owner == job_id]:
                     del self.keys[key]
+                    self._joined.pop(key, None)
                 self.generation += 1
             return job
 
@@ -113,12 +161,15 @@ class Registry:
         with self._lock:
             if job_id in self.jobs and self.jobs[job_id].finished_at is None:
                 self.keys[key] = job_id
+                self._joined.setdefault(key, self.epoch)
 
     def forget_exited(self, exited: list[ProcessKey]) -> list[str]:
         """Drop exited processes; finish jobs left with none. Returns those job ids."""
         emptied = []
         with self._lock:
             touched = {self.keys.pop(key) for key in exited if key in self.keys}
+            for key in exited:
+                self._joined.pop(key, None)
             live = set(self.keys.values())
             for job_id in touched - live:
                 emptied.append(job_id)

@@ -1,9 +1,10 @@
 """Which job does a process belong to? First match wins:
 
 1. registered through the control API (a process tree, later children included);
-2. a Kubernetes pod, from the cgroup path (kubepods with containerd, CRI-O or docker);
-3. a Slurm job, from the cgroup path (``/slurm/uid_N/job_M`` or ``slurmstepd.scope/job_M``);
-4. a systemd service or scope, from the cgroup path (sessions and init excluded);
+2. a Kubernetes pod, from any hierarchy's cgroup path (kubepods with containerd, CRI-O or docker);
+3. a Slurm job, from any hierarchy's cgroup path (``/slurm/uid_N/job_M`` or ``slurmstepd.scope/job_M``);
+4. a systemd service or scope, from the cgroup path (sessions and init excluded), except
+   that a ``JOULEWARD_JOB`` label beats a transient one (a scope, or anything under ``user@*.service``);
 5. the ``JOULEWARD_JOB=<name>`` label in the process environment;
 6. a configured rule on command line, executable, user or cgroup.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import pwd
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,30 +38,51 @@ _SYSTEMD_UNIT = re.compile(r"([^/]+\.(?:service|scope))$")
 class CgroupJob:
     ref: JobRef
     container_id: str = ""
+    # A systemd scope (tmux, a terminal, a docker container) or anything under a user
+    # manager (user@*.service): incidental to the work, so an explicit JOULEWARD_JOB wins.
+    transient: bool = False
 
 
 def job_from_cgroup(path: str, unit_exclude: tuple[str, ...] = ()) -> CgroupJob | None:
     """Pure: a pod, Slurm job or systemd unit from a cgroup path."""
-    if not path or path == "/":
+    return job_from_cgroups((path,), unit_exclude)
+
+
+def _pod(path: str) -> CgroupJob | None:
+    if "kubepods" not in path:
         return None
-    if "kubepods" in path:
-        match = _POD_UID.search(path)
-        if match:
-            uid = match.group(1).replace("_", "-")
-            container = _CONTAINER_ID.search(path.rstrip("/"))
-            return CgroupJob(JobRef(f"pod-{uid}", uid, "pod"), container.group(1) if container else "")
-    if "slurm" in path:
-        match = _SLURM_JOB.search(path)
-        if match:
-            job_id = match.group(1)
-            return CgroupJob(JobRef(f"slurm-{job_id}", job_id, "slurm"))
-    for component in reversed(path.strip("/").split("/")):
-        match = _SYSTEMD_UNIT.match(component)
-        if match:
-            unit = match.group(1)
-            if any(fnmatch.fnmatchcase(unit, pattern) for pattern in unit_exclude):
-                return None
-            return CgroupJob(JobRef(f"systemd-{unit}", unit, "systemd"))
+    match = _POD_UID.search(path)
+    if not match:
+        return None
+    uid = match.group(1).replace("_", "-")
+    container = _CONTAINER_ID.search(path.rstrip("/"))
+    return CgroupJob(JobRef(f"pod-{uid}", uid, "pod"), container.group(1) if container else "")
+
+
+def _slurm(path: str) -> CgroupJob | None:
+    match = _SLURM_JOB.search(path) if "slurm" in path else None
+    return CgroupJob(JobRef(f"slurm-{match.group(1)}", match.group(1), "slurm")) if match else None
+
+
+def job_from_cgroups(paths: Sequence[str], unit_exclude: tuple[str, ...] = ()) -> CgroupJob | None:
+    """Pure: a pod in any hierarchy, else a Slurm job in any, else the
+    systemd unit of the first path that names one (the unified one first)."""
+    paths = [path for path in paths if path and path != "/"]
+    for find in (_pod, _slurm):
+        for path in paths:
+            found = find(path)
+            if found is not None:
+                return found
+    for path in paths:
+        components = path.strip("/").split("/")
+        for component in reversed(components):
+            match = _SYSTEMD_UNIT.match(component)
+            if match:
+                unit = match.group(1)
+                if any(fnmatch.fnmatchcase(unit, pattern) for pattern in unit_exclude):
+                    return None
+                transient = unit.endswith(".scope") or any(fnmatch.fnmatchcase(c, "user@*.service") for c in components)
+                return CgroupJob(JobRef(f"systemd-{unit}", unit, "systemd"), transient=transient)
     return None
 
 
@@ -153,11 +176,12 @@ class JobResolver:
         self.info_labels: dict[str, dict[str, str]] = {}
 
     def _static_job(self, facts: ProcessFacts) -> JobRef | CgroupJob | None:
-        found = job_from_cgroup(facts.cgroup, self._unit_exclude)
-        if found:
-            # Pods and Slurm jobs take their name from metadata resolved per tick.
-            return found if found.ref.kind in ("pod", "slurm") else found.ref
+        found = job_from_cgroups(facts.cgroups, self._unit_exclude)
+        if found and found.ref.kind in ("pod", "slurm"):
+            return found  # pods and Slurm jobs take their name from metadata resolved per tick
         label = facts.env_labels.get("JOULEWARD_JOB", "").strip()
+        if found and not (label and found.transient):
+            return found.ref
         if label:
             return JobRef(f"env-{label}", label, "env")
         for rule in self._rules:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,17 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(self.timeout)
-        self.sock.connect(self._socket_path)
+        if len(os.fsencode(self._socket_path)) < 100:
+            self.sock.connect(self._socket_path)
+            return
+        # Past sun_path's 108 bytes: connect through a short symlink (connect follows it).
+        short = Path(tempfile.mkdtemp(prefix="jw-")) / "s"
+        try:
+            short.symlink_to(self._socket_path)
+            self.sock.connect(str(short))
+        finally:
+            short.unlink(missing_ok=True)
+            short.parent.rmdir()
 
 
 def http_request(conn: http.client.HTTPConnection, method: str, path: str, body=None) -> tuple[int, object]:
