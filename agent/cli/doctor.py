@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +176,12 @@ def report(findings: list[Finding]) -> tuple[str, int]:
         else "no energy counters: the agent runs on the utilisation model (source=\"model\")"
     )
     return "\n".join(lines), 0 if measured else 1
+
+
+def command(args: argparse.Namespace) -> int:
+    """``jouleward doctor``: exit 0 when energy is measured, 1 when only modelled."""
+    from agent.cli.common import config_from_args
+
+    text, code = report(examine(config_from_args(args)))
+    print(text)
+    return code

@@ -8,6 +8,8 @@ snapshot instead.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,3 +132,23 @@ def run_curses(reader: AgentReader, interval_s: float = 1.0) -> None:
                 screen.refresh()
 
     curses.wrapper(loop)
+
+
+def command(args: argparse.Namespace) -> int:
+    """``jouleward top``: the live view, or one snapshot."""
+    from agent.cli.common import EXIT_USAGE, config_from_args
+    from agent.cli.reader import AgentAnswer, AgentNotRunning, AgentReader
+
+    config = config_from_args(args)
+    reader = AgentReader(
+        config.listen, timeout_s=min(2.0, max(config.interval_s, 0.5)), control_sockets=config.control_socket_candidates
+    )
+    if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
+        try:
+            sys.stdout.write(snapshot(reader))
+        except (AgentNotRunning, AgentAnswer) as exc:
+            print(f"jouleward: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
+    run_curses(reader, interval_s=1.0)
+    return 0
