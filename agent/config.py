@@ -385,14 +385,20 @@ def _parse_carbon(table: Any, where: str) -> CarbonConfig:
     return carbon
 
 
-def _parse_rule(index: int, rule: Any, where: str) -> JobRule:
-    here = f"{where}[{index}]"
+def _table_of(rule: Any, here: str, kind: type) -> set[str]:
+    """Check that an array-of-tables entry is a table of ``kind``'s fields; its field names."""
     if not isinstance(rule, Mapping):
         raise ConfigError(f"{here}: expected a table")
-    allowed = {f.name for f in fields(JobRule)}
+    allowed = {f.name for f in fields(kind)}
     unknown = set(rule) - allowed
     if unknown:
         raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}")
+    return allowed
+
+
+def _parse_rule(index: int, rule: Any, where: str) -> JobRule:
+    here = f"{where}[{index}]"
+    _table_of(rule, here, JobRule)
     name = rule.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{here}.name: a rule needs a non-empty name")
@@ -412,12 +418,7 @@ def _parse_rule(index: int, rule: Any, where: str) -> JobRule:
 
 def _parse_work_source(index: int, rule: Any, where: str) -> WorkSourceRule:
     here = f"{where}[{index}]"
-    if not isinstance(rule, Mapping):
-        raise ConfigError(f"{here}: expected a table")
-    allowed = {f.name for f in fields(WorkSourceRule)}
-    unknown = set(rule) - allowed
-    if unknown:
-        raise ConfigError(f"{here}: unknown key {sorted(unknown)[0]!r}")
+    allowed = _table_of(rule, here, WorkSourceRule)
     for key in allowed:
         if rule.get(key) is not None and not isinstance(rule[key], str):
             raise ConfigError(f"{here}.{key}: expected a string")

@@ -132,6 +132,7 @@ class Agent:
             pods=self.kubelet,
             pod_job_labels=config.pod_job_labels,
         )
+        self._work_source_members: tuple[dict[str, list[int]], dict[str, str]] = ({}, {})
         self.work_sources = (
             WorkSourcePoller(
                 work_source_settings(config), config.procfs, pods=self.kubelet.pods if self.kubelet else None
@@ -359,10 +360,14 @@ class Agent:
             else:
                 self.ledger.update_identity(ref, now_unix, labels=info.get(job_id))
         if self.work_sources is not None:
-            # The poller finds and reads the engines' endpoints on its own thread; here only two swaps.
-            self.work_sources.update_jobs(
-                {job_id: JobMembers(refs[job_id].name, tuple(p)) for job_id, p in pids.items()}
-            )
+            # The poller finds and reads the engines' endpoints on its own thread; here only two swaps,
+            # and the members are handed over again only when they changed.
+            names = {job_id: refs[job_id].name for job_id in pids}
+            if (pids, names) != self._work_source_members:
+                self._work_source_members = (pids, names)
+                self.work_sources.update_jobs(
+                    {job_id: JobMembers(refs[job_id].name, tuple(p)) for job_id, p in pids.items()}
+                )
             for job_id, units in self.work_sources.drain().items():
                 for unit, count in units.items():
                     self.ledger.add_work(job_id, unit, count)  # a job already gone from memory drops it
