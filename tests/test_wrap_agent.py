@@ -85,7 +85,12 @@ def test_wrap_keeps_the_commands_status_when_the_agent_vanishes(tmp_path):
         text=True,
     )
     try:
-        wait_until(lambda: any(j["running"] for j in agent.get("/v1/jobs")[1]), timeout_s=20, what="registration")
+        # The wrapper's own registration, not a job the agent found on the host (a systemd unit, a scope).
+        wait_until(
+            lambda: any(j["running"] and j["kind"] == "registered" for j in agent.get("/v1/jobs")[1]),
+            timeout_s=20,
+            what="registration",
+        )
         assert agent.stop() == 0
         _, stderr = wrapped.communicate(timeout=60)
         assert wrapped.returncode == 7, stderr
