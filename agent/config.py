@@ -110,6 +110,8 @@ class Config:
     idle_power_w: Mapping[str, float] = field(default_factory=dict)
     max_exported_jobs: int = 500
     finished_job_retention_s: float = 300.0
+    # Finished jobs' rows leave the ledger file this long after they finished (0: never).
+    ledger_job_retention_s: float = 90 * 86400.0
     # Zone counters recovered after a restart only if this much power could not
     # have wrapped them while the agent was down.
     max_zone_power_w: float = 1000.0
@@ -204,6 +206,7 @@ _FLOAT_KEYS = {
     "cpu_idle_fraction": (0.0, 1.0),
     "dram_model_w_per_gib": (0.0, 100.0),
     "finished_job_retention_s": (0.0, 86400.0 * 30),
+    "ledger_job_retention_s": (0.0, 86400.0 * 36500),
     "max_zone_power_w": (1.0, 1e6),
     "kubelet_poll_s": (1.0, 3600.0),
     "kubelet_timeout_s": (0.1, 300.0),

@@ -144,9 +144,38 @@ class JobTotals:
             gpu_idle_j=self.gpu_idle_j + other.gpu_idle_j,
         )
 
+    def growth_since(self, baseline: JobTotals) -> JobTotals:
+        """What accumulated since ``baseline`` (an earlier value of the same totals); never negative."""
+        return JobTotals(
+            energy_j=_growth(self.energy_j, baseline.energy_j),
+            cpu_s=max(self.cpu_s - baseline.cpu_s, 0.0),
+            work_units=_growth(self.work_units, baseline.work_units),
+            emissions_g=max(self.emissions_g - baseline.emissions_g, 0.0),
+            gpu_idle_j=max(self.gpu_idle_j - baseline.gpu_idle_j, 0.0),
+        )
+
+    def at_least(self, floor: JobTotals) -> JobTotals:
+        """Every figure no lower than ``floor``'s: a sum rebuilt in another
+        order may differ in the last bit, and an exported counter must not dip."""
+        return JobTotals(
+            energy_j=_highest(self.energy_j, floor.energy_j),
+            cpu_s=max(self.cpu_s, floor.cpu_s),
+            work_units=_highest(self.work_units, floor.work_units),
+            emissions_g=max(self.emissions_g, floor.emissions_g),
+            gpu_idle_j=max(self.gpu_idle_j, floor.gpu_idle_j),
+        )
+
     @property
     def total_energy_j(self) -> float:
         return sum(self.energy_j.values())
+
+
+def _growth(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
+    return {key: max(value - then.get(key, 0.0), 0.0) for key, value in now.items()}
+
+
+def _highest(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {key: max(a.get(key, 0.0), b.get(key, 0.0)) for key in a.keys() | b.keys()}
 
 
 NO_TOTALS = JobTotals()

@@ -157,6 +157,36 @@ def scrape_cost(workdir: Path, jobs: int, reps: int) -> float:
     return cost
 
 
+def commit_cost(workdir: Path, jobs: int, reps: int) -> float:
+    """CPU of the ledger's per-tick commit when every one of ``jobs`` jobs
+    grew in the tick (the worst case: idle jobs write nothing)."""
+    from agent.ledger.totals import JobActivity, Ledger
+    from agent.model import DeviceEnergy, DomainAttribution, JobRef
+
+    ledger = Ledger(workdir / f"commit-{jobs}")
+    refs = [JobRef(f"bench-{i}", f"bench-{i}", "env") for i in range(jobs)]
+    for ref in refs:
+        ledger.ensure_job(ref, time.time())
+    ledger.commit()
+    activity = {ref.id: JobActivity(ref, 0.01, 1) for ref in refs}
+    costs = []
+    for _ in range(reps):
+        share = 1.0 / jobs
+        parts = [
+            DomainAttribution(domain, 10.0, 0.0, 0.0, {ref.id: 10.0 * share for ref in refs})
+            for domain in ("cpu", "dram")
+        ]
+        devices = [
+            DeviceEnergy("cpu", "package-0", "rapl", 10.0, 1.0),
+            DeviceEnergy("dram", "dram-0", "rapl", 10.0, 1.0),
+        ]
+        ledger.book_tick(time.time(), devices, parts, activity, 1.0)
+        ledger.book_emissions({ref.id: 0.001 for ref in refs}, 0.5)
+        costs.append(cpu_per_call_s(lambda: ledger.commit(full=False), 1))
+    ledger.close()
+    return statistics.median(costs)
+
+
 def churn_memory(workdir: Path, total: int) -> tuple[float, float]:
     """This process's RSS (MiB) before and after the agent watched ``total``
     short-lived processes come and go."""
@@ -333,6 +363,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{tick / floor:.2f}x floor (target <= 1.5x)",
         )
         base_tick = tick
+
+        # 1b. What the per-tick commit (no exported counter ahead of the file) costs at worst.
+        for jobs in (50, 500):
+            commit = commit_cost(workdir, jobs, reps)
+            row(
+                f"ledger commit per tick, {jobs} jobs all growing",
+                fmt_ms(commit),
+                f"floor {fmt_ms(floor)}",
+                f"+{commit / floor:.2f}x floor on a tick where every job grew",
+            )
 
         # 2. Against process-exporter's CPU per scrape of the same processes.
         if PROCESS_EXPORTER:

@@ -207,7 +207,7 @@ def _name_stream(tmp_path: Path, total: int, batch: int = 1000, cap: int = 50) -
         sizes.append(
             (
                 len(agent.ledger.jobs),
-                len(agent.selection.exported) + len(agent.selection.overflow),
+                sum(agent.ledger.exposition_size()),
                 len(agent.registry.jobs),
                 len(agent.scanner._facts),
                 len(agent.resolver._static),

@@ -59,6 +59,7 @@ def test_registered_job_includes_descendants_started_later(processes):
     )
     processes.append(parent)
     job = registry.register("train", [parent.pid], {"team": "nlp"})
+    registry.confirm(job)  # the daemon confirms once the ledger has stored it
     jobs, _ = resolve_all(resolver, scanner)
     assert jobs[parent.pid].id == job.ref.id
     child_pid = int(parent.stdout.readline())
@@ -88,6 +89,7 @@ def test_job_finishes_when_its_processes_exit(processes):
     proc = subprocess.Popen(["sleep", "30"])
     processes.append(proc)
     job = registry.register("short", [proc.pid], {})
+    registry.confirm(job)
     resolve_all(resolver, scanner)
     proc.kill()
     proc.wait()

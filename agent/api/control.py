@@ -22,9 +22,10 @@ from agent.api.access import (
 )
 from agent.api.models import ErrorOut, JobOut, JobRegistration, WorkReport, job_out
 from agent.api.peercred import peer_of
+from agent.ledger.schema import LedgerBusy
 from agent.workloads.registry import AlreadyRegistered, RegistrationError, UnknownJob
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 422, 503)}
 
 
 def caller_of(request: Request, tcp_token: str | None) -> Caller:
@@ -88,3 +89,7 @@ def install_error_handler(app: FastAPI) -> None:
     async def _control_error(_request: Request, exc: ControlError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(LedgerBusy)
+    async def _ledger_busy(_request: Request, exc: LedgerBusy) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})

@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from agent.api.http_guard import MAX_HEADER_BYTES, DeadlineH11Protocol, with_hea
 from agent.api.peercred import PeerCredH11Protocol
 from agent.api.read import create_control_app, create_read_app
 from agent.config import Config
+from agent.ledger.schema import move_aside
 from agent.pipeline.daemon import Agent
 
 log = logging.getLogger("jouleward")
@@ -130,11 +132,16 @@ def read_control_token(path: Path | None) -> str | None:
     return token
 
 
-def serve(config: Config, stop: threading.Event | None = None) -> None:
+def serve(config: Config, stop: threading.Event | None = None, fresh_ledger: bool = False) -> None:
     """Run until ``stop`` (or SIGTERM/SIGINT). Raises ServeError before
-    starting, ServeFailed when an HTTP server or the control socket is lost."""
+    starting, ServeFailed when an HTTP server or the control socket is lost.
+    ``fresh_ledger`` moves an existing ledger aside (kept, renamed) and starts a new one."""
     lock_fd = lock_state_dir(config.state_dir)
     try:
+        if fresh_ledger:
+            kept = move_aside(config.state_dir, time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime()))
+            if kept is not None:
+                log.warning("started a new ledger; the old one is kept as %s", kept)
         _serve_locked(config, stop)
     finally:
         os.close(lock_fd)

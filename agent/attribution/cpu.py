@@ -77,7 +77,8 @@ def linear_model_idle_w(power_w: float, utilization: float, idle_fraction: float
     """Idle power implied by one (utilisation, power) point if the device follows
     ``P(u) = max * (f + (1 - f) * u)`` with idle fraction ``f``."""
     u = min(max(utilization, 0.0), 1.0)
-    return power_w * idle_fraction / (idle_fraction + (1.0 - idle_fraction) * u)
+    denominator = idle_fraction + (1.0 - idle_fraction) * u
+    return power_w * idle_fraction / denominator if denominator > 0 else 0.0  # f = 0 at rest: no idle power
 
 
 @dataclass

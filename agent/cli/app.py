@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent import __version__
 from agent.cli.common import EXIT_USAGE, Parser, add_agent_flags
-from agent.config import ConfigError
+from agent.errors import JoulewardError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the agent")
     add_agent_flags(run)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--fresh-ledger",
+        action="store_true",
+        help="start a new ledger, keeping the old file beside it as ledger.sqlite3.replaced-<time>"
+        " (for a damaged or foreign file; Prometheus sees every counter reset once)",
+    )
     doctor = commands.add_parser("doctor", help="which sensors this host offers, and why not")
     add_agent_flags(doctor)
     report = commands.add_parser("report", help="a job's energy and emissions in codecarbon's emissions.csv format")
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module, function = COMMANDS[args.command]
         return getattr(importlib.import_module(module), function)(args)
-    except ConfigError as exc:
+    except JoulewardError as exc:  # configuration, an unreadable ledger: one line, exit 2
         print(f"jouleward: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ def jobs_from_agent_or_ledger(config: Config, job_id: str | None) -> list[dict[s
 
     if not (config.state_dir / "ledger.sqlite3").is_file():
         raise ConfigError(f"no agent answers at {config.listen} and no ledger in {config.state_dir} (--state-dir)")
-    ledger = Ledger(config.state_dir)
+    ledger = Ledger(config.state_dir, read_only=True)  # raises LedgerError: one message, exit 2
     try:
         records = [ledger.job(job_id)] if job_id else ledger.all_jobs()
     finally:

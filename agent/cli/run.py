@@ -16,7 +16,7 @@ def command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
     try:
-        serve(config)
+        serve(config, fresh_ledger=args.fresh_ledger)
     except (LedgerError, ServeError) as exc:
         print(f"jouleward: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,26 +11,18 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 from agent.attribution.cpu import IdlePowerEstimator, jobs_energy_j, split_domain
 from agent.attribution.gpu import GpuIdleTracker
 from agent.carbon import emissions, intensity
 from agent.config import Config
-from agent.ledger.totals import JobActivity, Ledger
-from agent.model import ATTRIBUTED_DOMAINS, NO_TOTALS, DeviceEnergy, DomainAttribution, JobRef, JobTotals, TickContext
-from agent.pipeline.snapshot import (
-    EMPTY_SNAPSHOT,
-    OVERFLOW_JOB,
-    CarbonView,
-    DurationCounts,
-    Health,
-    JobView,
-    Snapshot,
-)
+from agent.ledger.totals import JobActivity, Ledger, LedgerBusy
+from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, JobView, TickContext
+from agent.pipeline.snapshot import EMPTY_SNAPSHOT, CarbonView, DurationCounts, Health, Snapshot
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
-from agent.workloads.kubelet import KubeletPoller, KubeletSettings
+from agent.workloads.kubelet import KubeletHealth, KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
 from agent.workloads.resolve import JobResolver
@@ -69,59 +61,17 @@ def read_boot_id(config: Config) -> str:
         return ""
 
 
-@dataclass
-class ExportSelection:
-    """Which jobs get series of their own. Admission is first come, first
-    served, and sticky: a job that went to the overflow stays there, so the
-    overflow counter never goes backwards."""
-
-    cap: int
-    exported: set[str] = field(default_factory=set)
-    overflow: set[str] = field(default_factory=set)
-    # What overflow jobs that left memory had accumulated: the aggregate keeps it.
-    retired_overflow: JobTotals = NO_TOTALS
-
-    def admit(self, job_id: str) -> None:
-        if job_id in self.exported or job_id in self.overflow:
-            return
-        if len(self.exported) < self.cap:
-            self.exported.add(job_id)
-        else:
-            self.overflow.add(job_id)
-
-    def retire(self, job: JobView) -> None:
-        job_id = job.ref.id
-        self.exported.discard(job_id)
-        if job_id in self.overflow:
-            self.overflow.discard(job_id)
-            self.retired_overflow = self.retired_overflow + job.totals
-
-    def select(self, jobs: tuple[JobView, ...]) -> list[JobView]:
-        """The exported jobs' views, then the overflow aggregate if there is one."""
-        exported: list[JobView] = []
-        overflow = self.retired_overflow
-        overflow_power: dict[str, float] = {}
-        overflow_processes = 0
-        for job in jobs:
-            job_id = job.ref.id
-            if job_id in self.exported:
-                exported.append(job)
-            elif job_id in self.overflow:
-                overflow = overflow + job.totals
-                for domain, power in job.power_w.items():
-                    overflow_power[domain] = overflow_power.get(domain, 0.0) + power
-                overflow_processes += job.processes
-        if self.overflow or self.retired_overflow.energy_j:
-            exported.append(JobView(OVERFLOW_JOB, {}, overflow_power, overflow_processes, None, overflow))
-        return exported
-
-
 class Agent:
     def __init__(self, config: Config, sensors: SensorSet | None = None) -> None:
         self.config = config
         self.intensity = intensity.from_config(config.carbon)  # raises ConfigError
         self.carbon_now = self.intensity.at(time.time())
-        self.ledger = Ledger(config.state_dir)
+        self.ledger = Ledger(
+            config.state_dir,
+            max_exported_jobs=config.max_exported_jobs,
+            retain_finished_s=config.finished_job_retention_s,
+            prune_finished_after_s=config.ledger_job_retention_s,
+        )
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
         self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_active else None
@@ -144,31 +94,71 @@ class Agent:
         self.boot_id = read_boot_id(config)
         self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
         self.gpu_idle = GpuIdleTracker(configured_w=config.gpu_idle_power_w)
-        self.selection = ExportSelection(config.max_exported_jobs)
         self.snapshot: Snapshot = EMPTY_SNAPSHOT
         self.ticks = 0
         self.tick_durations = DurationCounts()
         self.sensor_errors: dict[tuple[str, str], int] = {}
+        self._carbon_errors_before = 0
+        self._kubelet_errors_before = 0
+        self._restore_agent_counters()
+        self._published = (self.tick_durations, self._carbon_errors_before, self._kubelet_errors_before)
+        self._members_version = -1
         self._last_mono: float | None = None
         self._last_tick_done_mono: float | None = None
         self._last_flush_mono = time.monotonic()
+        self._scan_epoch = 0
+        self._idle_power: dict[str, float] = {}
         self._stop = threading.Event()
         self._tick_lock = threading.Lock()
         self._resume_registrations()
 
     # -- start-up --------------------------------------------------------------
     def _resume_registrations(self) -> None:
-        """Registered jobs come back if one of their processes still runs
-        (same pid and start time); otherwise they are finished."""
-        for job in self.ledger.registered_jobs():
-            alive = [key for key in job.root_keys if read_process_key(self.config.procfs, key.pid) == key]
-            self.registry.restore(job)
-            if alive:
-                self.selection.admit(job.ref.id)
-            else:
+        """Registered jobs come back while one of their processes still runs
+        (same pid and start time): a root, or a descendant the job had adopted
+        before the restart. The others are finished."""
+        for job, members in self.ledger.registered_jobs():
+            alive = tuple(key for key in members if read_process_key(self.config.procfs, key.pid) == key)
+            self.registry.restore(job, members=alive)
+            if not alive:
                 self.ledger.mark_finished(job.ref.id, self.registry.finish(job.ref.id, reason="gone after restart"))
-        for job_id in self.ledger.job_ids():
-            self.selection.admit(job_id)
+
+    def _restore_agent_counters(self) -> None:
+        """The agent's own counters continue across restarts, like the totals."""
+        saved = self.ledger.agent_counters
+        try:
+            self.ticks = int(saved.get("ticks", 0))  # type: ignore[call-overload]
+            durations = saved.get("tick_durations")
+            if isinstance(durations, dict) and len(durations.get("counts", ())) == len(DurationCounts().counts):
+                self.tick_durations = DurationCounts(
+                    tuple(int(c) for c in durations["counts"]), float(durations.get("sum_s", 0.0))
+                )
+            errors = saved.get("sensor_errors")
+            if isinstance(errors, list):
+                self.sensor_errors = {(str(sensor), str(device)): int(n) for sensor, device, n in errors}
+            self.ledger.flush_errors = int(saved.get("ledger_errors", 0))  # type: ignore[call-overload]
+            self._carbon_errors_before = int(saved.get("carbon_errors", 0))  # type: ignore[call-overload]
+            self._kubelet_errors_before = int(saved.get("kubelet_errors", 0))  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            log.warning("the agent's own counters in the ledger are unreadable; they start again from zero")
+
+    def _agent_counters(self) -> dict[str, object]:
+        """The agent's own counters as the commit stores them; the snapshot
+        built after it shows these same values, so none is exported ahead of
+        the file (this tick's duration joins the histogram at the next commit)."""
+        kubelet_errors = self._kubelet_errors_before + (self.kubelet.health().errors_total if self.kubelet else 0)
+        self._published = (self.tick_durations, self._carbon_errors(), kubelet_errors)
+        return {
+            "ticks": self.ticks,
+            "tick_durations": {"counts": list(self.tick_durations.counts), "sum_s": self.tick_durations.sum_s},
+            "sensor_errors": [[sensor, device, n] for (sensor, device), n in sorted(self.sensor_errors.items())],
+            "ledger_errors": self.ledger.flush_errors,
+            "carbon_errors": self._carbon_errors(),
+            "kubelet_errors": kubelet_errors,
+        }
+
+    def _carbon_errors(self) -> int:
+        return self._carbon_errors_before + self.intensity.errors_total
 
     def _recover_downtime(self) -> None:
         """Book energy the RAPL counters show was used while the agent was down."""
@@ -199,10 +189,16 @@ class Agent:
 
     # -- control operations (called from the API) ----------------------------------
     def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobView:
+        """Register and write the registration through; LedgerBusy (and no
+        registration at all) when the ledger cannot be written."""
         job = self.registry.register(name, pids, labels, owner_uid)
-        self.ledger.save_registration(job, time.time())
-        self.selection.admit(job.ref.id)
-        return self._job(job.ref.id)
+        try:
+            view = self.ledger.save_registration(job, time.time())
+        except LedgerBusy:
+            self.registry.unregister(job.ref.id)
+            raise
+        self.registry.confirm(job)
+        return view
 
     def finish_job(self, job_id: str) -> JobView:
         """Finish a registered job, after one more sample: the partial interval
@@ -220,10 +216,15 @@ class Agent:
                     log.warning("no sample before finishing %s: the sampler is busy", job_id)
             except Exception:  # the job must still finish; the next tick books the interval
                 log.exception("sample before finishing %s failed", job_id)
-        job = self.registry.finish(job_id)  # raises UnknownJob
-        self.ledger.mark_finished(job_id, job)
-        self.ledger.flush()
-        return self._job(job_id)
+        registration = self.registry.get(job_id)  # the sample may have seen its last process exit
+        if registration is None:
+            raise UnknownJob(job_id)
+        if registration.finished_at is not None:
+            return self._job(job_id)
+        finished = replace(registration, finished_at=time.time(), finish_reason="finished")
+        view = self.ledger.save_registration(finished, time.time())  # raises LedgerBusy, nothing changed
+        self.registry.finish(job_id, at=finished)
+        return view
 
     def _job(self, job_id: str) -> JobView:
         view = self.ledger.job(job_id)
@@ -232,7 +233,7 @@ class Agent:
         return view
 
     def add_work(self, job_id: str, unit: str, count: float) -> JobView:
-        record = self.ledger.add_work(job_id, unit, count)
+        record = self.ledger.add_work(job_id, unit, count)  # raises LedgerBusy
         if record is None:
             raise UnknownJob(job_id)
         return record
@@ -309,7 +310,7 @@ class Agent:
     def _tick(self) -> Snapshot:
         started = time.monotonic()
         # Registrations from now on may name processes this scan does not list: they are judged next tick.
-        epoch = self.registry.epoch
+        self._scan_epoch = self.registry.epoch
         scan = self.scanner.scan()
         now_mono = time.monotonic()
         interval_s = 0.0 if self._last_mono is None else now_mono - self._last_mono
@@ -327,7 +328,48 @@ class Agent:
         readings = [r for r in readings if math.isfinite(r.energy_j) and r.energy_j >= 0]
         first_tick = self._last_mono is None
         self._last_mono = now_mono
+        try:
+            now_unix = self._attribute_and_book(scan, readings, interval_s, first_tick)
+        except Exception:
+            # The sensors' baselines have moved on: book what they measured to
+            # the node, or that interval's energy would be lost for good.
+            if not first_tick:
+                self.ledger.book_unattributed(readings)
+            self._commit(now_mono)
+            raise
+        self.ticks += 1
+        durable = self._commit(now_mono)
+        self._retire(now_unix)
+        snapshot = self._build_snapshot(
+            now_unix, interval_s, scan, self._idle_power, len(scan.processes), time.monotonic() - started
+        )
+        if not durable and self.snapshot is not EMPTY_SNAPSHOT:
+            snapshot = self._frozen(snapshot)
+        self.snapshot = snapshot
+        self.tick_durations = self.tick_durations.observe(time.monotonic() - started)
+        self._last_tick_done_mono = time.monotonic()
+        return self.snapshot
 
+    def _frozen(self, snapshot: Snapshot) -> Snapshot:
+        """The tick's snapshot with the totals of the last durable one: while
+        the ledger cannot be written, exported counters wait (nothing is lost;
+        memory keeps counting and the next commit catches up), so a crash
+        meanwhile never brings them back below what was scraped."""
+        last = self.snapshot
+        return replace(
+            snapshot,
+            devices=last.devices,
+            idle_j=last.idle_j,
+            unattributed_j=last.unattributed_j,
+            jobs=last.jobs,
+            carbon=replace(snapshot.carbon, node_emissions_g=last.carbon.node_emissions_g),
+        )
+
+    def _attribute_and_book(
+        self, scan: Scan, readings: list[DeviceEnergy], interval_s: float, first_tick: bool
+    ) -> float:
+        """Resolve the scan's processes to jobs, split the readings, book them; returns the tick's Unix time."""
+        epoch = self._scan_epoch
         jobs = self.resolver.resolve(scan.processes)
         self.resolver.forget(scan.exited)
         # Registered processes not seen now, exited since the last scan or before the first one.
@@ -356,7 +398,6 @@ class Agent:
             if not self.ledger.has_job(job_id):
                 registration = self.registry.get(job_id)
                 self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id), registration=registration)
-                self.selection.admit(job_id)
             else:
                 self.ledger.update_identity(ref, now_unix, labels=info.get(job_id))
         if self.work_sources is not None:
@@ -370,25 +411,22 @@ class Agent:
                 )
             for job_id, units in self.work_sources.drain().items():
                 for unit, count in units.items():
-                    self.ledger.add_work(job_id, unit, count)  # a job already gone from memory drops it
+                    self.ledger.book_work(job_id, unit, count)
+        if self.registry.members_version != self._members_version:
+            self._members_version = self.registry.members_version
+            for job_id, members in self.registry.members().items():
+                self.ledger.set_members(job_id, members)
 
         if first_tick:
             self._recover_downtime()
-            parts: list[DomainAttribution] = []
-            idle_power: dict[str, float] = {}
+            self._idle_power = {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
             gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
             self.ledger.book_tick(now_unix, readings, parts, activity, interval_s, gpu_idle_j)
             self._charge_emissions(now_unix, interval_s, readings, jobs_energy_j(parts))
-        self.ticks += 1
-        self._maybe_flush(now_mono)
-        self._retire(now_unix)
-        self.snapshot = self._build_snapshot(
-            now_unix, interval_s, scan, idle_power, len(scan.processes), time.monotonic() - started
-        )
-        self._last_tick_done_mono = time.monotonic()
-        return self.snapshot
+            self._idle_power = idle_power
+        return now_unix
 
     def seconds_since_tick(self) -> float | None:
         """Seconds since the last tick completed; None before the first."""
@@ -407,19 +445,27 @@ class Agent:
             emissions.tick_grams(jobs_j, g_per_kwh, pue), emissions.grams(node_j, g_per_kwh, pue)
         )
 
-    def _maybe_flush(self, now_mono: float, force: bool = False) -> None:
-        if force or now_mono - self._last_flush_mono >= self.config.flush_interval_s:
-            counters = self.sensor_set.powercap.counter_state() if self.sensor_set.powercap else {}
-            if not self.ledger.flush(counters, self.boot_id, time.monotonic()):
-                log.warning("ledger flush failed: %s", self.ledger.last_flush_error)
+    def _kubelet_health(self, errors_total: int) -> KubeletHealth | None:
+        if self.kubelet is None:
+            return None
+        return replace(self.kubelet.health(), errors_total=errors_total)
+
+    def _commit(self, now_mono: float, full: bool = False) -> bool:
+        """Commit the tick's totals (every tick); rows that only say when a job
+        was last seen go with the full commit every ``flush_interval_s``."""
+        full = full or now_mono - self._last_flush_mono >= self.config.flush_interval_s
+        counters = self.sensor_set.powercap.counter_state() if self.sensor_set.powercap else {}
+        ok = self.ledger.commit(counters, self.boot_id, time.monotonic(), self._agent_counters(), full=full)
+        if not ok:
+            log.warning("ledger write failed: %s", self.ledger.last_flush_error)
+        elif full:
             self._last_flush_mono = now_mono
+        return ok
 
     def _retire(self, now_unix: float) -> None:
-        cutoff = now_unix - self.config.finished_job_retention_s
-        for job in self.ledger.finished_before(cutoff):
-            self.selection.retire(job)
-        for job_id in self.ledger.evict_finished(cutoff):
+        for job_id in self.ledger.evict_finished(now_unix - self.config.finished_job_retention_s):
             self.registry.drop(job_id)
+        self.ledger.prune(now_unix)
 
     def _build_snapshot(
         self,
@@ -434,16 +480,16 @@ class Agent:
         devices = totals.devices
         running = sum(1 for job in totals.jobs if job.finished_at is None)
         finished = len(totals.jobs) - running
-        exported = self.selection.select(totals.jobs)
+        exported = totals.exposed
         idle, unattributed = totals.idle_j, totals.unattributed_j
         flush_unix, flush_errors = totals.last_flush_unix, totals.flush_errors
         node_g = totals.node_emissions_g
         statuses = tuple(status for sensor in self.sensor_set.sensors for status in sensor.status())
-        self.tick_durations = self.tick_durations.observe(duration_s)
+        durations, carbon_errors, kubelet_errors = self._published
         health = Health(
             self.ticks,
             duration_s,
-            self.tick_durations,
+            durations,
             statuses,
             dict(self.sensor_errors),
             processes,
@@ -451,15 +497,13 @@ class Agent:
             finished,
             flush_unix,
             flush_errors,
-            kubelet=self.kubelet.health() if self.kubelet else None,
+            kubelet=self._kubelet_health(kubelet_errors),
             work_sources=self.work_sources.health() if self.work_sources else (),
         )
         nvml = self.sensor_set.nvml
         gpus = tuple(sorted(nvml.views().values(), key=lambda v: v.index)) if nvml else ()
         now = self.carbon_now
-        carbon = CarbonView(
-            now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g, self.intensity.errors_total
-        )
+        carbon = CarbonView(now.grams_per_kwh, now.zone, now.source, self.config.carbon.pue, node_g, carbon_errors)
         return Snapshot(
             now_unix,
             interval_s,
@@ -468,7 +512,7 @@ class Agent:
             idle,
             unattributed,
             idle_power,
-            tuple(exported),
+            exported,
             health,
             carbon=carbon,
             gpus=gpus,
@@ -504,7 +548,7 @@ class Agent:
     def close(self) -> None:
         """Final flush; safe to call once the loop has stopped."""
         with self._tick_lock:
-            self._maybe_flush(time.monotonic(), force=True)
+            self._commit(time.monotonic(), full=True)
             for sensor in self.sensor_set.sensors:
                 sensor.close()
             self.intensity.close()

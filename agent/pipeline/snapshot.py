@@ -10,13 +10,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.model import DeviceView, GpuDeviceView, JobRef, JobView, SensorStatus
+from agent.ledger.exposition import OVERFLOW_JOB
+from agent.model import DeviceView, GpuDeviceView, JobView, SensorStatus
 
 if TYPE_CHECKING:
     from agent.workloads.kubelet import KubeletHealth
     from agent.workloads.worksources import WorkSourceHealth
-
-OVERFLOW_JOB = JobRef("_other", "_other", "overflow")
 
 __all__ = [
     "OVERFLOW_JOB",

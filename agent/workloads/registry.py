@@ -89,14 +89,19 @@ class Registry:
     keys: dict[ProcessKey, str] = field(default_factory=dict)
     generation: int = 0
     epoch: int = 0
+    members_version: int = 0  # changes whenever a member process joins or leaves a job
     _joined: dict[ProcessKey, int] = field(default_factory=dict, repr=False)  # key -> epoch it joined at
+    # Roots of registrations not yet stored: claimed against other registrations, unseen by the resolver.
+    _pending: dict[ProcessKey, str] = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def register(
         self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0, job_id: str | None = None
     ) -> RegisteredJob:
-        """Raises RegistrationError for a gone process, AlreadyRegistered when a
-        process or one of its ancestors already belongs to a running job."""
+        """Claim the processes for a new job; raises RegistrationError for a gone
+        process, AlreadyRegistered when a process or one of its ancestors already
+        belongs to a running job (or to one being registered). The job counts
+        only once ``confirm``ed (after it is stored); ``unregister`` drops it."""
         chains = []
         for pid in pids:
             chain = _ancestry(self.procfs, pid)
@@ -113,36 +118,68 @@ class Registry:
         with self._lock:  # checked and added at once: two callers cannot both claim a process
             for chain in chains:
                 for key in chain:
-                    owner = self.keys.get(key)
+                    owner = self.keys.get(key) or self._pending.get(key)
                     if owner is not None:
                         raise AlreadyRegistered(chain[0].pid, owner, key.pid)
-            self.restore(job)
+            for key in job.root_keys:
+                self._pending[key] = job.ref.id
         return job
 
-    def restore(self, job: RegisteredJob) -> None:
-        """Add a job as it is (a new registration, or one resumed from the ledger)."""
+    def confirm(self, job: RegisteredJob) -> None:
+        """The registration is stored: from now on its processes are the job's."""
+        with self._lock:
+            for key in job.root_keys:
+                self._pending.pop(key, None)
+            self.restore(job)
+
+    def restore(self, job: RegisteredJob, members: tuple[ProcessKey, ...] | None = None) -> None:
+        """Add a job as it is: a new registration (its roots), or one resumed
+        from the ledger with the member processes still alive."""
         with self._lock:
             self.jobs[job.ref.id] = job
             self.epoch += 1
             if job.finished_at is None:
-                for key in job.root_keys:
+                for key in job.root_keys if members is None else members:
                     self.keys[key] = job.ref.id
                     self._joined[key] = self.epoch
             self.generation += 1
+            self.members_version += 1
+
+    def unregister(self, job_id: str) -> None:
+        """Undo a registration that could not be stored: as if it never happened."""
+        with self._lock:
+            self.jobs.pop(job_id, None)
+            for key in [k for k, owner in self._pending.items() if owner == job_id]:
+                del self._pending[key]
+            for key in [k for k, owner in self.keys.items() if owner == job_id]:
+                del self.keys[key]
+                self._joined.pop(key, None)
+            self.generation += 1
+            self.members_version += 1
+
+    def members(self) -> dict[str, tuple[ProcessKey, ...]]:
+        """Every running job's member processes (roots and adopted descendants)."""
+        with self._lock:
+            result: dict[str, list[ProcessKey]] = {}
+            for key, job_id in self.keys.items():
+                result.setdefault(job_id, []).append(key)
+            return {job_id: tuple(sorted(keys)) for job_id, keys in result.items()}
 
     def keys_joined_by(self, epoch: int) -> list[ProcessKey]:
         """Member processes that had joined their job by ``epoch``."""
         with self._lock:
             return [key for key in self.keys if self._joined.get(key, 0) <= epoch]
 
-    def finish(self, job_id: str, reason: str = "finished") -> RegisteredJob:
+    def finish(self, job_id: str, reason: str = "finished", at: RegisteredJob | None = None) -> RegisteredJob:
+        """Finish a job (``at``: the finished registration already stored)."""
         with self._lock:
             job = self.jobs.get(job_id)
             if job is None:
                 raise UnknownJob(job_id)
             if job.finished_at is None:
-                job = replace(job, finished_at=time.time(), finish_reason=reason)
+                job = at or replace(job, finished_at=time.time(), finish_reason=reason)
                 self.jobs[job_id] = job
+                self.members_version += 1
                 for key in [k for k, owner in self.keys.items() if owner == job_id]:
                     del self.keys[key]
                     self._joined.pop(key, None)
@@ -160,6 +197,8 @@ class Registry:
         """A descendant of a registered process joins its job."""
         with self._lock:
             if job_id in self.jobs and self.jobs[job_id].finished_at is None:
+                if self.keys.get(key) != job_id:
+                    self.members_version += 1
                 self.keys[key] = job_id
                 self._joined.setdefault(key, self.epoch)
 
@@ -168,6 +207,8 @@ class Registry:
         emptied = []
         with self._lock:
             touched = {self.keys.pop(key) for key in exited if key in self.keys}
+            if touched:
+                self.members_version += 1
             for key in exited:
                 self._joined.pop(key, None)
             live = set(self.keys.values())
