@@ -209,3 +209,46 @@ def test_counts_are_sent_at_most_once_per_interval_and_all_at_the_end(agent):
     summary = reporter.finish()
     assert summary is not None and summary.work_units == {"samples": 20.0, "tokens": 500.0}
     assert agent.get(f"/v1/jobs/{summary.job_id}")[1]["work_units"] == {"samples": 20.0, "tokens": 500.0}
+
+
+def test_under_wrap_the_work_goes_to_wraps_job_and_inside_another_job_it_measures_standalone(agent, monkeypatch):
+    status, outer = agent.control("POST", "/v1/jobs", {"name": "outer", "pids": [os.getpid()]})
+    assert status == 201, outer
+    try:
+        # `jouleward wrap` tells its command the job: the callback reports there and leaves it running.
+        monkeypatch.setenv("JOULEWARD_JOB_ID", outer["id"])
+        inner = WorkReporter("inner", socket_path=agent.socket_path)
+        inner.start(world_size=1)
+        inner.count(BatchWork(8, 300))
+        assert inner.finish() is None
+        status, job = agent.get(f"/v1/jobs/{outer['id']}")
+        assert job["running"] is True and job["work_units"] == {"samples": 8.0, "tokens": 300.0}
+        # Without the variable the registration is refused (409: the process is the outer job's).
+        monkeypatch.delenv("JOULEWARD_JOB_ID")
+        nested = WorkReporter("nested", socket_path=agent.socket_path)
+        nested.start(world_size=1)
+        nested.count(BatchWork(4, None))
+        summary = nested.finish()
+        assert summary is not None and summary.mode == "standalone" and summary.work_units == {"samples": 4.0}
+        assert agent.get(f"/v1/jobs/{outer['id']}")[1]["work_units"] == {"samples": 8.0, "tokens": 300.0}
+    finally:
+        agent.control("POST", f"/v1/jobs/{outer['id']}/finish", {})
+
+
+def test_an_agent_that_goes_away_never_stops_the_training(tmp_path, caplog):
+    gone = AgentProcess(tmp_path / "state", interval_s=0.2)
+    reporter = WorkReporter("orphan", socket_path=gone.socket_path, report_interval_s=0)
+    try:
+        reporter.start(world_size=1)
+        reporter.count(BatchWork(4, 64))
+        reporter.flush()
+        status, job = gone.get(f"/v1/jobs/{reporter.job.job_id}")
+        assert job["work_units"] == {"samples": 4.0, "tokens": 64.0}
+    finally:
+        gone.stop()
+    for _ in range(3):
+        reporter.count(BatchWork(4, 64))
+        reporter.flush()
+    assert reporter.finish() is None
+    warnings = [r.getMessage() for r in caplog.records if r.name == "agent.integrations"]
+    assert len(warnings) == 1 and "keeping it for the next report" in warnings[0]

@@ -24,6 +24,9 @@ Each callback registers the run as a job through the agent when one listens
   otherwise. Each node's job then holds that node's energy and that node's
   work, and the run sums by ``job_name``.
 
+Under ``jouleward wrap`` (``JOULEWARD_JOB_ID``) the work goes to wrap's job,
+which wrap finishes; inside another registered job (a Slurm prolog's) the
+agent already books the process there, so the run is measured standalone.
 Under torchrun (``TORCHELASTIC_RUN_ID``) with several local processes the job
 is the launcher's process tree, so every local rank's energy is the job's;
 otherwise it is the main process and the children it starts (data-loader
@@ -35,17 +38,19 @@ dependency of the agent: ``pip install 'jouleward[hf]'`` or ``'jouleward[lightni
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.client import Job, JobSummary
+from agent.client import JOB_ID_ENV, AgentError, AgentUnavailable, ControlClient, Job, JobSummary
 
 LOCAL_WORLD_SIZE_ENV = "LOCAL_WORLD_SIZE"
 TORCHELASTIC_ENV = "TORCHELASTIC_RUN_ID"
 TOKEN_INPUTS = ("input_ids", "inputs_embeds")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +121,12 @@ def job_pids(local_processes: int) -> list[int]:
 
 
 class WorkReporter:
-    """The part both callbacks share: the job, the counts not yet sent, and when to send them."""
+    """The part both callbacks share: the job, the counts not yet sent, and when to send them.
+
+    Telemetry never stops a training run: counts the agent cannot take (it
+    went away, it refused) stay pending and go with the next report, and a
+    warning says so once.
+    """
 
     def __init__(
         self,
@@ -132,47 +142,81 @@ class WorkReporter:
         self.standalone = standalone
         self.report_interval_s = report_interval_s
         self.job: Job | None = None
+        # Under `jouleward wrap` the job is wrap's: work goes there, wrap finishes it.
+        self.outer_job_id = ""
         self.summary: JobSummary | None = None
         self.multiplier = 1
-        self._samples = 0
-        self._tokens = 0
+        self._pending = {"samples": 0, "tokens": 0}
         self._sent_at = 0.0
+        self._warned = False
+        self._client: ControlClient | None = None
 
     @property
     def running(self) -> bool:
-        return self.job is not None
+        return self.job is not None or bool(self.outer_job_id)
 
     def start(self, world_size: int) -> None:
         local = processes_on_node(world_size)
         self.multiplier = local
         self.summary = None
-        self.job = Job(self.name, self.labels, self.socket_path, self.standalone, pids=job_pids(local)).start()
         self._sent_at = time.monotonic()
+        outer = os.environ.get(JOB_ID_ENV, "")
+        if outer and self.standalone is not True:
+            self.outer_job_id = outer
+            self._client = ControlClient(self.socket_path)
+            return
+        pids = job_pids(local)
+        try:
+            self.job = Job(self.name, self.labels, self.socket_path, self.standalone, pids=pids).start()
+        except AgentError as exc:
+            if exc.status != 409 or self.standalone is False:
+                raise
+            # Already inside a registered job (a Slurm prolog's): the agent books
+            # this process there; measure it here too, for the summary.
+            self._warn(f"{exc.message}; measuring standalone")
+            self.job = Job(self.name, self.labels, self.socket_path, True, pids=pids).start()
 
     def count(self, work: BatchWork) -> None:
-        self._samples += work.samples
+        self._pending["samples"] += work.samples
         if work.tokens is not None:
-            self._tokens += work.tokens
+            self._pending["tokens"] += work.tokens
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("jouleward: %s", message)
 
     def flush(self, force: bool = False) -> None:
-        if self.job is None or not (self._samples or self._tokens):
+        if not self.running or not any(self._pending.values()):
             return
         now = time.monotonic()
         if not force and now - self._sent_at < self.report_interval_s:
             return
-        samples, tokens, self._samples, self._tokens = self._samples, self._tokens, 0, 0
-        if samples:
-            self.job.add_work("samples", samples * self.multiplier)
-        if tokens:
-            self.job.add_work("tokens", tokens * self.multiplier)
         self._sent_at = now
+        for unit, count in self._pending.items():
+            if not count:
+                continue
+            try:
+                if self.outer_job_id and self._client is not None:
+                    self._client.add_work(self.outer_job_id, unit, count * self.multiplier)
+                elif self.job is not None:
+                    self.job.add_work(unit, count * self.multiplier)
+            except (AgentUnavailable, AgentError) as exc:
+                self._warn(f"cannot report work ({exc}); keeping it for the next report")
+                return
+            self._pending[unit] = 0
 
     def finish(self) -> JobSummary | None:
+        """Send what is pending and finish the job (not wrap's); the summary, None if the agent went away."""
+        self.flush(force=True)
+        if self.outer_job_id:
+            self.outer_job_id, self._client = "", None
+            return self.summary
         if self.job is None:
             return self.summary
+        job, self.job = self.job, None
         try:
-            self.flush(force=True)
-        finally:
-            self.summary = self.job.finish()
-            self.job = None
+            self.summary = job.finish()
+        except (AgentUnavailable, AgentError) as exc:
+            self._warn(f"cannot finish job {job.job_id} ({exc})")
         return self.summary
