@@ -6,6 +6,7 @@ CPU-seconds, ``interval_s`` seconds of the monotonic clock.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -169,6 +170,10 @@ class JobTotals:
     def total_energy_j(self) -> float:
         return sum(self.energy_j.values())
 
+    @property
+    def efficiency(self) -> JobEfficiency:
+        return efficiency(self)
+
 
 def _growth(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
     return {key: max(value - then.get(key, 0.0), 0.0) for key, value in now.items()}
@@ -179,6 +184,59 @@ def _highest(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 NO_TOTALS = JobTotals()
+
+# Work units the efficiency figures divide by. Generated tokens are what a
+# serving engine is paid for; a training job (or any client) reports plain
+# ``tokens``, which stand in where no generated tokens were reported.
+TOKEN_UNITS = ("tokens_generated", "tokens")
+REQUEST_UNIT = "requests"
+SAMPLE_UNIT = "samples"
+
+
+@dataclass(frozen=True, slots=True)
+class JobEfficiency:
+    """A job's energy and emissions per unit of work, over everything it has done so far.
+
+    Energy is the job's attributed energy over all domains (cpu, dram, gpu),
+    without the PUE; emissions include the PUE, as ``JobTotals.emissions_g``
+    does. A figure is None where the job reported none of its unit, never
+    infinite. ``token_unit`` says which unit counted as tokens.
+    """
+
+    energy_per_token_j: float | None = None
+    energy_per_request_j: float | None = None
+    energy_per_sample_j: float | None = None
+    emissions_per_1k_tokens_g: float | None = None
+    token_unit: str | None = None
+
+
+def per_unit(amount: float, units: float) -> float | None:
+    """``amount / units``; None where no units were reported, or the quotient would not be finite."""
+    if not (math.isfinite(units) and units > 0):
+        return None
+    quotient = amount / units
+    return quotient if math.isfinite(quotient) else None
+
+
+def token_unit(work_units: Mapping[str, float]) -> str | None:
+    """The first of ``TOKEN_UNITS`` the job reported a positive count of."""
+    return next((unit for unit in TOKEN_UNITS if work_units.get(unit, 0.0) > 0), None)
+
+
+def efficiency(totals: JobTotals) -> JobEfficiency:
+    """Joules per token, request and sample, and gCO2eq per 1,000 tokens, from one job's totals."""
+    work = totals.work_units
+    energy_j = totals.total_energy_j
+    tokens_unit = token_unit(work)
+    tokens = work.get(tokens_unit, 0.0) if tokens_unit else 0.0
+    per_token_g = per_unit(totals.emissions_g, tokens)
+    return JobEfficiency(
+        energy_per_token_j=per_unit(energy_j, tokens),
+        energy_per_request_j=per_unit(energy_j, work.get(REQUEST_UNIT, 0.0)),
+        energy_per_sample_j=per_unit(energy_j, work.get(SAMPLE_UNIT, 0.0)),
+        emissions_per_1k_tokens_g=None if per_token_g is None else per_token_g * 1000.0,
+        token_unit=tokens_unit,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -282,7 +282,7 @@ class SnapshotCollector:
         sources = snap.health.work_sources
         if not sources and not snap.served_work:
             return
-        labels = ["job_id", "engine", "origin", "endpoint"]
+        labels = ["job_id", "engine", "origin", "url"]
         up = GaugeMetricFamily(
             "jouleward_work_source_up", "1 when the last scrape of the engine's metrics succeeded.", labels=labels
         )

@@ -6,6 +6,12 @@ seconds, energy in kWh, power in W, emissions in kg, ``emissions_rate`` in
 kg/s, ``ram_total_size`` in GB. As codecarbon does, energy and power include
 the PUE, so ``energy_consumed`` x intensity gives ``emissions``. A column that
 does not apply to a job is left empty, never filled with an invented value.
+
+After codecarbon's columns come ours (``EFFICIENCY_COLUMNS``): the job's work
+and its energy per unit of work (``agent.model.efficiency``: IT energy
+without the PUE, as the API and the recording rules give it) and gCO2eq per
+1,000 tokens. A file that has only codecarbon's columns keeps having only
+those when rows are appended to it.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.carbon.emissions import J_PER_KWH
+from agent.model import REQUEST_UNIT, SAMPLE_UNIT, JobTotals, efficiency
 
 # codecarbon's EmissionsData fields, in its order (output_methods/emissions_data.py).
 EMISSIONS_CSV_COLUMNS = (
@@ -64,6 +71,19 @@ EMISSIONS_CSV_COLUMNS = (
     "wue",
 )
 
+# Ours, beside codecarbon's: empty where the job reported no such work.
+EFFICIENCY_COLUMNS = (
+    "tokens",
+    "token_unit",
+    "requests",
+    "samples",
+    "energy_per_token_j",
+    "energy_per_request_j",
+    "energy_per_sample_j",
+    "emissions_per_1k_tokens_g",
+)
+REPORT_COLUMNS = EMISSIONS_CSV_COLUMNS + EFFICIENCY_COLUMNS
+
 # codecarbon's hardware names for our attributed domains.
 _DOMAIN_COLUMN = {"cpu": "cpu", "dram": "ram", "gpu": "gpu"}
 
@@ -102,17 +122,18 @@ class JobEmissions:
     pue: float = 1.0
     end_unix_s: float | None = None  # None: still running, report as of now
     site: Site = Site()
+    work_units: Mapping[str, float] = field(default_factory=dict)  # by unit: tokens, samples, ...
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def report_row(job: JobEmissions) -> dict[str, Any]:
-    """One ``emissions.csv`` row, keyed by codecarbon's column names; None = empty."""
+    """One ``emissions.csv`` row, keyed by codecarbon's column names and ours; None = empty."""
     kwh = {column: job.energy_j.get(domain, 0.0) * job.pue / J_PER_KWH for domain, column in _DOMAIN_COLUMN.items()}
     duration = job.duration_s
     emissions_kg = job.emissions_g / 1000.0
     when = datetime.fromtimestamp(job.end_unix_s) if job.end_unix_s is not None else datetime.now()
     site = job.site
-    row: dict[str, Any] = dict.fromkeys(EMISSIONS_CSV_COLUMNS)
+    row: dict[str, Any] = dict.fromkeys(REPORT_COLUMNS)
     row.update(
         timestamp=when.strftime("%Y-%m-%dT%H:%M:%S"),
         project_name=job.job_name,
@@ -141,6 +162,18 @@ def report_row(job: JobEmissions) -> dict[str, Any]:
     for column, energy_kwh in kwh.items():
         row[f"{column}_energy"] = energy_kwh
         row[f"{column}_power"] = energy_kwh * J_PER_KWH / duration if duration > 0 else 0.0
+    work = dict(job.work_units)
+    figures = efficiency(JobTotals(energy_j=dict(job.energy_j), work_units=work, emissions_g=job.emissions_g))
+    row.update(
+        tokens=work[figures.token_unit] if figures.token_unit else None,
+        token_unit=figures.token_unit,
+        requests=work.get(REQUEST_UNIT),
+        samples=work.get(SAMPLE_UNIT),
+        energy_per_token_j=figures.energy_per_token_j,
+        energy_per_request_j=figures.energy_per_request_j,
+        energy_per_sample_j=figures.energy_per_sample_j,
+        emissions_per_1k_tokens_g=figures.emissions_per_1k_tokens_g,
+    )
     return row
 
 
@@ -156,14 +189,14 @@ def to_csv(rows: Iterable[Mapping[str, Any]], header: bool = True) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     if header:
-        writer.writerow(EMISSIONS_CSV_COLUMNS)
+        writer.writerow(REPORT_COLUMNS)
     for row in rows:
-        writer.writerow([_cell(row.get(column)) for column in EMISSIONS_CSV_COLUMNS])
+        writer.writerow([_cell(row.get(column)) for column in REPORT_COLUMNS])
     return out.getvalue()
 
 
 def to_json(rows: Iterable[Mapping[str, Any]]) -> str:
-    return json.dumps([{column: row.get(column) for column in EMISSIONS_CSV_COLUMNS} for row in rows], indent=2)
+    return json.dumps([{column: row.get(column) for column in REPORT_COLUMNS} for row in rows], indent=2)
 
 
 def to_text(row: Mapping[str, Any]) -> str:
@@ -175,6 +208,14 @@ def to_text(row: Mapping[str, Any]) -> str:
         f"emissions   {row['emissions'] * 1000.0:.3f} gCO2eq  ({row['emissions']:.6g} kg)",
         f"pue         {row['pue']:g}",
     ]
+    if row.get("token_unit"):
+        lines.append(
+            f"tokens      {row['tokens']:g} {row['token_unit']}: {row['energy_per_token_j']:.6g} J/token, "
+            f"{row['emissions_per_1k_tokens_g']:.6g} gCO2eq per 1,000 tokens"
+        )
+    for unit, column in (("requests", "energy_per_request_j"), ("samples", "energy_per_sample_j")):
+        if row.get(column) is not None:
+            lines.append(f"{unit:<12}{row[unit]:g}: {row[column]:.6g} J/{unit[:-1]}")
     where = " / ".join(str(row[k]) for k in ("country_name", "region", "cloud_provider", "cloud_region") if row.get(k))
     if where:
         lines.append(f"zone        {where}")
@@ -184,8 +225,9 @@ def to_text(row: Mapping[str, Any]) -> str:
 def append_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     """Append rows to an ``emissions.csv``, writing the header only into a new or empty file.
 
-    An existing file whose header is not codecarbon's column set is left alone:
-    appending to it would shift every value under the wrong name.
+    An existing file whose header is neither codecarbon's column set nor ours
+    (codecarbon's and the efficiency columns) is left alone: appending to it
+    would shift every value under the wrong name.
     """
     path = Path(path)
     rows = list(rows)
@@ -200,9 +242,9 @@ def append_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
         with open(path, "rb") as handle:
             handle.seek(-1, os.SEEK_END)
             ends_with_newline = handle.read(1) == b"\n"
-        if existing is None or sorted(existing) != sorted(EMISSIONS_CSV_COLUMNS):
+        if existing is None or sorted(existing) not in (sorted(EMISSIONS_CSV_COLUMNS), sorted(REPORT_COLUMNS)):
             raise ReportError(f"{path}: its header is not codecarbon's emissions.csv header; not appending")
-    columns = existing or list(EMISSIONS_CSV_COLUMNS)
+    columns = existing or list(REPORT_COLUMNS)
     with open(path, "a", newline="", encoding="utf-8") as handle:
         if not ends_with_newline:
             handle.write("\n")
@@ -254,6 +296,7 @@ def job_emissions(job: Mapping[str, Any], site: Site, pue: float, now_unix: floa
         energy_j={str(k): float(v) for k, v in (job.get("energy_j") or {}).items()},
         emissions_g=float(job.get("emissions_g") or 0.0),
         pue=pue,
+        work_units={str(k): float(v) for k, v in (job.get("work_units") or {}).items()},
         end_unix_s=end,
         site=site,
     )

@@ -449,9 +449,48 @@ def job() -> dashboard.Dashboard:
         )
         .with_panel(
             series(
+                "Emissions per 1,000 units of work",
+                GRAMS,
+                query(
+                    "cluster_job_namespace_job_id_job_name_unit:"
+                    f"jouleward_job_emissions_grams_per_kilo_work_unit:ratio_rate5m{sel}",
+                    "g per 1k {{unit}} {{job_id}}",
+                ),
+                description="gCO2eq per 1,000 tokens, samples or requests over the last five minutes, PUE included.",
+            )
+        )
+        .with_panel(
+            series(
                 "Work rate",
                 "none",
                 query(f"sum by (unit) (rate(jouleward_job_work_units_total{sel}[{RATE}]))", "{{unit}}/s"),
+            )
+        )
+        .with_panel(
+            series(
+                "Energy per unit of work, per served model",
+                "joule",
+                query(
+                    "sum by (model, unit) (cluster_job_namespace_job_id_job_name_model_unit:"
+                    f"jouleward_job_served_energy_joules:rate5m{sel})"
+                    f" / (sum by (model, unit) (rate(jouleward_job_served_work_units_total{sel}[5m])) > 0)",
+                    "J per {{unit}} {{model}}",
+                ),
+                description=(
+                    "Joules per generated token or request of each model the job's serving engine reports,"
+                    " over the last five minutes; a job serving several models shares its energy among"
+                    " them by their share of the work."
+                ),
+            )
+        )
+        .with_panel(
+            series(
+                "Served work rate by model",
+                "none",
+                query(
+                    f"sum by (model, unit) (rate(jouleward_job_served_work_units_total{sel}[{RATE}]))",
+                    "{{model}} {{unit}}/s",
+                ),
             )
         )
         .with_panel(

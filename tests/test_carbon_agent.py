@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.carbon import tables
+from exporters import report
 from tests.support import REPO, AgentProcess, metric_sum, metric_values, start_burner, two_socket_server, wait_until
 from tests.test_carbon_report import codecarbon_columns
 
@@ -116,7 +117,7 @@ def test_static_intensity_emissions_metrics_ledger_and_report(tmp_path, rapl, pr
     result = cli("report", job["id"], "--format", "csv", listen, "--config", str(config))
     assert result.returncode == 0, result.stderr
     reader = csv.DictReader(io.StringIO(result.stdout))
-    assert reader.fieldnames == codecarbon_columns()
+    assert reader.fieldnames == codecarbon_columns() + list(report.EFFICIENCY_COLUMNS)
     (row,) = list(reader)
     energy_kwh = float(row["energy_consumed"])
     assert energy_kwh == pytest.approx(sum(finished["energy_j"].values()) * 1.5 / 3.6e6, rel=1e-9)

@@ -53,7 +53,7 @@ def test_columns_are_codecarbons_in_its_order():
 def test_csv_row_parses_into_codecarbon_header_and_units():
     text = report.to_csv([report.report_row(a_job())])
     reader = csv.DictReader(io.StringIO(text))
-    assert reader.fieldnames == codecarbon_columns()
+    assert reader.fieldnames == codecarbon_columns() + list(report.EFFICIENCY_COLUMNS)
     (row,) = list(reader)
     # kWh, with the PUE applied as codecarbon applies it.
     assert float(row["cpu_energy"]) == pytest.approx(2.7e6 / 3.6e6 * 1.25, rel=1e-12)
@@ -94,7 +94,7 @@ def test_csv_row_parses_into_codecarbon_header_and_units():
 def test_json_has_the_same_columns_with_nulls():
     site = replace(a_job().site, cloud_provider="gcp", cloud_region="europe-west1")
     (obj,) = json.loads(report.to_json([report.report_row(a_job(site=site))]))
-    assert list(obj) == codecarbon_columns()
+    assert list(obj) == codecarbon_columns() + list(report.EFFICIENCY_COLUMNS)
     assert obj["water_consumed"] is None and obj["on_cloud"] == "Y" and obj["cloud_region"] == "europe-west1"
     assert obj["cpu_count"] == 64 and obj["gpu_energy"] == pytest.approx(3.125)
 
@@ -135,3 +135,40 @@ def test_text_report_shows_grams_and_kwh():
     assert "llama-finetune (r-5f2a)" in text
     assert f"{3.35 * 1.25:.6f} kWh" in text
     assert f"{3.35 * 1.25 * 56.039:.3f} gCO2eq" in text
+
+
+def test_efficiency_columns_beside_codecarbons():
+    # 12.06 MJ of IT energy for 2.01e6 generated tokens (prompt tokens do not count), 300 requests.
+    job = a_job(work_units={"tokens_generated": 2.01e6, "tokens_prompt": 9e6, "requests": 300.0})
+    (row,) = list(csv.DictReader(io.StringIO(report.to_csv([report.report_row(job)]))))
+    total_j = 2.7e6 + 0.36e6 + 9.0e6
+    assert row["token_unit"] == "tokens_generated" and float(row["tokens"]) == 2.01e6
+    assert float(row["energy_per_token_j"]) == pytest.approx(total_j / 2.01e6, rel=1e-12)
+    assert float(row["energy_per_request_j"]) == pytest.approx(total_j / 300.0, rel=1e-12)
+    assert float(row["emissions_per_1k_tokens_g"]) == pytest.approx(job.emissions_g / 2.01e6 * 1000.0, rel=1e-12)
+    # No samples reported: empty, not zero or infinite.
+    assert row["samples"] == "" and row["energy_per_sample_j"] == ""
+    text = report.to_text(report.report_row(job))
+    assert f"{total_j / 2.01e6:.6g} J/token" in text and f"{total_j / 300.0:.6g} J/request" in text
+    assert "J/sample" not in text
+
+
+def test_training_tokens_count_where_nothing_was_generated():
+    job = a_job(work_units={"tokens": 4096.0, "samples": 32.0})
+    row = report.report_row(job)
+    assert row["token_unit"] == "tokens" and row["energy_per_sample_j"] == pytest.approx(12.06e6 / 32.0)
+    assert row["energy_per_token_j"] == pytest.approx(12.06e6 / 4096.0) and row["energy_per_request_j"] is None
+
+
+def test_appending_to_a_codecarbon_file_writes_only_its_columns(tmp_path):
+    path = tmp_path / "emissions.csv"
+    path.write_text(",".join(codecarbon_columns()) + "\n")
+    report.append_csv(path, [report.report_row(a_job(work_units={"samples": 10.0}))])
+    header, line = path.read_text().splitlines()
+    assert header.split(",") == codecarbon_columns() and len(next(csv.reader([line]))) == len(codecarbon_columns())
+    # Ours, then appended to again: the efficiency columns stay.
+    ours = tmp_path / "ours.csv"
+    report.append_csv(ours, [report.report_row(a_job(work_units={"samples": 10.0}))])
+    report.append_csv(ours, [report.report_row(a_job(work_units={"samples": 20.0}))])
+    rows = list(csv.DictReader(io.StringIO(ours.read_text())))
+    assert [float(r["energy_per_sample_j"]) for r in rows] == pytest.approx([12.06e6 / 10.0, 12.06e6 / 20.0])

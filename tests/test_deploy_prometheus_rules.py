@@ -138,6 +138,11 @@ def test_the_grid_alert_ignores_static_intensity():
             "sum by (cluster, job_namespace, job_id, job_name) (max_over_time(jouleward_job_energy_joules_total",
             "sum by (cluster, job_namespace, job_name) (max_over_time(jouleward_job_energy_joules_total",
         ),  # adds up reruns
+        ("1000 * sum by", "sum by"),  # grams per unit, not per 1,000 units
+        (
+            "sum by (cluster, model, unit) (cluster_job_namespace_job_id_job_name_model_unit",
+            "max by (cluster, model, unit) (cluster_job_namespace_job_id_job_name_model_unit",
+        ),  # one replica's energy for all of a model's work
     ],
 )
 def test_unit_tests_catch_a_changed_rule(tmp_path, old, new):

@@ -29,6 +29,7 @@ import yaml
 from tests.fakenvml.build import FakeDevice, FakeProcess, FakeState
 from tests.fakenvml.build import build as build_fake_nvml
 from tests.support import free_port, wait_until
+from tests.support.engines import EngineServer
 from tests.support.kubelet_server import FakeKubelet
 from tests.support.rapl import ConstantPowerRapl
 
@@ -129,6 +130,8 @@ def stack(tmp_path_factory):
     rapl = ConstantPowerRapl(tmp / "sys", PACKAGE_W, DRAM_W).start()
     kubelet = FakeKubelet(KUBELET_TOKEN)
     state_metrics = FakeStateMetrics()
+    # train-a also serves a model behind a stand-in vLLM, so the per-model efficiency panels have data.
+    engine = EngineServer("vllm", {"prompt": 1000.0, "generated": 500.0, "requests": 10.0})
     (tmp / "kubelet-token").write_text(KUBELET_TOKEN)
     agent_port, prom_port = free_port(), free_port()
     socket_path = tmp / "control.sock"
@@ -137,7 +140,9 @@ def stack(tmp_path_factory):
     (tmp / "config.toml").write_text(
         f"[agent]\nflush_interval_s = 1.0\nkubelet_enabled = true\nkubelet_url = \"{kubelet.url}\"\n"
         f"kubelet_token_file = \"{tmp / 'kubelet-token'}\"\nkubelet_ca_file = \"{kubelet.ca_file}\"\nkubelet_poll_s = 1\n"
+        "work_source_poll_s = 0.5\nwork_source_discovery = false\n"
         "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n"
+        f"[[work_sources]]\njob = \"^train-a$\"\nurl = \"{engine.url}\"\n"
     )
     # Two fake GPUs behind the real NVML bindings, so the GPU panels and the
     # allocated-but-idle alert have data. GPU 0 idles at 60 W until train-a
@@ -223,6 +228,7 @@ def stack(tmp_path_factory):
                     work_answers.append(
                         control.post(f"/v1/jobs/{job_id}/work", json={"unit": unit, "count": 64}).status_code
                     )
+                engine.add(prompt=400.0, generated=100.0, requests=2.0)
 
         reporter = threading.Thread(target=report_work, daemon=True)
         reporter.start()
@@ -280,6 +286,8 @@ def stack(tmp_path_factory):
             "instant": instant,
             "exposition": exposition,
             "work_answers": work_answers,
+            "agent_url": agent_url,
+            "engine": engine,
             "gpu_w": sum(d.power_mw for d in gpu_devices) / 1000,
         }
         prom.close()
@@ -296,6 +304,7 @@ def stack(tmp_path_factory):
         rapl.close()
         kubelet.stop()
         state_metrics.stop()
+        engine.stop()
 
 
 def rules_every_second(tmp: Path) -> Path:
@@ -465,3 +474,27 @@ def test_no_exported_label_is_a_target_label(stack):
     exposed = set(re.findall(r'[{,]([a-zA-Z_][a-zA-Z0-9_]*)="', stack["exposition"]))
     assert {"gpu", "UUID", "pci_bus_id", "Hostname", "job_namespace", "label_team"} <= exposed
     assert exposed & {"namespace", "pod", "service", "container", "endpoint", "instance", "job"} == set()
+
+
+def test_the_served_job_shows_joules_per_generated_token(stack):
+    """train-a's stand-in vLLM: its generated tokens are the job's work, and the
+    job body, the report and the per-model dashboard query give J per token."""
+    wait_for(
+        lambda: stack["instant"]('jouleward_job_served_work_units_total{job_name="train-a", unit="tokens_generated"}'),
+        30,
+        "served tokens in Prometheus",
+    )
+    (job,) = [j for j in httpx.get(f"{stack['agent_url']}/v1/jobs", timeout=5).json() if j["name"] == "train-a"]
+    generated = job["work_units"]["tokens_generated"]
+    # The first scrape is the baseline: what the engine counted before it is not the job's.
+    assert 0 < generated <= stack["engine"].counters["generated"] - 500.0
+    assert job["efficiency"]["token_unit"] == "tokens_generated"
+    assert job["efficiency"]["energy_per_token_j"] == pytest.approx(sum(job["energy_j"].values()) / generated)
+    assert job["efficiency"]["energy_per_sample_j"] == pytest.approx(
+        sum(job["energy_j"].values()) / job["work_units"]["samples"]
+    )
+    (row,) = httpx.get(f"{stack['agent_url']}/v1/jobs/{job['id']}/report", params={"format": "json"}, timeout=5).json()
+    assert row["token_unit"] == "tokens_generated" and row["energy_per_token_j"] > 0
+    (panel,) = [q for q in panel_queries() if q[0].startswith("job: Energy per unit of work, per served model")]
+    models = {(r["metric"]["model"], r["metric"]["unit"]) for r in run_query(stack, fill(panel[1]))["result"]}
+    assert ("meta-llama/Llama-3.1-8B-Instruct", "tokens_generated") in models

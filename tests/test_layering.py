@@ -28,6 +28,7 @@ STAGES: list[tuple[str, ...]] = [
     ("exporters",),
     ("agent.api",),
     ("agent.client",),
+    ("agent.integrations",),  # training frameworks' callbacks, over the client
     ("agent.cli",),
 ]
 

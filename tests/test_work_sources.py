@@ -255,7 +255,7 @@ def test_known_engine_found_by_its_listening_socket(tmp_path, processes, agents)
     def discovered() -> bool:
         samples = agent.metrics()
         return any(
-            labels["endpoint"] == url and labels["origin"] == "socket" and labels["engine"] == "vllm" and value == 1
+            labels["url"] == url and labels["origin"] == "socket" and labels["engine"] == "vllm" and value == 1
             for labels, value in metric_values(samples, "jouleward_work_source_up")
         )
 

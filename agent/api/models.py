@@ -9,7 +9,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, BeforeValidator, Field, create_model, field_validator
 
 from agent.api.access import MAX_LABELS, ControlError, validate_job_name, validate_labels, validate_work
-from agent.model import CONTROL_CHAR_CLASS, JOB_NAME_MAX_LEN, LABEL_KEY_MAX_LEN, LABEL_VALUE_MAX_LEN, JobTotals, JobView
+from agent.model import (
+    CONTROL_CHAR_CLASS,
+    JOB_NAME_MAX_LEN,
+    LABEL_KEY_MAX_LEN,
+    LABEL_VALUE_MAX_LEN,
+    JobEfficiency,
+    JobTotals,
+    JobView,
+)
 from agent.model import PIDS_MAX as MAX_PIDS
 
 
@@ -95,17 +103,25 @@ class _JobIdentityOut(BaseModel):
     finished_at: float | None
 
 
-# Every per-job figure of the one totals type, so the API cannot miss one.
+# Every per-job figure of the one totals type, so the API cannot miss one,
+# and the figures derived from them (``JobTotals.efficiency``), computed once
+# in agent.model rather than here.
 if TYPE_CHECKING:
 
     class JobOut(_JobIdentityOut):
-        """One job: identity and state above, then every field of ``JobTotals``."""
+        """One job: identity and state above, then every field of ``JobTotals``, then its efficiency."""
+
+        efficiency: JobEfficiency
 else:
     _TOTALS_HINTS = typing.get_type_hints(JobTotals)
     JobOut = create_model(
         "JobOut",
         __base__=_JobIdentityOut,
         **{f.name: (_TOTALS_HINTS[f.name], ...) for f in dataclasses.fields(JobTotals)},
+        efficiency=(
+            JobEfficiency,
+            Field(description="per unit of work: J per token, request, sample; g per 1k tokens"),
+        ),
     )
 
 
@@ -128,4 +144,5 @@ def job_out(job: JobView) -> JobOut:
         last_seen=job.last_seen,
         finished_at=job.finished_at,
         **{f.name: getattr(totals, f.name) for f in dataclasses.fields(JobTotals)},
+        efficiency=totals.efficiency,
     )

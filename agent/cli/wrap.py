@@ -227,6 +227,7 @@ def _append_emissions(path: Path, job: Job, summary: JobSummary, err: TextIO) ->
                 "name": summary.name,
                 "energy_j": summary.energy_j,
                 "emissions_g": summary.emissions_g,
+                "work_units": summary.work_units,
                 "first_seen": now - summary.duration_s,
                 "finished_at": now,
             }
