@@ -18,7 +18,7 @@ from typing import Final
 
 import pynvml
 
-from agent.model import DeviceEnergy, GpuDeviceView, GpuProcess, SensorStatus, TickContext
+from agent.model import DeviceEnergy, GpuDeviceView, GpuProcess, MigInstanceView, SensorStatus, TickContext
 from agent.sensors.counters import EnergyCounter
 
 SOURCE_ENERGY: Final = "nvml_energy"
@@ -253,6 +253,7 @@ class NvmlSensor:
         processes, note = self._processes(gpu)
         if note:
             gpu.reason = note
+        mig_on = mig == pynvml.NVML_DEVICE_MIG_ENABLE
         return GpuDeviceView(
             index=gpu.index,
             device=gpu.label,
@@ -263,9 +264,10 @@ class NvmlSensor:
             memory_used_bytes=memory.used if memory is not None else None,
             memory_total_bytes=memory.total if memory is not None else None,
             power_limit_w=limit_mw / 1000.0 if limit_mw is not None else None,
-            mig_enabled=mig == pynvml.NVML_DEVICE_MIG_ENABLE,
+            mig_enabled=mig_on,
             processes=processes if processes is not None else (),
             processes_known=processes is not None,
+            mig_instances=_mig_instances(handle) if mig_on else (),
         )
 
     def _processes(self, gpu: _Gpu) -> tuple[tuple[GpuProcess, ...] | None, str]:
@@ -362,6 +364,35 @@ class NvmlSensor:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+def _mig_instances(handle: object) -> tuple[MigInstanceView, ...]:
+    """The GPU's MIG devices: UUID, instance ids, slices and, where the driver
+    reports it, the instance's utilisation. An unreadable one is left out."""
+    count = _optional(lambda: pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)) or 0
+    found: list[MigInstanceView] = []
+    for index in range(int(count)):
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
+        except pynvml.NVMLError_NotFound:
+            continue  # slots without a MIG device
+        except pynvml.NVMLError_GpuIsLost:
+            raise
+        except pynvml.NVMLError:
+            continue
+        try:
+            uuid = _text(pynvml.nvmlDeviceGetUUID(mig))
+            gi = int(pynvml.nvmlDeviceGetGpuInstanceId(mig))
+            ci = int(pynvml.nvmlDeviceGetComputeInstanceId(mig))
+        except pynvml.NVMLError_GpuIsLost:
+            raise
+        except pynvml.NVMLError:
+            continue
+        attributes = _optional(lambda: pynvml.nvmlDeviceGetAttributes_v2(mig))  # noqa: B023 (called at once)
+        utilization = _optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(mig).gpu / 100.0)  # noqa: B023
+        slices = int(attributes.gpuInstanceSliceCount) if attributes is not None else 0
+        found.append(MigInstanceView(uuid, gi, ci, max(slices, 1), utilization))
+    return tuple(found)
 
 
 def _text(value: str | bytes) -> str:
