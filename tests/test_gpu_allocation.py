@@ -6,6 +6,7 @@ agent against the fake NVML library."""
 from __future__ import annotations
 
 import filecmp
+import re
 import shutil
 import subprocess
 import sys
@@ -228,6 +229,19 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
         assert one(found, "jouleward_gpu_allocations_unmapped", source="kubelet") == 1.0  # the ghost pod
         assert one(found, "jouleward_gpu_allocations", source="kubelet") == 5.0
         assert one(found, "jouleward_gpu_allocatable_devices", source="kubelet") == 2.0
+
+        # Every family is in the metrics contract, and the exposition passes promtool's lint.
+        text = render(make_registry(SnapshotCollector(lambda: agent.snapshot, node="node-a"))).decode()
+        documented = set(re.findall(r"`(jouleward_[a-z0-9_]+)", (REPO / "docs" / "metrics.md").read_text()))
+        names = {
+            name for name, _, _ in found if name.startswith("jouleward_gpu") or name.startswith("jouleward_job_gpu")
+        }
+        assert "jouleward_gpu_instance_energy_joules_total" in names
+        assert sorted(names - documented) == []
+        promtool = shutil.which("promtool")
+        if promtool:
+            check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+            assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
 
         # Conservation over the domain.
         measured = metric_sum(found, "jouleward_node_energy_joules_total", domain="gpu")
