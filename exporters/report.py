@@ -103,6 +103,7 @@ class JobEmissions:
     end_unix_s: float | None = None  # None: still running, report as of now
     site: Site = Site()
     extra: Mapping[str, Any] = field(default_factory=dict)
+    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
 
 def report_row(job: JobEmissions) -> dict[str, Any]:
@@ -141,6 +142,8 @@ def report_row(job: JobEmissions) -> dict[str, Any]:
     for column, energy_kwh in kwh.items():
         row[f"{column}_energy"] = energy_kwh
         row[f"{column}_power"] = energy_kwh * J_PER_KWH / duration if duration > 0 else 0.0
+    # Not a codecarbon column: the text report shows it, CSV and JSON keep codecarbon's set.
+    row["gpu_idle_energy"] = job.gpu_idle_j * job.pue / J_PER_KWH
     return row
 
 
@@ -175,6 +178,10 @@ def to_text(row: Mapping[str, Any]) -> str:
         f"emissions   {row['emissions'] * 1000.0:.3f} gCO2eq  ({row['emissions']:.6g} kg)",
         f"pue         {row['pue']:g}",
     ]
+    idle = row.get("gpu_idle_energy") or 0.0
+    if idle > 0 and row["gpu_energy"] > 0:
+        share = 100.0 * idle / row["gpu_energy"]
+        lines.insert(3, f"gpu idle    {idle:.6f} kWh on GPUs allocated to the job but idle ({share:.1f} % of gpu)")
     where = " / ".join(str(row[k]) for k in ("country_name", "region", "cloud_provider", "cloud_region") if row.get(k))
     if where:
         lines.append(f"zone        {where}")
@@ -256,6 +263,7 @@ def job_emissions(job: Mapping[str, Any], site: Site, pue: float, now_unix: floa
         pue=pue,
         end_unix_s=end,
         site=site,
+        gpu_idle_j=float(job.get("gpu_idle_j") or 0.0),
     )
 
 
