@@ -151,6 +151,9 @@ class Config:
     gpu_visible_devices: str | None = None
     gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
     gpu_idle_power_w: float | None = None  # per GPU; default: estimated
+    # MIG instance activity from a dcgm-exporter on the node (its /metrics URL); None: not read.
+    dcgm_exporter_url: str | None = None
+    dcgm_exporter_poll_s: float = 10.0
     # Work units from serving engines' own /metrics (docs/jobs.md, "Work units").
     work_sources: tuple[WorkSourceRule, ...] = ()
     work_source_discovery: bool = True  # probe the listening ports of known engines' processes
@@ -227,6 +230,7 @@ _FLOAT_KEYS = {
     "pod_resources_poll_s": (0.1, 3600.0),
     "pod_resources_timeout_s": (0.1, 300.0),
     "slurm_gpu_job_map_poll_s": (0.1, 3600.0),
+    "dcgm_exporter_poll_s": (0.1, 3600.0),
     "gpu_power_sample_interval_s": (0.01, 10.0),
     "gpu_idle_power_w": (0.0, 5000.0),
     "work_source_poll_s": (0.1, 3600.0),
@@ -289,6 +293,11 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: expected a path (or \"\" for no token), got {value!r}")
         return Path(value)
+    if key == "dcgm_exporter_url":
+        parts = urlsplit(value) if isinstance(value, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}: expected an http:// or https:// URL, got {value!r}")
+        return value
     if key == "kubelet_url":
         parts = urlsplit(value) if isinstance(value, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:

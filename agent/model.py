@@ -253,8 +253,11 @@ class MigInstanceView:
     gpu_instance_id: int
     compute_instance_id: int
     slices: int  # the GPU instance's slices (of 7 on A100 and H100)
-    # The instance's own busy ratio where the driver reports one; None elsewhere.
+    # The instance's own busy ratio where something reports one; None elsewhere.
     utilization_ratio: float | None = None
+    # Who reported it: NVML for the MIG device, or dcgm-exporter's
+    # DCGM_FI_PROF_GR_ENGINE_ACTIVE for the GPU instance.
+    activity_source: Literal["nvml", "dcgm"] | None = None
 
 
 @dataclass(frozen=True, slots=True)

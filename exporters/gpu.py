@@ -76,8 +76,19 @@ def gpu_families(snap: Snapshot, node: str = "", created: bool = False) -> Itera
 
 
 def allocation_families(snap: Snapshot, node: str = "") -> Iterator[Metric]:
-    """GPUs as the scheduler allocated them (only where an allocation source runs)."""
+    """MIG instances' energy; GPUs as the scheduler allocated them (where an allocation source runs)."""
     alloc = snap.gpu_allocation
+    views = {gpu.device: gpu for gpu in snap.gpus}
+    instance = CounterMetricFamily(
+        "jouleward_gpu_instance_energy_joules",
+        "A MIG device's share of its GPU's energy; source says what split it (nvml, dcgm or slices).",
+        labels=[*GPU_LABELS, "GPU_I_ID", "mig_uuid", "source"],
+    )
+    for (device, gi, mig_uuid, source), joules in sorted(alloc.instance_energy_j.items()):
+        if device in views:
+            instance.add_metric([*gpu_label_values(views[device], node), str(gi), mig_uuid, source], _safe(joules))
+    if instance.samples:
+        yield instance
     if not alloc.sources:
         return
     families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
@@ -121,7 +132,6 @@ def allocation_families(snap: Snapshot, node: str = "") -> Iterator[Metric]:
         families["allocatable"].add_metric([health.source], float(health.allocatable_devices))
     yield from families.values()
 
-    views = {gpu.device: gpu for gpu in snap.gpus}
     jobs = GaugeMetricFamily(
         "jouleward_gpu_allocated_jobs", "Jobs the GPU is allocated to on the last tick.", labels=GPU_LABELS
     )
@@ -135,11 +145,6 @@ def allocation_families(snap: Snapshot, node: str = "") -> Iterator[Metric]:
         "Energy charged to jobs that used the GPU without being allocated it.",
         labels=GPU_LABELS,
     )
-    instance = CounterMetricFamily(
-        "jouleward_gpu_instance_energy_joules",
-        "A MIG device's share of its GPU's energy; source says what split it (activity or slices).",
-        labels=[*GPU_LABELS, "GPU_I_ID", "mig_uuid", "source"],
-    )
     for device, count in sorted(alloc.jobs_per_gpu.items()):
         if device in views:
             jobs.add_metric(gpu_label_values(views[device], node), float(count))
@@ -147,10 +152,7 @@ def allocation_families(snap: Snapshot, node: str = "") -> Iterator[Metric]:
         for device, joules in sorted(totals.items()):
             if device in views:
                 family.add_metric(gpu_label_values(views[device], node), _safe(joules))
-    for (device, gi, mig_uuid, source), joules in sorted(alloc.instance_energy_j.items()):
-        if device in views:
-            instance.add_metric([*gpu_label_values(views[device], node), str(gi), mig_uuid, source], _safe(joules))
-    yield from (family for family in (jobs, idle, use, instance) if family.samples)
+    yield from (family for family in (jobs, idle, use) if family.samples)
 
     allocated = GaugeMetricFamily(
         "jouleward_job_gpus_allocated",

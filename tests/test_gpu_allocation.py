@@ -10,8 +10,10 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -208,13 +210,13 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
         assert unallocated["2"] == pytest.approx(IDLE_W * 4 / 7 * covered, rel=0.05)
         assert set(unallocated) == {"2", "3"}
 
-        # MIG instances: by activity (60 % of 3 slices, 20 % of 4), summing to the parent.
+        # MIG instances: by NVML's instance activity (60 % of 3 slices, 20 % of 4), summing to the parent.
         parent = one(found, "jouleward_node_energy_joules_total", domain="gpu", device="gpu-2")
         instances = {
             labels["GPU_I_ID"]: (labels["source"], labels["mig_uuid"], v)
             for labels, v in metric_values(found, "jouleward_gpu_instance_energy_joules_total")
         }
-        assert {k: (s, u) for k, (s, u, _) in instances.items()} == {"1": ("activity", MIG_A), "2": ("activity", MIG_B)}
+        assert {k: (s, u) for k, (s, u, _) in instances.items()} == {"1": ("nvml", MIG_A), "2": ("nvml", MIG_B)}
         assert instances["1"][2] + instances["2"][2] == pytest.approx(parent, rel=0.02)
         # Static power by slices, active power by activity: (50*3/7 + 150*1.8/2.6) W against (50*4/7 + 150*0.8/2.6) W.
         want = (IDLE_W * 3 / 7 + 150 * 1.8 / 2.6) / (IDLE_W * 4 / 7 + 150 * 0.8 / 2.6)
@@ -348,6 +350,101 @@ def test_slurm_mapping_directory_charges_jobs_and_keeps_the_last_map_when_it_goe
         assert after["slurm-77"] - before["slurm-77"] == pytest.approx(IDLE_W / 2 * covered_after, rel=0.05)
         assert one(found, "jouleward_gpu_allocation_stale", source="slurm") == 1.0
         assert one(found, "jouleward_gpu_allocation_up", source="slurm") == 0.0
+    finally:
+        agent.stop()
+        agent.close()
+
+
+class FakeDcgmExporter:
+    """dcgm-exporter's /metrics on loopback: GR engine activity per MIG instance."""
+
+    def __init__(self, body: str) -> None:
+        self.body = body
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                data = outer.body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/metrics"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+
+
+DCGM_TEXT = f"""# HELP DCGM_FI_PROF_GR_ENGINE_ACTIVE Ratio of time the graphics engine is active.
+# TYPE DCGM_FI_PROF_GR_ENGINE_ACTIVE gauge
+DCGM_FI_PROF_GR_ENGINE_ACTIVE{{gpu="2",UUID="{UUID['2']}",device="nvidia2",modelName="NVIDIA H100",GPU_I_PROFILE="3g.40gb",GPU_I_ID="1",Hostname="node-a"}} 0.900000
+DCGM_FI_PROF_GR_ENGINE_ACTIVE{{gpu="2",UUID="{UUID['2']}",device="nvidia2",modelName="NVIDIA H100",GPU_I_PROFILE="4g.40gb",GPU_I_ID="2",Hostname="node-a"}} 0.100000
+DCGM_FI_PROF_GR_ENGINE_ACTIVE{{gpu="0",UUID="{UUID['0']}",device="nvidia0",modelName="NVIDIA H100",Hostname="node-a"}} 0.500000
+# HELP DCGM_FI_DEV_POWER_USAGE Power draw (in W).
+# TYPE DCGM_FI_DEV_POWER_USAGE gauge
+DCGM_FI_DEV_POWER_USAGE{{gpu="2",UUID="{UUID['2']}",device="nvidia2",modelName="NVIDIA H100",Hostname="node-a"}} 200.0
+"""
+
+
+def instance_energy(found) -> dict[tuple[str, str], float]:
+    return {
+        (labels["GPU_I_ID"], labels["source"]): v
+        for labels, v in metric_values(found, "jouleward_gpu_instance_energy_joules_total")
+    }
+
+
+def test_mig_instances_split_by_dcgm_exporter_activity_where_nvml_reports_none(tmp_path, fake_nvml):
+    fake_nvml.state.devices = devices(time.monotonic())[:3]
+    fake_nvml.state.migs = [FakeMig(2, MIG_A, gi=1, slices=3), FakeMig(2, MIG_B, gi=2, slices=4)]
+    fake_nvml.write()
+    dcgm = FakeDcgmExporter(DCGM_TEXT)
+    (tmp_path / "sys").mkdir()
+    config = replace(
+        build(flags={"state_dir": str(tmp_path / "state"), "sysfs": str(tmp_path / "sys")}, environ={}),
+        gpu_idle_power_w=IDLE_W,
+        kubelet_enabled=False,
+        pod_resources_enabled=False,
+        dcgm_exporter_url=dcgm.url,
+        dcgm_exporter_poll_s=0.2,
+    )
+    agent = Agent(config)
+    try:
+        agent.tick()
+        tick_for(agent, 1.0)  # the exporter's first answer arrives
+        before = instance_energy(samples(agent))
+        tick_for(agent, 2.0)
+        found = samples(agent)
+        after = instance_energy(found)
+        grown = {gi: after[(gi, "dcgm")] - before.get((gi, "dcgm"), 0.0) for gi in ("1", "2")}
+        # Static 50 W by slices (3:4), the other 150 W by activity x slices (0.9 x 3 : 0.1 x 4).
+        want = (IDLE_W * 3 / 7 + 150 * 2.7 / 3.1) / (IDLE_W * 4 / 7 + 150 * 0.4 / 3.1)
+        assert grown["1"] / grown["2"] == pytest.approx(want, rel=0.03)
+        parent = one(found, "jouleward_node_energy_joules_total", domain="gpu", device="gpu-2")
+        assert sum(after.values()) == pytest.approx(parent, rel=0.02)
+        assert one(found, "jouleward_sensor_up", sensor="dcgm", device="dcgm-exporter") == 1.0
+
+        # The exporter goes away: reported down, and once its last answer is older than
+        # two polls and a timeout (2.4 s) the split falls back to slices.
+        dcgm.stop()
+        tick_for(agent, 3.0)
+        before = instance_energy(samples(agent))
+        tick_for(agent, 1.0)
+        found = samples(agent)
+        after = instance_energy(found)
+        assert after[("1", "dcgm")] == before[("1", "dcgm")]
+        grown = {gi: after[(gi, "slices")] - before.get((gi, "slices"), 0.0) for gi in ("1", "2")}
+        assert grown["1"] / grown["2"] == pytest.approx(3 / 4, rel=0.03)
+        assert one(found, "jouleward_sensor_up", sensor="dcgm", device="dcgm-exporter") == 0.0
     finally:
         agent.stop()
         agent.close()

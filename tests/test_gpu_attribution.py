@@ -246,7 +246,7 @@ def test_mig_instances_split_by_activity_where_reported_else_by_slices():
     assert by_slices.allocated_idle_j == pytest.approx({"t": 350.0 * 3 / 7})
     assert by_slices.unallocated_idle_j == pytest.approx(350.0 * 4 / 7)
     by_activity = split_gpu(energy(700.0), mig_view(utilizations=(0.5, 0.25)), 35.0, {}, {})
-    assert [i.source for i in by_activity.instances] == ["activity", "activity"]
+    assert [i.source for i in by_activity.instances] == ["nvml", "nvml"]
     # Static 350 J by slices (150, 200), active 350 J by utilisation x slices (1.5 : 1.0).
     assert [i.energy_j for i in by_activity.instances] == pytest.approx([150.0 + 210.0, 200.0 + 140.0])
     # A process on instance 2 pays that instance's active energy.

@@ -50,8 +50,9 @@ from agent.model import (
 
 SPLIT_NONE = GpuSplitMethod.NONE
 # How a MIG GPU's active energy was shared among its instances: by each
-# instance's utilisation (times its slices), or by slices alone.
-MigShareSource = Literal["activity", "slices"]
+# instance's utilisation (times its slices) as NVML or dcgm-exporter reports
+# it, or by slices alone.
+MigShareSource = Literal["nvml", "dcgm", "slices"]
 # Ticks at or below this utilisation count as the GPU's low end of power.
 LOW_UTILIZATION_RATIO = 0.05
 
@@ -295,9 +296,11 @@ def _mig_split(
     slices = [float(i.slices) for i in instances]
     utilization = [i.utilization_ratio for i in instances]
     activity = [(u or 0.0) * s for u, s in zip(utilization, slices)] if None not in utilization else None
-    source: MigShareSource = "activity" if activity is not None and sum(activity) > 0 else "slices"
+    source: MigShareSource = "slices"
+    if activity is not None and sum(activity) > 0:
+        source = "dcgm" if any(i.activity_source == "dcgm" for i in instances) else "nvml"
     idle_shares = _shares(idle_j, slices)
-    active_shares = _shares(active_j, activity if source == "activity" and activity is not None else slices)
+    active_shares = _shares(active_j, activity if source != "slices" and activity is not None else slices)
     out: list[InstanceSplit] = []
     for instance, instance_idle, instance_active in zip(instances, idle_shares, active_shares):
         unit = _Part()
@@ -346,11 +349,12 @@ def split_gpu(
     known = view is not None and view.processes_known
     processes = view.processes if view is not None and known else ()
     jobs_allocated = tuple(sorted({j for jobs in (allocated or {}).values() for j in jobs}))
-    if allocated is None and not processes:
+    mig = view is not None and known and view.mig_enabled and bool(view.mig_instances)
+    if allocated is None and not processes and not mig:
         return GpuSplit(energy.device, SPLIT_NONE, measured, idle_budget, active)
     part = _Part()
     instances: tuple[InstanceSplit, ...] = ()
-    if view is not None and known and view.mig_enabled and view.mig_instances:
+    if mig and view is not None:
         instances = _mig_split(part, view, active, idle_budget, job_of, allocated)
     else:
         whole = None if allocated is None else allocated.get("", ())

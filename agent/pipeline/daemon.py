@@ -559,8 +559,6 @@ class Agent:
         )
 
     def _gpu_allocation_view(self) -> GpuAllocationView:
-        if not self.gpu_allocations:
-            return GpuAllocationView()
         totals = self.gpu_allocation_totals
         return GpuAllocationView(
             sources=tuple(poller.health() for poller in self.gpu_allocations),

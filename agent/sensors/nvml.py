@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -128,6 +128,7 @@ class NvmlSensor:
         power_sample_interval_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        instance_activity: Callable[[], Mapping[tuple[str, int], float]] | None = None,
     ) -> None:
         try:
             pynvml.nvmlInit()
@@ -135,6 +136,7 @@ class NvmlSensor:
             raise NvmlUnavailable(f"NVML did not initialise: {_reason(exc)}") from None
         self._clock = clock
         self._wall_clock = wall_clock
+        self._instance_activity = instance_activity
         self._interval_s = power_sample_interval_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -267,7 +269,7 @@ class NvmlSensor:
             mig_enabled=mig_on,
             processes=processes if processes is not None else (),
             processes_known=processes is not None,
-            mig_instances=_mig_instances(handle) if mig_on else (),
+            mig_instances=self._with_activity(gpu.uuid, _mig_instances(handle)) if mig_on else (),
         )
 
     def _processes(self, gpu: _Gpu) -> tuple[tuple[GpuProcess, ...] | None, str]:
@@ -295,6 +297,18 @@ class NvmlSensor:
                 )
             )
         return tuple(processes), note
+
+    def _with_activity(self, uuid: str, instances: tuple[MigInstanceView, ...]) -> tuple[MigInstanceView, ...]:
+        """Fill in dcgm-exporter's activity where NVML reports none for an instance."""
+        if self._instance_activity is None or all(i.utilization_ratio is not None for i in instances):
+            return instances
+        activity = self._instance_activity()
+        return tuple(
+            replace(i, utilization_ratio=activity[(uuid, i.gpu_instance_id)], activity_source="dcgm")
+            if i.utilization_ratio is None and (uuid, i.gpu_instance_id) in activity
+            else i
+            for i in instances
+        )
 
     def _process_sm(self, gpu: _Gpu) -> dict[int, float] | None:
         """Mean SM utilisation per pid over the samples since the last tick;
@@ -391,7 +405,9 @@ def _mig_instances(handle: object) -> tuple[MigInstanceView, ...]:
         attributes = _optional(lambda: pynvml.nvmlDeviceGetAttributes_v2(mig))  # noqa: B023 (called at once)
         utilization = _optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(mig).gpu / 100.0)  # noqa: B023
         slices = int(attributes.gpuInstanceSliceCount) if attributes is not None else 0
-        found.append(MigInstanceView(uuid, gi, ci, max(slices, 1), utilization))
+        found.append(
+            MigInstanceView(uuid, gi, ci, max(slices, 1), utilization, "nvml" if utilization is not None else None)
+        )
     return tuple(found)
 
 
