@@ -185,6 +185,11 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
         idle = {labels["job_id"]: v for labels, v in metric_values(found, "jouleward_job_gpu_idle_energy_joules_total")}
         notebook, share_a, share_b = (f"pod-{U_NOTEBOOK}", f"pod-{U_SHARE_A}", f"pod-{U_SHARE_B}")
         trainer, dra = f"k8s-{OWNER}", f"pod-{U_DRA}"
+        print(
+            f"covered {covered:.3f} s: notebook idle {idle[notebook]:.3f} J (want {IDLE_W * covered:.3f}),"
+            f" shares {idle[share_a]:.3f}/{idle[share_b]:.3f} J, MIG pod {idle[trainer]:.3f} J"
+            f" (want {IDLE_W * 3 / 7 * covered:.3f}), rogue {gpu['env-rogue']:.3f} J by use"
+        )
         # The notebook never opened a context: it pays its GPU's idle, 50 W for the time covered.
         assert idle[notebook] == pytest.approx(IDLE_W * covered, rel=0.02)
         assert gpu[notebook] == pytest.approx(idle[notebook], rel=1e-9)

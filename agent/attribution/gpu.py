@@ -22,8 +22,8 @@ contexts: an allocated GPU's idle energy goes to the jobs allocated it, evenly
 nobody keeps its idle on the node; a job using a GPU it was not allocated pays
 its active energy by use and is reported (``unallocated_use_j``). A MIG GPU is
 split over its instances first (static power by slices, active energy by
-instance utilisation where NVML reports it, else by slices), then each
-instance like a GPU of its own.
+instance utilisation where NVML or dcgm-exporter reports it, else by slices),
+then each instance like a GPU of its own.
 
 So ``idle + unattributed + sum(jobs) == measured`` for every GPU.
 """
