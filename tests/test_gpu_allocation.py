@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli.doctor import _allocation_findings
 from agent.config import build
 from agent.pipeline.daemon import Agent
 from exporters.prometheus import SnapshotCollector, make_registry, render
@@ -263,6 +264,10 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
         view = agent.ledger.job(notebook)
         assert view is not None and view.gpu_idle_j == pytest.approx(idle[notebook], rel=1e-9)
 
+        # jouleward doctor reads the same socket once.
+        (finding,) = _allocation_findings(config)
+        assert finding.usable and "6 GPU device(s) allocated to 6 pod(s), 2 allocatable" in finding.detail
+
         # The kubelet's socket goes away: the last allocation stays in force, marked stale.
         server.stop()
         before = idle[notebook]
@@ -275,6 +280,8 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
         assert one(found, "jouleward_gpu_allocation_up", source="kubelet") == 0.0
         assert one(found, "jouleward_gpu_allocation_stale", source="kubelet") == 1.0
         assert one(found, "jouleward_gpu_allocation_errors_total", source="kubelet") >= 1.0
+        (finding,) = _allocation_findings(config)
+        assert not finding.usable and f"no pod-resources socket at {socket_path}" in finding.detail
     finally:
         agent.stop()
         agent.close()
@@ -325,6 +332,8 @@ def test_slurm_mapping_directory_charges_jobs_and_keeps_the_last_map_when_it_goe
         } == {"slices"}
         assert kinds == {"slurm-1234": "slurm", "slurm-77": "slurm", "slurm-78": "slurm", "slurm-99": "slurm"}
         assert one(found, "jouleward_gpu_allocations_unmapped", source="slurm") == 1.0  # README
+        (finding,) = _allocation_findings(config)
+        assert "4 allocation(s) of 4 job(s), 1 file(s) unlike the convention skipped" in finding.detail
         assert one(found, "jouleward_gpu_allocation_stale", source="slurm") == 0.0
 
         # An epilog empties the map for job 1234: gpu-0 goes back to the node.

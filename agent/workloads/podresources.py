@@ -94,8 +94,37 @@ def allocations_for(
     return tuple(out), unmapped
 
 
+def pod_devices_of(socket: Path, timeout_s: float) -> tuple[list[tuple[str, str, str]], int]:
+    """One read of the socket: (namespace, pod, device id) per allocated GPU, and
+    the GPUs the kubelet can allocate. Raises AllocationError."""
+    try:
+        import grpc
+
+        from agent.workloads.podresources_v1 import api_pb2, api_pb2_grpc
+    except ImportError as exc:  # pragma: no cover - grpcio is a dependency
+        raise AllocationError(f"grpcio is not installed: {exc}") from None
+    if not socket.is_socket():
+        raise AllocationError(f"no pod-resources socket at {socket}")
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.enable_http_proxy", 0)]
+    try:
+        with grpc.insecure_channel(f"unix://{socket}", options=options) as channel:
+            stub = api_pb2_grpc.PodResourcesListerStub(channel)
+            listed = stub.List(api_pb2.ListPodResourcesRequest(), timeout=timeout_s)
+            try:
+                allocatable = allocatable_gpus(
+                    stub.GetAllocatableResources(api_pb2.AllocatableResourcesRequest(), timeout=timeout_s)
+                )
+            except grpc.RpcError:
+                allocatable = 0  # older kubelets, or the feature gate off: List alone is enough
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        raise AllocationError(f"pod-resources {getattr(code, 'name', code)}: {details}") from None
+    return pod_devices(listed), allocatable
+
+
 class PodResourcesReader:
-    """Reads the pod-resources socket: ``List`` and ``GetAllocatableResources``."""
+    """Reads the pod-resources socket and names each pod's job."""
 
     def __init__(
         self,
@@ -110,30 +139,6 @@ class PodResourcesReader:
         self._label_keys = label_keys
 
     def __call__(self) -> AllocationRead:
-        try:
-            import grpc
-
-            from agent.workloads.podresources_v1 import api_pb2, api_pb2_grpc
-        except ImportError as exc:  # pragma: no cover - grpcio is a dependency
-            raise AllocationError(f"grpcio is not installed: {exc}") from None
-        if not self.socket.is_socket():
-            raise AllocationError(f"no pod-resources socket at {self.socket}")
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.enable_http_proxy", 0)]
-        try:
-            with grpc.insecure_channel(f"unix://{self.socket}", options=options) as channel:
-                stub = api_pb2_grpc.PodResourcesListerStub(channel)
-                listed = stub.List(api_pb2.ListPodResourcesRequest(), timeout=self.timeout_s)
-                try:
-                    allocatable = allocatable_gpus(
-                        stub.GetAllocatableResources(api_pb2.AllocatableResourcesRequest(), timeout=self.timeout_s)
-                    )
-                except grpc.RpcError:
-                    allocatable = 0  # older kubelets, or the feature gate off: List alone is enough
-        except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            details = exc.details() if hasattr(exc, "details") else str(exc)
-            raise AllocationError(f"pod-resources {getattr(code, 'name', code)}: {details}") from None
-        allocations, unmapped = allocations_for(
-            pod_devices(listed), self._pods() if self._pods else {}, self._label_keys
-        )
+        devices, allocatable = pod_devices_of(self.socket, self.timeout_s)
+        allocations, unmapped = allocations_for(devices, self._pods() if self._pods else {}, self._label_keys)
         return AllocationRead(allocations, unmapped, allocatable)
