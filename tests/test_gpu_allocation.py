@@ -260,9 +260,11 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
         )
         assert parts == pytest.approx(measured, rel=1e-9)
 
-        # The API's job view carries the same figure.
+        # The API's job view carries the same figure; the notebook has no process here and runs all the same.
         view = agent.ledger.job(notebook)
         assert view is not None and view.gpu_idle_j == pytest.approx(idle[notebook], rel=1e-9)
+        assert view.running and view.processes == 0
+        assert one(found, "jouleward_job_finished", job_id=notebook) == 0.0
 
         # jouleward doctor reads the same socket once.
         (finding,) = _allocation_findings(config)

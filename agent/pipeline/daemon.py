@@ -343,8 +343,13 @@ class Agent:
         jobs: list[JobRef | None],
         parts: list[DomainAttribution],
         idle_power: dict[str, float],
+        activity: dict[str, JobActivity],
     ) -> dict[str, float]:
-        """Append the GPU domain's split to ``parts``; return allocated-idle joules per job."""
+        """Append the GPU domain's split to ``parts``; return allocated-idle joules per job.
+
+        A job the scheduler allocated a GPU joins ``activity`` (no process, no
+        CPU time) when none of its processes runs here this tick: it stays a
+        running job, exported, while its allocation is charged."""
         gpus = [r for r in readings if r.domain == "gpu"]
         if not gpus:
             return {}
@@ -356,9 +361,12 @@ class Agent:
             # (a crashed trainer waiting on its restart policy): it pays all the same.
             now_unix = time.time()
             for allocation in allocations:
-                if not self.ledger.has_job(allocation.job.id):
+                job_id = allocation.job.id
+                if not self.ledger.has_job(job_id):
                     self.ledger.ensure_job(allocation.job, now_unix)
-                    self.selection.admit(allocation.job.id)
+                    self.selection.admit(job_id)
+                if job_id not in activity:
+                    activity[job_id] = JobActivity(allocation.job, 0.0, 0)
         result, idle_w = self.gpu_idle.attribute(gpus, nvml.views() if nvml else {}, job_of, allocations)
         parts.append(result.total)
         idle_power["gpu"] = sum(w for w in idle_w.values() if w is not None)
@@ -460,7 +468,7 @@ class Agent:
             idle_power: dict[str, float] = {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
-            gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
+            gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power, activity)
             self.ledger.book_tick(now_unix, readings, parts, activity, interval_s, gpu_idle_j)
             self._charge_emissions(now_unix, interval_s, readings, jobs_energy_j(parts))
         self.ticks += 1
