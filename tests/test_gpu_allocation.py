@@ -464,3 +464,59 @@ def test_mig_instances_split_by_dcgm_exporter_activity_where_nvml_reports_none(t
     finally:
         agent.stop()
         agent.close()
+
+
+def test_pod_devices_read_device_plugins_and_dra_claims_from_the_published_messages():
+    from agent.workloads.podresources import allocatable_gpus, pod_devices
+    from agent.workloads.podresources_v1 import api_pb2
+
+    claim = api_pb2.DynamicResource(
+        claim_name="c",
+        claim_namespace="ml",
+        claim_resources=[
+            api_pb2.ClaimResource(
+                driver_name="gpu.nvidia.com",
+                pool_name="node-a",
+                device_name="gpu-0-mig-1",
+                cdi_devices=[api_pb2.CDIDevice(name=f"k8s.gpu.nvidia.com/device={MIG_A}")],
+            ),
+            api_pb2.ClaimResource(driver_name="gpu.nvidia.com", pool_name="node-a", device_name="gpu-3"),
+            api_pb2.ClaimResource(driver_name="net.example.com", pool_name="node-a", device_name="eth1"),
+        ],
+    )
+    response = api_pb2.ListPodResourcesResponse(
+        pod_resources=[
+            api_pb2.PodResources(
+                name="p",
+                namespace="ml",
+                containers=[
+                    api_pb2.ContainerResources(
+                        name="a",
+                        devices=[
+                            api_pb2.ContainerDevices(resource_name="nvidia.com/gpu", device_ids=[UUID["0"], UUID["1"]]),
+                            api_pb2.ContainerDevices(resource_name="nvidia.com/rdma", device_ids=["mlx5_0"]),
+                        ],
+                        dynamic_resources=[claim],
+                    ),
+                    api_pb2.ContainerResources(
+                        name="b",
+                        devices=[api_pb2.ContainerDevices(resource_name="nvidia.com/mig-1g.10gb", device_ids=[MIG_B])],
+                    ),
+                ],
+            )
+        ]
+    )
+    assert pod_devices(response) == [
+        ("ml", "p", UUID["0"]),
+        ("ml", "p", UUID["1"]),
+        ("ml", "p", MIG_A),  # the UUID in the CDI name wins over the driver's device name
+        ("ml", "p", "gpu-3"),
+        ("ml", "p", MIG_B),
+    ]
+    allocatable = api_pb2.AllocatableResourcesResponse(
+        devices=[
+            api_pb2.ContainerDevices(resource_name="nvidia.com/gpu", device_ids=[UUID["0"], UUID["1"], UUID["2"]]),
+            api_pb2.ContainerDevices(resource_name="example.com/fpga", device_ids=["f0"]),
+        ]
+    )
+    assert allocatable_gpus(allocatable) == 3
