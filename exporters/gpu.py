@@ -131,6 +131,11 @@ def allocation_families(snap: Snapshot, node: str = "") -> Iterator[Metric]:
         families["unmapped"].add_metric([health.source], float(health.unmapped))
         families["allocatable"].add_metric([health.source], float(health.allocatable_devices))
     yield from families.values()
+    yield GaugeMetricFamily(
+        "jouleward_gpu_allocations_unseen",
+        "Allocations on the last tick naming a GPU the agent does not see (hidden by gpu_visible_devices, or down).",
+        value=float(alloc.unseen_devices),
+    )
 
     jobs = GaugeMetricFamily(
         "jouleward_gpu_allocated_jobs", "Jobs the GPU is allocated to on the last tick.", labels=GPU_LABELS

@@ -74,7 +74,7 @@ def pod_resources() -> list[dict]:
         ],
     }
     return [
-        gpu_pod("notebook", "ds", UUID["0"]),
+        gpu_pod("notebook", "ds", UUID["0"], "GPU-ffffffff-0000-4000-8000-00000000000f"),  # one GPU this node lacks
         gpu_pod("share-a", "ds", f"{UUID['1']}::0", resource="nvidia.com/gpu.shared"),
         gpu_pod("share-b", "ds", f"{UUID['1']}::3", resource="nvidia.com/gpu.shared"),
         gpu_pod("ft-worker-0", "research", MIG_A, resource="nvidia.com/mig-3g.40gb"),
@@ -235,7 +235,8 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
         assert one(found, "jouleward_gpu_allocation_up", source="kubelet") == 1.0
         assert one(found, "jouleward_gpu_allocation_stale", source="kubelet") == 0.0
         assert one(found, "jouleward_gpu_allocations_unmapped", source="kubelet") == 1.0  # the ghost pod
-        assert one(found, "jouleward_gpu_allocations", source="kubelet") == 5.0
+        assert one(found, "jouleward_gpu_allocations", source="kubelet") == 6.0
+        assert one(found, "jouleward_gpu_allocations_unseen") == 1.0
         assert one(found, "jouleward_gpu_allocatable_devices", source="kubelet") == 2.0
 
         # Every family is in the metrics contract, and the exposition passes promtool's lint.
@@ -268,7 +269,7 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
 
         # jouleward doctor reads the same socket once.
         (finding,) = _allocation_findings(config)
-        assert finding.usable and "6 GPU device(s) allocated to 6 pod(s), 2 allocatable" in finding.detail
+        assert finding.usable and "7 GPU device(s) allocated to 6 pod(s), 2 allocatable" in finding.detail
 
         # The kubelet's socket goes away: the last allocation stays in force, marked stale.
         server.stop()

@@ -101,6 +101,7 @@ class GpuAllocationTotals:
     jobs_per_gpu: dict[str, int] = field(default_factory=dict)
     devices_per_job: dict[str, int] = field(default_factory=dict)
     unallocated_users: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    unseen_devices: int = 0
 
     def add(self, result: GpuAttribution) -> None:
         self.jobs_per_gpu = {}
@@ -118,6 +119,7 @@ class GpuAllocationTotals:
                 key = (split.device, instance.gpu_instance_id, instance.mig_uuid, instance.source)
                 self.instance_energy_j[key] = self.instance_energy_j.get(key, 0.0) + instance.energy_j
         self.devices_per_job = dict(result.allocated_devices)
+        self.unseen_devices = result.unmapped_allocations
 
 
 def read_boot_id(config: Config) -> str:
@@ -575,6 +577,7 @@ class Agent:
             unallocated_idle_j=dict(totals.unallocated_idle_j),
             unallocated_use_j=dict(totals.unallocated_use_j),
             unallocated_users=dict(totals.unallocated_users),
+            unseen_devices=totals.unseen_devices,
             instance_energy_j=dict(totals.instance_energy_j),
         )
 

@@ -92,6 +92,7 @@ class GpuAllocationView:
     unallocated_idle_j: Mapping[str, float] = field(default_factory=dict)  # device label -> joules since start
     unallocated_use_j: Mapping[str, float] = field(default_factory=dict)  # device label -> joules since start
     unallocated_users: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device -> job ids, last tick
+    unseen_devices: int = 0  # allocations naming no GPU the agent sees, last tick
     # (device label, GPU instance id, MIG UUID, source) -> joules since start
     instance_energy_j: Mapping[tuple[str, int, str, str], float] = field(default_factory=dict)
 
