@@ -23,6 +23,7 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_CONTROL_SOCKETS = (Path("/run/jouleward/control.sock"), Path("/var/lib/jouleward/control.sock"))
 
 DEFAULT_KUBELET_URL = "https://127.0.0.1:10250/pods"
+DEFAULT_POD_RESOURCES_SOCKET = Path("/var/lib/kubelet/pod-resources/kubelet.sock")
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 DEFAULT_TOKEN_FILE = SERVICE_ACCOUNT_DIR / "token"
 DEFAULT_CA_FILE = SERVICE_ACCOUNT_DIR / "ca.crt"
@@ -128,6 +129,16 @@ class Config:
     kubelet_poll_s: float = 30.0
     kubelet_timeout_s: float = 5.0
     pod_job_labels: tuple[str, ...] = DEFAULT_JOB_LABELS  # tried in order after the jouleward.io/job annotation
+    # GPU allocation from the kubelet's pod-resources API (docs/gpu.md). None:
+    # read it when the socket exists; true/false force it.
+    pod_resources_enabled: bool | None = None
+    pod_resources_socket: Path = DEFAULT_POD_RESOURCES_SOCKET
+    pod_resources_poll_s: float = 10.0
+    pod_resources_timeout_s: float = 2.0
+    # GPU allocation from Slurm: dcgm-exporter's HPC job-mapping directory
+    # (one file per GPU listing its job ids); None: not read.
+    slurm_gpu_job_map_dir: Path | None = None
+    slurm_gpu_job_map_poll_s: float = 5.0
     # Control endpoints on the TCP listener exist only with a token (read once at start).
     control_token_file: Path | None = None
     # Hostile-input limits of both HTTP listeners (docs/jobs.md, "Control API security").
@@ -142,6 +153,9 @@ class Config:
     gpu_visible_devices: str | None = None
     gpu_power_sample_interval_s: float = 0.1  # where a GPU has no energy counter
     gpu_idle_power_w: float | None = None  # per GPU; default: estimated
+    # MIG instance activity from a dcgm-exporter on the node (its /metrics URL); None: not read.
+    dcgm_exporter_url: str | None = None
+    dcgm_exporter_poll_s: float = 10.0
     # Work units from serving engines' own /metrics (docs/jobs.md, "Work units").
     work_sources: tuple[WorkSourceRule, ...] = ()
     work_source_discovery: bool = True  # probe the listening ports of known engines' processes
@@ -166,6 +180,12 @@ class Config:
         if self.kubelet_enabled is not None:
             return self.kubelet_enabled
         return self.kubelet_url != DEFAULT_KUBELET_URL or DEFAULT_TOKEN_FILE.is_file()
+
+    @property
+    def pod_resources_active(self) -> bool:
+        if self.pod_resources_enabled is not None:
+            return self.pod_resources_enabled
+        return self.pod_resources_socket.is_socket()
 
     @property
     def control_socket_path(self) -> Path:
@@ -210,6 +230,10 @@ _FLOAT_KEYS = {
     "max_zone_power_w": (1.0, 1e6),
     "kubelet_poll_s": (1.0, 3600.0),
     "kubelet_timeout_s": (0.1, 300.0),
+    "pod_resources_poll_s": (0.1, 3600.0),
+    "pod_resources_timeout_s": (0.1, 300.0),
+    "slurm_gpu_job_map_poll_s": (0.1, 3600.0),
+    "dcgm_exporter_poll_s": (0.1, 3600.0),
     "gpu_power_sample_interval_s": (0.01, 10.0),
     "gpu_idle_power_w": (0.0, 5000.0),
     "work_source_poll_s": (0.1, 3600.0),
@@ -218,8 +242,23 @@ _FLOAT_KEYS = {
     "sampler_stall_s": (1.0, 86400.0),
 }
 _INT_KEYS = {"max_exported_jobs": (1, 10**9), "max_request_body_bytes": (1024, 1024 * 1024)}
-_PATH_KEYS = {"state_dir", "control_socket", "sysfs", "procfs", "kubelet_ca_file", "control_token_file"}
-_BOOL_KEYS = {"kubelet_enabled", "kubelet_insecure_skip_verify", "gpu_enabled", "work_source_discovery"}
+_PATH_KEYS = {
+    "state_dir",
+    "control_socket",
+    "sysfs",
+    "procfs",
+    "kubelet_ca_file",
+    "control_token_file",
+    "pod_resources_socket",
+    "slurm_gpu_job_map_dir",
+}
+_BOOL_KEYS = {
+    "kubelet_enabled",
+    "kubelet_insecure_skip_verify",
+    "gpu_enabled",
+    "work_source_discovery",
+    "pod_resources_enabled",
+}
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 # A Kubernetes label key: optional DNS-subdomain prefix and "/", then a name.
 _K8S_LABEL_KEY = re.compile(r"(?:[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
@@ -257,6 +296,11 @@ def _coerce(key: str, value: Any, origin: str) -> Any:
         if not isinstance(value, (str, Path)):
             raise ConfigError(f"{where}: expected a path (or \"\" for no token), got {value!r}")
         return Path(value)
+    if key == "dcgm_exporter_url":
+        parts = urlsplit(value) if isinstance(value, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}: expected an http:// or https:// URL, got {value!r}")
+        return value
     if key == "kubelet_url":
         parts = urlsplit(value) if isinstance(value, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:

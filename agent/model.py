@@ -333,6 +333,21 @@ class GpuProcess:
 
 
 @dataclass(frozen=True, slots=True)
+class MigInstanceView:
+    """One MIG device of a GPU with MIG on: a GPU instance and its compute instance."""
+
+    uuid: str  # MIG-...
+    gpu_instance_id: int
+    compute_instance_id: int
+    slices: int  # the GPU instance's slices (of 7 on A100 and H100)
+    # The instance's own busy ratio where something reports one; None elsewhere.
+    utilization_ratio: float | None = None
+    # Who reported it: NVML for the MIG device, or dcgm-exporter's
+    # DCGM_FI_PROF_GR_ENGINE_ACTIVE for the GPU instance.
+    activity_source: Literal["nvml", "dcgm"] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuDeviceView:
     """Identity, state and processes of one GPU for the last tick."""
 
@@ -350,6 +365,7 @@ class GpuDeviceView:
     # hold the GPU, and its energy cannot be split).
     processes_known: bool = True
     pci_bus_id: str = ""  # "00000000:17:00.0"; "" where the driver does not say
+    mig_instances: tuple[MigInstanceView, ...] = ()  # where MIG is on
 
     @property
     def split_method(self) -> GpuSplitMethod:
@@ -363,3 +379,40 @@ def split_method(processes: tuple[GpuProcess, ...] | list[GpuProcess]) -> GpuSpl
     if any(p.used_memory_bytes > 0 for p in processes):
         return SPLIT_MEMORY
     return SPLIT_EQUAL
+
+
+# -- GPU allocation: which job the scheduler gave which GPU ------------------
+
+# Where an allocation was read: the kubelet's pod-resources API, or the Slurm
+# job-mapping directory dcgm-exporter reads.
+AllocationSource = Literal["kubelet", "slurm"]
+
+
+@dataclass(frozen=True, slots=True)
+class GpuAllocation:
+    """One job's hold on a GPU as the scheduler allocated it.
+
+    ``device_id`` is the scheduler's name for the device: a GPU UUID
+    (``GPU-...``), a MIG device UUID (``MIG-...``), either with a time-slicing
+    replica suffix (``GPU-...::1``), an NVML index (``0``) or ``<index>.<GPU
+    instance>`` (Slurm's mapping directory), or ``gpu-<index>`` (a DRA device
+    name). Attribution maps it to a GPU and, for MIG, an instance.
+    """
+
+    job: JobRef
+    device_id: str
+    source: AllocationSource
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationHealth:
+    """How fresh one allocation source is."""
+
+    source: AllocationSource
+    up: bool  # the last read succeeded
+    stale: bool  # the last read failed or is overdue: attribution uses the last known allocation
+    errors_total: int
+    last_success_unix_s: float  # 0 before the first success
+    allocations: int  # allocations known (device, job) pairs
+    unmapped: int = 0  # allocations whose pod or device the agent could not name
+    allocatable_devices: int = 0  # GPUs the scheduler can allocate on this node, where it says

@@ -124,6 +124,7 @@ class JobEmissions:
     site: Site = Site()
     work_units: Mapping[str, float] = field(default_factory=dict)  # by unit: tokens, samples, ...
     extra: Mapping[str, Any] = field(default_factory=dict)
+    gpu_idle_j: float = 0.0  # allocated-but-idle GPU energy, part of energy_j["gpu"]
 
 
 def report_row(job: JobEmissions) -> dict[str, Any]:
@@ -174,6 +175,8 @@ def report_row(job: JobEmissions) -> dict[str, Any]:
         energy_per_sample_j=figures.energy_per_sample_j,
         emissions_per_1k_tokens_g=figures.emissions_per_1k_tokens_g,
     )
+    # Not a codecarbon column: the text report shows it, CSV and JSON keep codecarbon's set.
+    row["gpu_idle_energy"] = job.gpu_idle_j * job.pue / J_PER_KWH
     return row
 
 
@@ -216,6 +219,10 @@ def to_text(row: Mapping[str, Any]) -> str:
     for unit, column in (("requests", "energy_per_request_j"), ("samples", "energy_per_sample_j")):
         if row.get(column) is not None:
             lines.append(f"{unit:<12}{row[unit]:g}: {row[column]:.6g} J/{unit[:-1]}")
+    idle = row.get("gpu_idle_energy") or 0.0
+    if idle > 0 and row["gpu_energy"] > 0:
+        share = 100.0 * idle / row["gpu_energy"]
+        lines.insert(3, f"gpu idle    {idle:.6f} kWh on GPUs allocated to the job but idle ({share:.1f} % of gpu)")
     where = " / ".join(str(row[k]) for k in ("country_name", "region", "cloud_provider", "cloud_region") if row.get(k))
     if where:
         lines.append(f"zone        {where}")
@@ -299,6 +306,7 @@ def job_emissions(job: Mapping[str, Any], site: Site, pue: float, now_unix: floa
         work_units={str(k): float(v) for k, v in (job.get("work_units") or {}).items()},
         end_unix_s=end,
         site=site,
+        gpu_idle_j=float(job.get("gpu_idle_j") or 0.0),
     )
 
 

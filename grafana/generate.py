@@ -368,6 +368,30 @@ def fleet() -> dashboard.Dashboard:
                 description="GPU energy spent while jobs held GPUs without using them.",
             )
         )
+        .with_panel(
+            series(
+                "Allocated-idle share of GPU energy by namespace",
+                "percentunit",
+                query(
+                    "sum by (job_namespace) "
+                    f"(cluster_job_namespace:jouleward_job_gpu_idle_per_gpu_energy:ratio_rate15m{{{NAMESPACE}}})",
+                    "{{job_namespace}}",
+                ),
+                description="Of each namespace's GPU energy, the share spent on GPUs allocated to its jobs but idle.",
+            )
+        )
+        .with_panel(
+            series(
+                "Unallocated GPU idle power by node",
+                "watt",
+                query(
+                    f"cluster_instance:jouleward_gpu_unallocated_idle_energy_joules:rate15m{{{CLUSTER}}}",
+                    "{{instance}}",
+                ),
+                description="Static power of GPUs the scheduler allocated to no job (where an allocation source runs).",
+                to=TO_NODE,
+            )
+        )
     )
 
 
@@ -505,6 +529,32 @@ def job() -> dashboard.Dashboard:
         )
         .with_panel(
             series(
+                "Allocated-idle share of GPU energy",
+                "percentunit",
+                query(
+                    f"sum by (job_id) (rate(jouleward_job_gpu_idle_energy_joules_total{sel}[{RATE}]))"
+                    f' / sum by (job_id) (rate(jouleward_job_energy_joules_total{{{JOB}, domain="gpu"}}[{RATE}]))',
+                    "{{job_id}}",
+                ),
+                description="Share of the job's GPU energy spent on GPUs allocated to it but idle.",
+            )
+        )
+        .with_panel(
+            series(
+                "GPUs allocated",
+                "none",
+                query(f"sum by (instance) (jouleward_job_gpus_allocated{sel})", "{{instance}} allocated", "A"),
+                query(
+                    f"sum by (instance) (jouleward_job_gpus_unallocated_use{sel})",
+                    "{{instance}} used without allocation",
+                    "B",
+                ),
+                description="GPUs (MIG devices, time-sliced replicas) the scheduler gave the job, and GPUs it "
+                "used without being given them (charged by use).",
+            )
+        )
+        .with_panel(
+            series(
                 "CPU time rate",
                 "none",
                 query(f"sum by (instance) (rate(jouleward_job_cpu_seconds_total{sel}[{RATE}]))", "{{instance}}"),
@@ -572,6 +622,59 @@ def node() -> dashboard.Dashboard:
                 "GPU utilisation",
                 "percentunit",
                 query(f"jouleward_gpu_utilization_ratio{sel}", "{{instance}} gpu {{gpu}}"),
+            )
+        )
+        .with_row(dashboard.Row("GPU allocation"))
+        .with_panel(
+            series(
+                "Jobs allocated each GPU",
+                "none",
+                query(f"jouleward_gpu_allocated_jobs{sel}", "{{instance}} gpu {{gpu}}"),
+                w=8,
+                description="0: allocated to nobody (its idle stays the node's); 2 and more: time-sliced sharing.",
+            )
+        )
+        .with_panel(
+            series(
+                "GPU power left by the allocation",
+                "watt",
+                query(
+                    f"sum by (instance, gpu) (rate(jouleward_gpu_unallocated_idle_energy_joules_total{sel}[{RATE}]))",
+                    "{{instance}} gpu {{gpu}} unallocated idle",
+                    "A",
+                ),
+                query(
+                    f"sum by (instance, gpu) (rate(jouleward_gpu_unallocated_use_energy_joules_total{sel}[{RATE}]))",
+                    "{{instance}} gpu {{gpu}} used without allocation",
+                    "B",
+                ),
+                w=8,
+                description="Idle power of GPUs allocated to nobody, and power of jobs on GPUs not allocated to them.",
+            )
+        )
+        .with_panel(
+            series(
+                "MIG instance power",
+                "watt",
+                query(
+                    "sum by (instance, gpu, GPU_I_ID, source) "
+                    f"(rate(jouleward_gpu_instance_energy_joules_total{sel}[{RATE}]))",
+                    "{{instance}} gpu {{gpu}} instance {{GPU_I_ID}} ({{source}})",
+                ),
+                w=8,
+                description="Each MIG instance's share of its GPU: by instance activity where NVML reports it, "
+                "else by slices.",
+            )
+        )
+        .with_panel(
+            series(
+                "GPU allocation sources",
+                "none",
+                query(f"jouleward_gpu_allocation_up{sel}", "{{instance}} {{source}} up", "A"),
+                query(f"jouleward_gpu_allocation_stale{sel}", "{{instance}} {{source}} stale", "B"),
+                w=8,
+                description="The kubelet's pod-resources API and Slurm's mapping directory: up, and stale "
+                "(the last allocation read stays in force).",
             )
         )
         .with_row(dashboard.Row("Agent health"))

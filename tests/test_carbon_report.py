@@ -135,6 +135,7 @@ def test_text_report_shows_grams_and_kwh():
     assert "llama-finetune (r-5f2a)" in text
     assert f"{3.35 * 1.25:.6f} kWh" in text
     assert f"{3.35 * 1.25 * 56.039:.3f} gCO2eq" in text
+    assert "gpu idle" not in text
 
 
 def test_efficiency_columns_beside_codecarbons():
@@ -172,3 +173,25 @@ def test_appending_to_a_codecarbon_file_writes_only_its_columns(tmp_path):
     report.append_csv(ours, [report.report_row(a_job(work_units={"samples": 20.0}))])
     rows = list(csv.DictReader(io.StringIO(ours.read_text())))
     assert [float(r["energy_per_sample_j"]) for r in rows] == pytest.approx([12.06e6 / 10.0, 12.06e6 / 20.0])
+
+
+def test_text_report_shows_allocated_idle_gpu_energy_and_csv_keeps_codecarbons_columns():
+    job = report.job_emissions(
+        {
+            "id": "pod-1",
+            "name": "nb",
+            "first_seen": 0.0,
+            "finished_at": 3600.0,
+            "energy_j": {"gpu": 3.6e6},
+            "gpu_idle_j": 0.9e6,
+            "emissions_g": 1.0,
+        },
+        report.Site(),
+        1.0,
+        3600.0,
+    )
+    row = report.report_row(job)
+    assert "gpu idle    0.250000 kWh on GPUs allocated to the job but idle (25.0 % of gpu)" in report.to_text(row)
+    header = list(csv.reader(io.StringIO(report.to_csv([row]))))[0]
+    assert header[: len(codecarbon_columns())] == codecarbon_columns() and "gpu_idle_energy" not in header
+    assert "gpu_idle_energy" not in json.loads(report.to_json([row]))[0]

@@ -178,6 +178,20 @@ def test_gpu_agent_sees_the_gpus_and_only_runs_on_gpu_nodes():
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert env["NVIDIA_DRIVER_CAPABILITIES"] == "utility"
+    # GPU allocation from the kubelet's pod-resources socket, mounted read-only; the plain agent has none.
+    assert env["JOULEWARD_POD_RESOURCES_ENABLED"] == "true"
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["pod-resources"] == {
+        "name": "pod-resources",
+        "mountPath": "/var/lib/kubelet/pod-resources",
+        "readOnly": True,
+    }
+    assert {"proc", "sys", "state", "config"} <= mounts.keys()  # the base's mounts survive the patch
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["pod-resources"]["hostPath"] == {"path": "/var/lib/kubelet/pod-resources", "type": "Directory"}
+    assert "proc" in volumes
+    plain_pod = plain["spec"]["template"]["spec"]
+    assert "pod-resources" not in {v["name"] for v in plain_pod["volumes"]}
     (term,) = plain["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"
     ]["nodeSelectorTerms"]

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.fakenvml.build import FakeDevice, FakeProcess, FakeState
+from tests.fakenvml.build import FakeDevice, FakeMig, FakeProcess, FakeState
 from tests.fakenvml.build import build as build_fake_nvml
 from tests.support import free_port, wait_until
 from tests.support.engines import EngineServer
@@ -137,10 +137,17 @@ def stack(tmp_path_factory):
     socket_path = tmp / "control.sock"
     # A clean grid: the info alert on grid intensity (above 400 g/kWh) belongs to dirty grids, not to this host.
     # The kubelet answers, so the pod-metadata health metrics exist.
+    # Slurm's GPU job map (dcgm-exporter's convention) gives GPU 1 to job 4242,
+    # so the allocation panels and rules have data: 4242 pays GPU 1's idle,
+    # train-b uses GPU 1 without the allocation, GPUs 0 and 2 are nobody's.
+    job_map = tmp / "gpu-job-map"
+    job_map.mkdir()
+    (job_map / "1").write_text("4242\n")
     (tmp / "config.toml").write_text(
         f"[agent]\nflush_interval_s = 1.0\nkubelet_enabled = true\nkubelet_url = \"{kubelet.url}\"\n"
         f"kubelet_token_file = \"{tmp / 'kubelet-token'}\"\nkubelet_ca_file = \"{kubelet.ca_file}\"\nkubelet_poll_s = 1\n"
         "work_source_poll_s = 0.5\nwork_source_discovery = false\n"
+        f"slurm_gpu_job_map_dir = \"{job_map}\"\nslurm_gpu_job_map_poll_s = 1\n"
         "[carbon]\nprovider = \"static\"\nintensity_g_per_kwh = 50.0\ncountry = \"FRA\"\n"
         f"[[work_sources]]\njob = \"^train-a$\"\nurl = \"{engine.url}\"\n"
     )
@@ -154,10 +161,15 @@ def stack(tmp_path_factory):
     gpu_devices = [
         FakeDevice(0, "GPU-0000aaaa-proof", epoch_s=gpu_started, power_mw=60_000),
         FakeDevice(1, "GPU-1111bbbb-proof", epoch_s=gpu_started, power_mw=70_000, mem_used=10 * 2**30),
+        FakeDevice(2, "GPU-2222cccc-proof", epoch_s=gpu_started, power_mw=80_000, mig=1),  # two MIG instances
+    ]
+    gpu_migs = [
+        FakeMig(2, "MIG-2222cccc-0000-4000-8000-000000000001", gi=1, slices=3),
+        FakeMig(2, "MIG-2222cccc-0000-4000-8000-000000000002", gi=2, slices=4),
     ]
     # No compiler, no proof: the GPU panels and rules must have data too.
     library = build_fake_nvml(tmp / "fakenvml")
-    FakeState(devices=gpu_devices).write(gpu_state_path)
+    FakeState(devices=gpu_devices, migs=gpu_migs).write(gpu_state_path)
     agent_env.update(LD_LIBRARY_PATH=str(library.parent), FAKENVML_STATE=str(gpu_state_path))
     processes: list[subprocess.Popen] = []
     control: httpx.Client | None = None
@@ -208,6 +220,7 @@ def stack(tmp_path_factory):
         busy.power_mw, busy.util_gpu, busy.mem_used = 300_000, 70, 20 * 2**30
         FakeState(
             devices=gpu_devices,
+            migs=gpu_migs,
             processes=[
                 FakeProcess(0, workers["train-a"].pid, mem=20 * 2**30, sm=70),
                 FakeProcess(1, workers["train-b"].pid, mem=10 * 2**30, sm=0),
@@ -429,10 +442,11 @@ def test_work_units_are_accepted(stack):
 def test_no_alert_fires_on_a_healthy_host(stack):
     alerts = stack["prom"].get("/api/v1/alerts").json()["data"]["alerts"]
     assert [a["labels"]["alertname"] for a in alerts if a["state"] == "firing"] == []
-    # train-b holds GPU 1 without computing: the allocated-idle alert is
-    # pending (it fires only after 30 minutes), and nothing else is.
+    # Slurm job 4242 is allocated GPU 1 and never computes on it: the
+    # allocated-idle alert is pending (it fires only after 30 minutes), and
+    # nothing else is.
     pending = {(a["labels"]["alertname"], a["labels"].get("job_name")) for a in alerts if a["state"] == "pending"}
-    assert pending <= {("JoulewardGPUAllocatedIdle", "train-b")}
+    assert pending <= {("JoulewardGPUAllocatedIdle", "4242")}
 
 
 def test_prometheus_sees_the_fixture_power(stack):

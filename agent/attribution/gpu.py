@@ -15,20 +15,33 @@ Pure arithmetic: no I/O, no clock. Per GPU and tick:
   the node's idle; a GPU nobody holds gives its idle to the node and its
   active energy to unattributed.
 
+Where a scheduler's allocation is known (the kubelet's pod-resources API,
+Slurm's job-mapping directory), idle follows the allocation instead of the
+contexts: an allocated GPU's idle energy goes to the jobs allocated it, evenly
+(time-sliced sharing), whether or not they hold a context; a GPU allocated to
+nobody keeps its idle on the node; a job using a GPU it was not allocated pays
+its active energy by use and is reported (``unallocated_use_j``). A MIG GPU is
+split over its instances first (static power by slices, active energy by
+instance utilisation where NVML or dcgm-exporter reports it, else by slices),
+then each instance like a GPU of its own.
+
 So ``idle + unattributed + sum(jobs) == measured`` for every GPU.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from agent.model import (
     SPLIT_MEMORY,
     SPLIT_SM,
     DeviceEnergy,
     DomainAttribution,
+    GpuAllocation,
     GpuDeviceView,
     GpuProcess,
     GpuSplitMethod,
@@ -36,6 +49,10 @@ from agent.model import (
 )
 
 SPLIT_NONE = GpuSplitMethod.NONE
+# How a MIG GPU's active energy was shared among its instances: by each
+# instance's utilisation (times its slices) as NVML or dcgm-exporter reports
+# it, or by slices alone.
+MigShareSource = Literal["nvml", "dcgm", "slices"]
 # Ticks at or below this utilisation count as the GPU's low end of power.
 LOW_UTILIZATION_RATIO = 0.05
 
@@ -74,6 +91,19 @@ def estimated_idle_power_w(seen: IdleObservations, configured_w: float | None = 
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceSplit:
+    """How one MIG device's share of its parent GPU's tick energy was split."""
+
+    mig_uuid: str
+    gpu_instance_id: int
+    source: MigShareSource  # what split the parent's active energy among its instances
+    energy_j: float  # this instance's share of the parent's measured energy
+    idle_j: float  # to the node's idle counter
+    unattributed_j: float
+    jobs_j: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class GpuSplit:
     """How one GPU's tick energy was split."""
 
@@ -84,6 +114,13 @@ class GpuSplit:
     unattributed_j: float
     jobs_j: dict[str, float] = field(default_factory=dict)  # active + allocated idle
     allocated_idle_j: dict[str, float] = field(default_factory=dict)  # part of jobs_j
+    # With allocation known: the idle of a GPU (or instance) allocated to
+    # nobody (part of idle_j), and active energy of jobs using a GPU they
+    # were not allocated (part of jobs_j).
+    unallocated_idle_j: float = 0.0
+    unallocated_use_j: dict[str, float] = field(default_factory=dict)
+    allocated_jobs: tuple[str, ...] = ()
+    instances: tuple[InstanceSplit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +130,76 @@ class GpuAttribution:
     total: DomainAttribution
     allocated_idle_j: dict[str, float]
     devices: tuple[GpuSplit, ...] = ()
+    # Devices (GPUs, MIG devices, replicas' GPUs) allocated to each job this tick.
+    allocated_devices: dict[str, int] = field(default_factory=dict)
+    unmapped_allocations: int = 0  # allocations naming no GPU the agent sees
+
+
+# -- allocation: the scheduler's device ids to GPUs and MIG devices ----------
+
+_REPLICA = re.compile(r"::[0-9]+$")  # time-sliced replicas: GPU-<uuid>::<n>
+_INDEX = re.compile(r"([0-9]+)(?:\.([0-9]+))?")  # Slurm's mapping files: 0, 0.3 (GPU instance 3)
+_DRA_NAME = re.compile(r"gpu-([0-9]+)")  # the NVIDIA DRA driver's device names
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTarget:
+    """Where an allocation lands: a GPU, or one of its MIG devices."""
+
+    device: str  # gpu-<index>
+    mig_uuid: str = ""  # "" for the whole GPU
+
+
+def resolve_device(device_id: str, views: Mapping[str, GpuDeviceView]) -> DeviceTarget | None:
+    """The GPU (and MIG device) a scheduler's device id names, or None."""
+    base = _REPLICA.sub("", device_id.strip())
+    for view in views.values():
+        if view.uuid and view.uuid == base:
+            return DeviceTarget(view.device)
+        for instance in view.mig_instances:
+            if instance.uuid == base:
+                return DeviceTarget(view.device, instance.uuid)
+    index = _INDEX.fullmatch(base)
+    dra = _DRA_NAME.fullmatch(base)
+    number = index.group(1) if index else dra.group(1) if dra else None
+    if number is None:
+        return None
+    gpu = next((v for v in views.values() if v.index == int(number)), None)
+    if gpu is None:
+        return None
+    if index and index.group(2) is not None:
+        gi = int(index.group(2))
+        found = next((i for i in gpu.mig_instances if i.gpu_instance_id == gi), None)
+        return DeviceTarget(gpu.device, found.uuid) if found else None
+    return DeviceTarget(gpu.device)
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationMap:
+    """Jobs allocated each GPU this tick: device label -> MIG UUID ("" for the
+    whole GPU) -> job ids, sorted; and per job, how many devices."""
+
+    by_device: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    devices_per_job: dict[str, int] = field(default_factory=dict)
+    unmapped: int = 0
+
+
+def allocation_map(allocations: Iterable[GpuAllocation], views: Mapping[str, GpuDeviceView]) -> AllocationMap:
+    held: dict[str, dict[str, set[str]]] = {}
+    per_job: dict[str, set[DeviceTarget]] = {}
+    unmapped = 0
+    for allocation in allocations:
+        target = resolve_device(allocation.device_id, views)
+        if target is None:
+            unmapped += 1
+            continue
+        held.setdefault(target.device, {}).setdefault(target.mig_uuid, set()).add(allocation.job.id)
+        per_job.setdefault(allocation.job.id, set()).add(target)
+    by_device = {device: {mig: tuple(sorted(jobs)) for mig, jobs in parts.items()} for device, parts in held.items()}
+    return AllocationMap(by_device, {job: len(targets) for job, targets in per_job.items()}, unmapped)
+
+
+# -- the split ---------------------------------------------------------------
 
 
 def _weights(processes: tuple[GpuProcess, ...], method: GpuSplitMethod) -> list[float]:
@@ -110,38 +217,161 @@ def _shares(total_j: float, weights: list[float]) -> list[float]:
     return [total_j * (w / whole) for w in weights]
 
 
+@dataclass
+class _Part:
+    """One GPU's (or MIG device's) split, built up."""
+
+    idle_j: float = 0.0
+    unattributed_j: float = 0.0
+    jobs_j: dict[str, float] = field(default_factory=dict)
+    allocated_idle_j: dict[str, float] = field(default_factory=dict)
+    unallocated_idle_j: float = 0.0
+    unallocated_use_j: dict[str, float] = field(default_factory=dict)
+
+    def charge(self, job: str, joules: float) -> None:
+        self.jobs_j[job] = self.jobs_j.get(job, 0.0) + joules
+
+
+def _split_unit(
+    part: _Part,
+    active_j: float,
+    idle_j: float,
+    processes: tuple[GpuProcess, ...],
+    job_of: Mapping[int, str | None],
+    allocated: tuple[str, ...] | None,
+) -> None:
+    """Split one GPU's (or one MIG device's) active and idle energy into ``part``.
+
+    ``allocated`` None: no allocation source, so the jobs holding a context
+    pay the idle by their memory. Otherwise the allocated jobs pay it evenly,
+    and a GPU allocated to nobody gives it to the node."""
+    if processes:
+        method = split_method(processes)
+        for process, share in zip(processes, _shares(active_j, _weights(processes, method))):
+            job = job_of.get(process.pid)
+            if job is None:
+                part.unattributed_j += share
+                continue
+            part.charge(job, share)
+            if allocated is not None and job not in allocated:
+                part.unallocated_use_j[job] = part.unallocated_use_j.get(job, 0.0) + share
+    else:
+        part.unattributed_j += active_j
+    if allocated is None:
+        if not processes:
+            part.idle_j += idle_j
+            return
+        for process, share in zip(processes, _shares(idle_j, _weights(processes, SPLIT_MEMORY))):
+            job = job_of.get(process.pid)
+            if job is None:
+                part.idle_j += share
+                continue
+            part.charge(job, share)
+            part.allocated_idle_j[job] = part.allocated_idle_j.get(job, 0.0) + share
+        return
+    if not allocated:
+        part.idle_j += idle_j
+        part.unallocated_idle_j += idle_j
+        return
+    each = idle_j / len(allocated)
+    for job in allocated:
+        part.charge(job, each)
+        part.allocated_idle_j[job] = part.allocated_idle_j.get(job, 0.0) + each
+
+
+def _mig_split(
+    part: _Part,
+    view: GpuDeviceView,
+    active_j: float,
+    idle_j: float,
+    job_of: Mapping[int, str | None],
+    allocated: Mapping[str, tuple[str, ...]] | None,
+) -> tuple[InstanceSplit, ...]:
+    """Split a MIG GPU's energy over its instances, then each instance as a GPU.
+
+    NVML measures only the parent. Static power is shared by slices; active
+    energy by the instances' utilisation times slices where every instance
+    reports one, else by slices."""
+    instances = view.mig_instances
+    slices = [float(i.slices) for i in instances]
+    utilization = [i.utilization_ratio for i in instances]
+    activity = [(u or 0.0) * s for u, s in zip(utilization, slices)] if None not in utilization else None
+    source: MigShareSource = "slices"
+    if activity is not None and sum(activity) > 0:
+        source = "dcgm" if any(i.activity_source == "dcgm" for i in instances) else "nvml"
+    idle_shares = _shares(idle_j, slices)
+    active_shares = _shares(active_j, activity if source != "slices" and activity is not None else slices)
+    out: list[InstanceSplit] = []
+    for instance, instance_idle, instance_active in zip(instances, idle_shares, active_shares):
+        unit = _Part()
+        processes = tuple(p for p in view.processes if p.gpu_instance_id == instance.gpu_instance_id)
+        jobs = None if allocated is None else allocated.get(instance.uuid, allocated.get("", ()))
+        _split_unit(unit, instance_active, instance_idle, processes, job_of, jobs)
+        out.append(
+            InstanceSplit(
+                instance.uuid,
+                instance.gpu_instance_id,
+                source,
+                instance_idle + instance_active,
+                unit.idle_j,
+                unit.unattributed_j,
+                dict(unit.jobs_j),
+            )
+        )
+        part.idle_j += unit.idle_j
+        part.unattributed_j += unit.unattributed_j
+        part.unallocated_idle_j += unit.unallocated_idle_j
+        for job, joules in unit.jobs_j.items():
+            part.charge(job, joules)
+        for job, joules in unit.allocated_idle_j.items():
+            part.allocated_idle_j[job] = part.allocated_idle_j.get(job, 0.0) + joules
+        for job, joules in unit.unallocated_use_j.items():
+            part.unallocated_use_j[job] = part.unallocated_use_j.get(job, 0.0) + joules
+    return tuple(out)
+
+
 def split_gpu(
     energy: DeviceEnergy,
     view: GpuDeviceView | None,
     idle_power_w: float | None,
     job_of: Mapping[int, str | None],
+    allocated: Mapping[str, tuple[str, ...]] | None = None,
 ) -> GpuSplit:
-    """Split one GPU's energy for one tick. ``job_of`` maps host pids to jobs."""
+    """Split one GPU's energy for one tick. ``job_of`` maps host pids to jobs;
+    ``allocated`` (MIG UUID, "" for the whole GPU, to job ids) is this GPU's
+    allocation, None where no allocation source runs."""
     measured = energy.energy_j if math.isfinite(energy.energy_j) and energy.energy_j > 0 else 0.0
     static_w = energy.idle_power_w if energy.idle_power_w is not None else idle_power_w
     idle_budget = 0.0
     if static_w is not None and math.isfinite(static_w) and static_w > 0 and energy.interval_s > 0:
         idle_budget = min(measured, static_w * energy.interval_s)
     active = measured - idle_budget
-    processes = view.processes if view is not None and view.processes_known else ()
-    if not processes:
+    known = view is not None and view.processes_known
+    processes = view.processes if view is not None and known else ()
+    jobs_allocated = tuple(sorted({j for jobs in (allocated or {}).values() for j in jobs}))
+    mig = view is not None and known and view.mig_enabled and bool(view.mig_instances)
+    if allocated is None and not processes and not mig:
         return GpuSplit(energy.device, SPLIT_NONE, measured, idle_budget, active)
-
-    method = split_method(processes)
-    active_shares = _shares(active, _weights(processes, method))
-    idle_shares = _shares(idle_budget, _weights(processes, SPLIT_MEMORY))
-    node_idle = unattributed = 0.0
-    jobs: dict[str, float] = {}
-    allocated: dict[str, float] = {}
-    for process, active_j, idle_j in zip(processes, active_shares, idle_shares):
-        job = job_of.get(process.pid)
-        if job is None:
-            unattributed += active_j
-            node_idle += idle_j
-            continue
-        jobs[job] = jobs.get(job, 0.0) + active_j + idle_j
-        allocated[job] = allocated.get(job, 0.0) + idle_j
-    return GpuSplit(energy.device, method, measured, node_idle, unattributed, jobs, allocated)
+    part = _Part()
+    instances: tuple[InstanceSplit, ...] = ()
+    if mig and view is not None:
+        instances = _mig_split(part, view, active, idle_budget, job_of, allocated)
+    else:
+        whole = None if allocated is None else allocated.get("", ())
+        _split_unit(part, active, idle_budget, processes, job_of, whole)
+    return GpuSplit(
+        energy.device,
+        split_method(processes) if processes else SPLIT_NONE,
+        measured,
+        part.idle_j,
+        part.unattributed_j,
+        part.jobs_j,
+        part.allocated_idle_j,
+        part.unallocated_idle_j,
+        part.unallocated_use_j,
+        jobs_allocated,
+        instances,
+    )
 
 
 def attribute_gpus(
@@ -149,11 +379,22 @@ def attribute_gpus(
     views: Mapping[str, GpuDeviceView],
     idle_power_w: Mapping[str, float | None],
     job_of: Mapping[int, str | None],
+    allocations: Iterable[GpuAllocation] | None = None,
 ) -> GpuAttribution:
     """Split every GPU's tick energy; ``views`` and ``idle_power_w`` are keyed
-    by device label (``gpu-0``)."""
+    by device label (``gpu-0``). ``allocations`` None: no allocation source
+    runs (not: none allocated)."""
+    table = allocation_map(allocations, views) if allocations is not None else None
     splits = tuple(
-        split_gpu(e, views.get(e.device), idle_power_w.get(e.device), job_of) for e in energies if e.domain == "gpu"
+        split_gpu(
+            e,
+            views.get(e.device),
+            idle_power_w.get(e.device),
+            job_of,
+            None if table is None else table.by_device.get(e.device, {}),
+        )
+        for e in energies
+        if e.domain == "gpu"
     )
     jobs: dict[str, float] = {}
     allocated: dict[str, float] = {}
@@ -169,7 +410,13 @@ def attribute_gpus(
         unattributed_j=sum(s.unattributed_j for s in splits),
         jobs_j=jobs,
     )
-    return GpuAttribution(total=total, allocated_idle_j=allocated, devices=splits)
+    return GpuAttribution(
+        total=total,
+        allocated_idle_j=allocated,
+        devices=splits,
+        allocated_devices=dict(table.devices_per_job) if table is not None else {},
+        unmapped_allocations=table.unmapped if table is not None else 0,
+    )
 
 
 @dataclass
@@ -188,6 +435,7 @@ class GpuIdleTracker:
         energies: list[DeviceEnergy],
         views: Mapping[str, GpuDeviceView],
         job_of: Mapping[int, str | None],
+        allocations: Iterable[GpuAllocation] | None = None,
     ) -> tuple[GpuAttribution, dict[str, float | None]]:
         """Split this tick; also return the idle power in force per GPU."""
         idle: dict[str, float | None] = {}
@@ -203,4 +451,4 @@ class GpuIdleTracker:
             )
             self.seen[reading.device] = seen
             idle[reading.device] = estimated_idle_power_w(seen, self.configured_w)
-        return attribute_gpus(energies, views, idle, job_of), idle
+        return attribute_gpus(energies, views, idle, job_of, allocations), idle

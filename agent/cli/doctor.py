@@ -73,6 +73,61 @@ def _gpu_findings(config: Config) -> list[Finding]:
     ]
 
 
+def _allocation_findings(config: Config) -> list[Finding]:
+    """Where GPU allocation comes from (docs/gpu.md, Allocation): one read of each source."""
+    if not config.gpu_enabled:
+        return []
+    from agent.workloads.allocation import AllocationError, SlurmMapReader
+    from agent.workloads.podresources import pod_devices_of
+
+    findings = []
+    if config.pod_resources_active:
+        socket = config.pod_resources_socket
+        try:
+            devices, allocatable = pod_devices_of(socket, config.pod_resources_timeout_s)
+        except AllocationError as exc:
+            findings.append(Finding("gpualloc", False, False, f"kubelet pod-resources: {exc}"))
+        else:
+            pods = len({(namespace, name) for namespace, name, _ in devices})
+            findings.append(
+                Finding(
+                    "gpualloc",
+                    True,
+                    False,
+                    f"kubelet pod-resources at {socket}: {len(devices)} GPU device(s) allocated to {pods} pod(s),"
+                    f" {allocatable} allocatable",
+                )
+            )
+    if config.slurm_gpu_job_map_dir is not None:
+        try:
+            read = SlurmMapReader(config.slurm_gpu_job_map_dir)()
+        except AllocationError as exc:
+            findings.append(Finding("gpualloc", False, False, f"Slurm GPU job map: {exc}"))
+        else:
+            jobs = len({a.job.id for a in read.allocations})
+            skipped = f", {read.unmapped} file(s) unlike the convention skipped" if read.unmapped else ""
+            findings.append(
+                Finding(
+                    "gpualloc",
+                    True,
+                    False,
+                    f"Slurm GPU job map {config.slurm_gpu_job_map_dir}: {len(read.allocations)} allocation(s)"
+                    f" of {jobs} job(s){skipped}",
+                )
+            )
+    if not findings:
+        findings.append(
+            Finding(
+                "gpualloc",
+                False,
+                False,
+                "no GPU allocation source (pod-resources socket or slurm_gpu_job_map_dir): "
+                "GPU idle is charged to the jobs holding a context",
+            )
+        )
+    return findings
+
+
 def _other_users_process(procfs: Path) -> tuple[int, int] | None:
     """(pid, uid) of a live process of another uid than the agent's."""
     me = os.geteuid()
@@ -158,7 +213,7 @@ def examine(config: Config) -> list[Finding]:
                 f" max {model.max_w:.1f} W (TDP from {model.tdp_source})",
             )
         )
-    return findings + _attribution_findings(config)
+    return findings + _allocation_findings(config) + _attribution_findings(config)
 
 
 def report(findings: list[Finding]) -> tuple[str, int]:

@@ -11,18 +11,28 @@ import logging
 import math
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from agent.attribution.cpu import IdlePowerEstimator, jobs_energy_j, split_domain
-from agent.attribution.gpu import GpuIdleTracker
+from agent.attribution.gpu import GpuAttribution, GpuIdleTracker
 from agent.carbon import emissions, intensity
 from agent.config import Config
 from agent.ledger.totals import JobActivity, Ledger, LedgerBusy
-from agent.model import ATTRIBUTED_DOMAINS, DeviceEnergy, DomainAttribution, JobRef, JobView, TickContext
-from agent.pipeline.snapshot import EMPTY_SNAPSHOT, CarbonView, DurationCounts, Health, Snapshot
+from agent.model import (
+    ATTRIBUTED_DOMAINS,
+    DeviceEnergy,
+    DomainAttribution,
+    GpuAllocation,
+    JobRef,
+    JobView,
+    TickContext,
+)
+from agent.pipeline.snapshot import EMPTY_SNAPSHOT, CarbonView, DurationCounts, GpuAllocationView, Health, Snapshot
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
+from agent.workloads.allocation import AllocationPoller, SlurmMapReader
 from agent.workloads.kubelet import KubeletHealth, KubeletPoller, KubeletSettings
+from agent.workloads.podresources import PodResourcesReader
 from agent.workloads.procfs import ProcessScanner, Scan
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
 from agent.workloads.resolve import JobResolver
@@ -52,6 +62,54 @@ def work_source_settings(config: Config) -> WorkSourceSettings:
         max_body_bytes=config.work_source_max_body_bytes,
         pod_job_labels=config.pod_job_labels,
     )
+
+
+def allocation_pollers(config: Config, kubelet: KubeletPoller | None) -> list[AllocationPoller]:
+    """The GPU allocation sources configured: pod-resources, Slurm's mapping directory."""
+    pollers: list[AllocationPoller] = []
+    if config.gpu_enabled and config.pod_resources_active:
+        reader = PodResourcesReader(
+            config.pod_resources_socket,
+            config.pod_resources_timeout_s,
+            kubelet.pods if kubelet is not None else None,
+            config.pod_job_labels,
+        )
+        pollers.append(AllocationPoller("kubelet", reader, config.pod_resources_poll_s, config.pod_resources_timeout_s))
+    if config.gpu_enabled and config.slurm_gpu_job_map_dir is not None:
+        slurm = SlurmMapReader(config.slurm_gpu_job_map_dir)
+        pollers.append(AllocationPoller("slurm", slurm, config.slurm_gpu_job_map_poll_s, 1.0))
+    return pollers
+
+
+@dataclass
+class GpuAllocationTotals:
+    """What the allocation left to the node, summed since start (per GPU), and the last tick's allocation."""
+
+    unallocated_idle_j: dict[str, float] = field(default_factory=dict)
+    unallocated_use_j: dict[str, float] = field(default_factory=dict)
+    instance_energy_j: dict[tuple[str, int, str, str], float] = field(default_factory=dict)
+    jobs_per_gpu: dict[str, int] = field(default_factory=dict)
+    devices_per_job: dict[str, int] = field(default_factory=dict)
+    unallocated_users: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    unseen_devices: int = 0
+
+    def add(self, result: GpuAttribution) -> None:
+        self.jobs_per_gpu = {}
+        self.unallocated_users = {}
+        for split in result.devices:
+            self.jobs_per_gpu[split.device] = len(split.allocated_jobs)
+            if split.unallocated_idle_j:
+                grown = self.unallocated_idle_j.get(split.device, 0.0) + split.unallocated_idle_j
+                self.unallocated_idle_j[split.device] = grown
+            if split.unallocated_use_j:
+                used = sum(split.unallocated_use_j.values())
+                self.unallocated_use_j[split.device] = self.unallocated_use_j.get(split.device, 0.0) + used
+                self.unallocated_users[split.device] = tuple(sorted(split.unallocated_use_j))
+            for instance in split.instances:
+                key = (split.device, instance.gpu_instance_id, instance.mig_uuid, instance.source)
+                self.instance_energy_j[key] = self.instance_energy_j.get(key, 0.0) + instance.energy_j
+        self.devices_per_job = dict(result.allocated_devices)
+        self.unseen_devices = result.unmapped_allocations
 
 
 def read_boot_id(config: Config) -> str:
@@ -94,6 +152,8 @@ class Agent:
         self.boot_id = read_boot_id(config)
         self.estimators: dict[tuple[str, str], IdlePowerEstimator] = {}
         self.gpu_idle = GpuIdleTracker(configured_w=config.gpu_idle_power_w)
+        self.gpu_allocations = allocation_pollers(config, self.kubelet)
+        self.gpu_allocation_totals = GpuAllocationTotals()
         self.snapshot: Snapshot = EMPTY_SNAPSHOT
         self.ticks = 0
         self.tick_durations = DurationCounts()
@@ -186,6 +246,9 @@ class Agent:
         if self.kubelet is not None:
             self.kubelet.start()
             self.kubelet.first_poll.wait(self.config.kubelet_timeout_s + 1.0)
+        for poller in self.gpu_allocations:
+            poller.start()
+            poller.first_poll.wait(poller.timeout_s + 1.0)
 
     # -- control operations (called from the API) ----------------------------------
     def register_job(self, name: str, pids: list[int], labels: dict[str, str], owner_uid: int = 0) -> JobView:
@@ -281,17 +344,43 @@ class Agent:
         jobs: list[JobRef | None],
         parts: list[DomainAttribution],
         idle_power: dict[str, float],
+        activity: dict[str, JobActivity],
     ) -> dict[str, float]:
-        """Append the GPU domain's split to ``parts``; return allocated-idle joules per job."""
+        """Append the GPU domain's split to ``parts``; return allocated-idle joules per job.
+
+        A job the scheduler allocated a GPU joins ``activity`` (no process, no
+        CPU time) when none of its processes runs here this tick: it stays a
+        running job, exported, while its allocation is charged."""
         gpus = [r for r in readings if r.domain == "gpu"]
         if not gpus:
             return {}
         nvml = self.sensor_set.nvml
         job_of = {process.key.pid: ref.id if ref else None for process, ref in zip(scan.processes, jobs)}
-        result, idle_w = self.gpu_idle.attribute(gpus, nvml.views() if nvml else {}, job_of)
+        allocations = self._gpu_allocations()
+        if allocations:
+            # A job allocated a GPU may have no process on the node this tick
+            # (a crashed trainer waiting on its restart policy): it pays all the same.
+            now_unix = time.time()
+            for allocation in allocations:
+                job_id = allocation.job.id
+                if not self.ledger.has_job(job_id):
+                    self.ledger.ensure_job(allocation.job, now_unix)
+                if job_id not in activity:
+                    activity[job_id] = JobActivity(allocation.job, 0.0, 0)
+        result, idle_w = self.gpu_idle.attribute(gpus, nvml.views() if nvml else {}, job_of, allocations)
         parts.append(result.total)
         idle_power["gpu"] = sum(w for w in idle_w.values() if w is not None)
+        self.gpu_allocation_totals.add(result)
         return result.allocated_idle_j
+
+    def _gpu_allocations(self) -> tuple[GpuAllocation, ...] | None:
+        """The allocations of every source that has answered at least once
+        (the last known one while a source is down); None when none has, so
+        GPUs are charged by their contexts as without a scheduler."""
+        answered = [p for p in self.gpu_allocations if p.health().last_success_unix_s > 0]
+        if not answered:
+            return None
+        return tuple(a for poller in answered for a in poller.allocations())
 
     def tick(self) -> Snapshot:
         with self._tick_lock:
@@ -422,7 +511,7 @@ class Agent:
             self._idle_power = {}
         else:
             parts, idle_power = self._attribute(readings, scan, cpu, interval_s)
-            gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power)
+            gpu_idle_j = self._attribute_gpus(readings, scan, jobs, parts, idle_power, activity)
             self.ledger.book_tick(now_unix, readings, parts, activity, interval_s, gpu_idle_j)
             self._charge_emissions(now_unix, interval_s, readings, jobs_energy_j(parts))
             self._idle_power = idle_power
@@ -517,6 +606,20 @@ class Agent:
             carbon=carbon,
             gpus=gpus,
             served_work=self.work_sources.served() if self.work_sources else {},
+            gpu_allocation=self._gpu_allocation_view(),
+        )
+
+    def _gpu_allocation_view(self) -> GpuAllocationView:
+        totals = self.gpu_allocation_totals
+        return GpuAllocationView(
+            sources=tuple(poller.health() for poller in self.gpu_allocations),
+            jobs_per_gpu=dict(totals.jobs_per_gpu),
+            devices_per_job=dict(totals.devices_per_job),
+            unallocated_idle_j=dict(totals.unallocated_idle_j),
+            unallocated_use_j=dict(totals.unallocated_use_j),
+            unallocated_users=dict(totals.unallocated_users),
+            unseen_devices=totals.unseen_devices,
+            instance_energy_j=dict(totals.instance_energy_j),
         )
 
     # -- the loop ------------------------------------------------------------------
@@ -542,6 +645,8 @@ class Agent:
         self._stop.set()
         if self.kubelet is not None:
             self.kubelet.stop()
+        for poller in self.gpu_allocations:
+            poller.stop()
         if self.work_sources is not None:
             self.work_sources.stop()
 

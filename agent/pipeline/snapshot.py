@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent.ledger.exposition import OVERFLOW_JOB
-from agent.model import DeviceView, GpuDeviceView, JobView, SensorStatus
+from agent.model import AllocationHealth, DeviceView, GpuDeviceView, JobView, SensorStatus
 
 if TYPE_CHECKING:
     from agent.workloads.kubelet import KubeletHealth
@@ -24,6 +24,7 @@ __all__ = [
     "DurationCounts",
     "Health",
     "CarbonView",
+    "GpuAllocationView",
     "Snapshot",
     "EMPTY_SNAPSHOT",
 ]
@@ -80,6 +81,22 @@ class CarbonView:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuAllocationView:
+    """GPUs as the scheduler allocated them: sources, the last tick's
+    allocation, and what the allocation left to the node since start."""
+
+    sources: tuple[AllocationHealth, ...] = ()
+    jobs_per_gpu: Mapping[str, int] = field(default_factory=dict)  # device label -> jobs allocated it now
+    devices_per_job: Mapping[str, int] = field(default_factory=dict)  # job id -> GPUs or MIG devices now
+    unallocated_idle_j: Mapping[str, float] = field(default_factory=dict)  # device label -> joules since start
+    unallocated_use_j: Mapping[str, float] = field(default_factory=dict)  # device label -> joules since start
+    unallocated_users: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # device -> job ids, last tick
+    unseen_devices: int = 0  # allocations naming no GPU the agent sees, last tick
+    # (device label, GPU instance id, MIG UUID, source) -> joules since start
+    instance_energy_j: Mapping[tuple[str, int, str, str], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     timestamp_unix: float
     interval_s: float
@@ -94,6 +111,7 @@ class Snapshot:
     gpus: tuple[GpuDeviceView, ...] = ()  # what NVML showed on the last tick
     # Work read from serving engines since the agent started: job id -> (unit, model) -> count.
     served_work: Mapping[str, Mapping[tuple[str, str], float]] = field(default_factory=dict)
+    gpu_allocation: GpuAllocationView = GpuAllocationView()
 
     def job(self, job_id: str) -> JobView | None:
         return next((job for job in self.jobs if job.ref.id == job_id), None)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from agent.config import Config
 from agent.sensors.base import Sensor
 from agent.sensors.cpu_model import ModelSensor, build_cpu_model, read_cpu_identity, read_mem_total_gib
+from agent.sensors.dcgm import DcgmActivitySensor
 from agent.sensors.hwmon import HwmonSensor
 from agent.sensors.nvml import NvmlSensor, NvmlUnavailable
 from agent.sensors.powercap import PowercapSensor
@@ -49,9 +50,18 @@ def build_sensors(config: Config) -> SensorSet:
         sensors.append(model)
     nvml = None
     if config.gpu_enabled:
+        dcgm = None
+        if config.dcgm_exporter_url:
+            dcgm = DcgmActivitySensor(config.dcgm_exporter_url, config.dcgm_exporter_poll_s)
         try:
-            nvml = NvmlSensor(config.gpu_visible_devices, config.gpu_power_sample_interval_s)
+            nvml = NvmlSensor(
+                config.gpu_visible_devices,
+                config.gpu_power_sample_interval_s,
+                instance_activity=dcgm.activity if dcgm is not None else None,
+            )
             sensors.append(nvml)
+            if dcgm is not None:
+                sensors.append(dcgm)
         except NvmlUnavailable as exc:
             logging.getLogger("jouleward").info("no GPU sensor: %s", exc)
     return SensorSet(sensors, powercap if powercap.available else None, model, nvml)

@@ -12,13 +12,13 @@ import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
 import pynvml
 
-from agent.model import DeviceEnergy, GpuDeviceView, GpuProcess, SensorStatus, TickContext
+from agent.model import DeviceEnergy, GpuDeviceView, GpuProcess, MigInstanceView, SensorStatus, TickContext
 from agent.sensors.counters import EnergyCounter
 
 SOURCE_ENERGY: Final = "nvml_energy"
@@ -128,6 +128,7 @@ class NvmlSensor:
         power_sample_interval_s: float = 0.1,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        instance_activity: Callable[[], Mapping[tuple[str, int], float]] | None = None,
     ) -> None:
         try:
             pynvml.nvmlInit()
@@ -135,6 +136,7 @@ class NvmlSensor:
             raise NvmlUnavailable(f"NVML did not initialise: {_reason(exc)}") from None
         self._clock = clock
         self._wall_clock = wall_clock
+        self._instance_activity = instance_activity
         self._interval_s = power_sample_interval_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -253,6 +255,7 @@ class NvmlSensor:
         processes, note = self._processes(gpu)
         if note:
             gpu.reason = note
+        mig_on = mig == pynvml.NVML_DEVICE_MIG_ENABLE
         return GpuDeviceView(
             index=gpu.index,
             device=gpu.label,
@@ -263,9 +266,10 @@ class NvmlSensor:
             memory_used_bytes=memory.used if memory is not None else None,
             memory_total_bytes=memory.total if memory is not None else None,
             power_limit_w=limit_mw / 1000.0 if limit_mw is not None else None,
-            mig_enabled=mig == pynvml.NVML_DEVICE_MIG_ENABLE,
+            mig_enabled=mig_on,
             processes=processes if processes is not None else (),
             processes_known=processes is not None,
+            mig_instances=self._with_activity(gpu.uuid, _mig_instances(handle)) if mig_on else (),
         )
 
     def _processes(self, gpu: _Gpu) -> tuple[tuple[GpuProcess, ...] | None, str]:
@@ -293,6 +297,18 @@ class NvmlSensor:
                 )
             )
         return tuple(processes), note
+
+    def _with_activity(self, uuid: str, instances: tuple[MigInstanceView, ...]) -> tuple[MigInstanceView, ...]:
+        """Fill in dcgm-exporter's activity where NVML reports none for an instance."""
+        if self._instance_activity is None or all(i.utilization_ratio is not None for i in instances):
+            return instances
+        activity = self._instance_activity()
+        return tuple(
+            replace(i, utilization_ratio=activity[(uuid, i.gpu_instance_id)], activity_source="dcgm")
+            if i.utilization_ratio is None and (uuid, i.gpu_instance_id) in activity
+            else i
+            for i in instances
+        )
 
     def _process_sm(self, gpu: _Gpu) -> dict[int, float] | None:
         """Mean SM utilisation per pid over the samples since the last tick;
@@ -362,6 +378,37 @@ class NvmlSensor:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError:
             pass
+
+
+def _mig_instances(handle: object) -> tuple[MigInstanceView, ...]:
+    """The GPU's MIG devices: UUID, instance ids, slices and, where the driver
+    reports it, the instance's utilisation. An unreadable one is left out."""
+    count = _optional(lambda: pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)) or 0
+    found: list[MigInstanceView] = []
+    for index in range(int(count)):
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
+        except pynvml.NVMLError_NotFound:
+            continue  # slots without a MIG device
+        except pynvml.NVMLError_GpuIsLost:
+            raise
+        except pynvml.NVMLError:
+            continue
+        try:
+            uuid = _text(pynvml.nvmlDeviceGetUUID(mig))
+            gi = int(pynvml.nvmlDeviceGetGpuInstanceId(mig))
+            ci = int(pynvml.nvmlDeviceGetComputeInstanceId(mig))
+        except pynvml.NVMLError_GpuIsLost:
+            raise
+        except pynvml.NVMLError:
+            continue
+        attributes = _optional(lambda: pynvml.nvmlDeviceGetAttributes_v2(mig))  # noqa: B023 (called at once)
+        utilization = _optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(mig).gpu / 100.0)  # noqa: B023
+        slices = int(attributes.gpuInstanceSliceCount) if attributes is not None else 0
+        found.append(
+            MigInstanceView(uuid, gi, ci, max(slices, 1), utilization, "nvml" if utilization is not None else None)
+        )
+    return tuple(found)
 
 
 def _text(value: str | bytes) -> str:

@@ -86,10 +86,21 @@ class FakeProcess:
 
 
 @dataclass
+class FakeMig:
+    gpu: int  # the parent's slot
+    uuid: str
+    gi: int
+    ci: int = 0
+    slices: int = 1
+    util: int | None = None  # utilisation percent; None: NVML does not say
+
+
+@dataclass
 class FakeState:
     devices: list[FakeDevice] = field(default_factory=list)
     processes: list[FakeProcess] = field(default_factory=list)
     samples: list[tuple[int, int, int, int]] = field(default_factory=list)  # gpu, pid, ts_us, sm
+    migs: list[FakeMig] = field(default_factory=list)
     init: str = "ok"
     driver: str = "550.54.15"
 
@@ -114,6 +125,11 @@ class FakeState:
             lines.append(line)
         for gpu, pid, ts, sm in self.samples:
             lines.append(f"sample gpu={gpu} pid={pid} ts={ts} sm={sm}")
+        for m in self.migs:
+            line = f"mig gpu={m.gpu} uuid={m.uuid} gi={m.gi} ci={m.ci} slices={m.slices}"
+            if m.util is not None:
+                line += f" util={m.util}"
+            lines.append(line)
         return "\n".join(lines) + "\n"
 
     def write(self, path: Path) -> None:

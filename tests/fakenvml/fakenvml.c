@@ -17,6 +17,7 @@
  *   name 0 NVIDIA A100-SXM4-80GB            (the rest of the line)
  *   process gpu=0 pid=1234 mem=1073741824 gi=0 ci=0 sm=30 memutil=10
  *   sample gpu=0 pid=1234 ts=1000 sm=30 mem=10
+ *   mig gpu=0 uuid=MIG-... gi=1 ci=0 slices=3 util=20   (util= optional)
  *
  * Power in milliwatts is power_mw + wave_mw * sin(2 pi t / wave_period_s)
  * with t the CLOCK_MONOTONIC seconds since epoch_s. With epoch_s > 0 the
@@ -33,6 +34,13 @@
  * power, util, memory, power_limit, mig, procs, procutil. mig=1 makes
  * procutil unsupported as well, as on real MIG devices. lost=1 makes every
  * call on the device answer NVML_ERROR_GPU_IS_LOST.
+ *
+ * MIG: on a device with mig=1, nvmlDeviceGetMaxMigDeviceCount is 7 and
+ * nvmlDeviceGetMigDeviceHandleByIndex hands out the device's mig records in
+ * order (NVML_ERROR_NOT_FOUND past them). A MIG handle answers its UUID, GPU
+ * and compute instance ids, attributes (gpuInstanceSliceCount = slices) and,
+ * where util= is given, utilisation; without util= utilisation is
+ * NVML_ERROR_NOT_SUPPORTED, as on most drivers.
  *
  * Built with -DFAKENVML_NO_PROCESS_V3 it lacks the _v3 process-list symbol,
  * like a driver older than the bindings.
@@ -66,6 +74,7 @@ enum {
 #define MAX_DEVICES 16
 #define MAX_PROCS 64
 #define MAX_SAMPLES 256
+#define MAX_MIGS 32
 
 typedef struct nvmlDevice_st { int slot; } *nvmlDevice_t;
 
@@ -98,16 +107,22 @@ struct sample {
     unsigned int gpu, pid, sm, mem;
     unsigned long long ts;
 };
+struct mig {
+    unsigned int gpu, gi, ci, slices, util, has_util;
+    char uuid[96];
+};
 
 static struct {
     char init[64], driver[64];
-    int ndevices, nprocs, nsamples;
+    int ndevices, nprocs, nsamples, nmigs;
     struct device devices[MAX_DEVICES];
     struct process procs[MAX_PROCS];
     struct sample samples[MAX_SAMPLES];
+    struct mig migs[MAX_MIGS];
 } st;
 
 static struct nvmlDevice_st handles[MAX_DEVICES];
+static struct nvmlDevice_st mig_handles[MAX_MIGS];
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct stat loaded;
 static int have_loaded, initialised;
@@ -204,6 +219,15 @@ static void parse(FILE *f) {
             s->ts = (unsigned long long)num(line, "ts", 0);
             s->sm = (unsigned int)num(line, "sm", 0);
             s->mem = (unsigned int)num(line, "mem", 0);
+        } else if (!strncmp(line, "mig ", 4) && st.nmigs < MAX_MIGS) {
+            struct mig *m = &st.migs[st.nmigs++];
+            m->gpu = (unsigned int)num(line, "gpu", 0);
+            word(line, "uuid", m->uuid, sizeof m->uuid);
+            m->gi = (unsigned int)num(line, "gi", 0);
+            m->ci = (unsigned int)num(line, "ci", 0);
+            m->slices = (unsigned int)num(line, "slices", 1);
+            m->has_util = value_of(line, "util") != NULL;
+            m->util = (unsigned int)num(line, "util", 0);
         }
     }
 }
@@ -250,6 +274,20 @@ static nvmlReturn_t enter(nvmlDevice_t h, const char *call, struct device **out)
     return NVML_SUCCESS;
 }
 
+static int is_mig_handle(nvmlDevice_t h) {
+    return h && h >= mig_handles && h < mig_handles + MAX_MIGS;
+}
+
+/* Lock, refresh, and find the MIG device behind a MIG handle. */
+static nvmlReturn_t enter_mig(nvmlDevice_t h, struct mig **out) {
+    pthread_mutex_lock(&lock);
+    if (!initialised) return NVML_ERROR_UNINITIALIZED;
+    refresh();
+    if (!is_mig_handle(h) || h->slot >= st.nmigs) return NVML_ERROR_INVALID_ARGUMENT;
+    *out = &st.migs[h->slot];
+    return NVML_SUCCESS;
+}
+
 #define LEAVE(ret) do { nvmlReturn_t r_ = (ret); pthread_mutex_unlock(&lock); return r_; } while (0)
 
 static double power_at(const struct device *d, double t) {
@@ -272,6 +310,7 @@ nvmlReturn_t nvmlInitWithFlags(unsigned int flags) {
     if (!strcmp(st.init, "driver_not_loaded")) LEAVE(NVML_ERROR_DRIVER_NOT_LOADED);
     if (!strcmp(st.init, "lib_rm_version_mismatch")) LEAVE(NVML_ERROR_LIB_RM_VERSION_MISMATCH);
     for (int i = 0; i < MAX_DEVICES; i++) handles[i].slot = i;
+    for (int i = 0; i < MAX_MIGS; i++) mig_handles[i].slot = i;
     initialised = 1;
     LEAVE(NVML_SUCCESS);
 }
@@ -342,6 +381,12 @@ static nvmlReturn_t copy_string(const char *s, char *out, unsigned int length) {
 
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t h, char *uuid, unsigned int length) {
     struct device *d;
+    if (is_mig_handle(h)) {
+        struct mig *m;
+        nvmlReturn_t r = enter_mig(h, &m);
+        if (r == NVML_SUCCESS) r = copy_string(m->uuid, uuid, length);
+        LEAVE(r);
+    }
     nvmlReturn_t r = enter(h, NULL, &d);
     if (r == NVML_SUCCESS) r = copy_string(d->uuid, uuid, length);
     LEAVE(r);
@@ -393,6 +438,16 @@ nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t h, unsigned int *power) {
 
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t h, nvmlUtilization_t *util) {
     struct device *d;
+    if (is_mig_handle(h)) {
+        struct mig *m;
+        nvmlReturn_t r = enter_mig(h, &m);
+        if (r == NVML_SUCCESS && !m->has_util) r = NVML_ERROR_NOT_SUPPORTED;
+        if (r == NVML_SUCCESS) {
+            util->gpu = m->util;
+            util->memory = 0;
+        }
+        LEAVE(r);
+    }
     nvmlReturn_t r = enter(h, "util", &d);
     if (r == NVML_SUCCESS) {
         util->gpu = d->util_gpu;
@@ -496,4 +551,65 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t h, nvmlProcessUtilizat
     memcpy(out, found, n * sizeof *out);
     *count = n;
     LEAVE(NVML_SUCCESS);
+}
+
+typedef struct {
+    unsigned int multiprocessorCount, sharedCopyEngineCount, sharedDecoderCount, sharedEncoderCount,
+        sharedJpegCount, sharedOfaCount, gpuInstanceSliceCount, computeInstanceSliceCount;
+    unsigned long long memorySizeMB;
+} nvmlDeviceAttributes_t;
+
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t h, unsigned int *count) {
+    struct device *d;
+    nvmlReturn_t r = enter(h, "mig", &d);
+    if (r == NVML_SUCCESS) *count = d->mig ? 7 : 0;
+    LEAVE(r);
+}
+
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t h, unsigned int index, nvmlDevice_t *out) {
+    struct device *d;
+    nvmlReturn_t r = enter(h, "mig", &d);
+    if (r != NVML_SUCCESS) LEAVE(r);
+    if (!d->mig) LEAVE(NVML_ERROR_NOT_SUPPORTED);
+    unsigned int seen = 0;
+    for (int i = 0; i < st.nmigs; i++) {
+        if (st.migs[i].gpu != (unsigned int)h->slot) continue;
+        if (seen++ == index) {
+            *out = &mig_handles[i];
+            LEAVE(NVML_SUCCESS);
+        }
+    }
+    LEAVE(NVML_ERROR_NOT_FOUND);
+}
+
+nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t h, unsigned int *is_mig) {
+    *is_mig = (unsigned int)is_mig_handle(h);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t h, unsigned int *id) {
+    struct mig *m;
+    nvmlReturn_t r = enter_mig(h, &m);
+    if (r == NVML_SUCCESS) *id = m->gi;
+    LEAVE(r);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t h, unsigned int *id) {
+    struct mig *m;
+    nvmlReturn_t r = enter_mig(h, &m);
+    if (r == NVML_SUCCESS) *id = m->ci;
+    LEAVE(r);
+}
+
+nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t h, nvmlDeviceAttributes_t *attrs) {
+    struct mig *m;
+    nvmlReturn_t r = enter_mig(h, &m);
+    if (r == NVML_SUCCESS) {
+        memset(attrs, 0, sizeof *attrs);
+        attrs->gpuInstanceSliceCount = m->slices;
+        attrs->computeInstanceSliceCount = m->slices;
+        attrs->multiprocessorCount = 14 * m->slices;
+        attrs->memorySizeMB = 10240ULL * m->slices;
+    }
+    LEAVE(r);
 }

@@ -1,0 +1,1 @@
+"""Generated stubs of the kubelet pod-resources API v1 (see api.proto)."""
