@@ -199,6 +199,15 @@ class Agent:
             self.ledger.flush_errors = int(saved.get("ledger_errors", 0))  # type: ignore[call-overload]
             self._carbon_errors_before = int(saved.get("carbon_errors", 0))  # type: ignore[call-overload]
             self._kubelet_errors_before = int(saved.get("kubelet_errors", 0))  # type: ignore[call-overload]
+            gpu = saved.get("gpu_allocation")
+            if isinstance(gpu, dict):
+                totals = self.gpu_allocation_totals
+                totals.unallocated_idle_j = {str(k): float(v) for k, v in gpu.get("unallocated_idle_j", {}).items()}
+                totals.unallocated_use_j = {str(k): float(v) for k, v in gpu.get("unallocated_use_j", {}).items()}
+                totals.instance_energy_j = {
+                    (str(device), int(gi), str(uuid), str(source)): float(j)
+                    for device, gi, uuid, source, j in gpu.get("instance_energy_j", [])
+                }
         except (TypeError, ValueError):
             log.warning("the agent's own counters in the ledger are unreadable; they start again from zero")
 
@@ -215,6 +224,13 @@ class Agent:
             "ledger_errors": self.ledger.flush_errors,
             "carbon_errors": self._carbon_errors(),
             "kubelet_errors": kubelet_errors,
+            "gpu_allocation": {
+                "unallocated_idle_j": self.gpu_allocation_totals.unallocated_idle_j,
+                "unallocated_use_j": self.gpu_allocation_totals.unallocated_use_j,
+                "instance_energy_j": [
+                    [*key, j] for key, j in sorted(self.gpu_allocation_totals.instance_energy_j.items())
+                ],
+            },
         }
 
     def _carbon_errors(self) -> int:
