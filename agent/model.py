@@ -229,13 +229,15 @@ def efficiency(totals: JobTotals) -> JobEfficiency:
     energy_j = totals.total_energy_j
     tokens_unit = token_unit(work)
     tokens = work.get(tokens_unit, 0.0) if tokens_unit else 0.0
-    per_token_g = per_unit(totals.emissions_g, tokens)
+    per_token_j = per_unit(energy_j, tokens)
+    per_1k_tokens_g = per_unit(totals.emissions_g * 1000.0, tokens)
     return JobEfficiency(
-        energy_per_token_j=per_unit(energy_j, tokens),
+        energy_per_token_j=per_token_j,
         energy_per_request_j=per_unit(energy_j, work.get(REQUEST_UNIT, 0.0)),
         energy_per_sample_j=per_unit(energy_j, work.get(SAMPLE_UNIT, 0.0)),
-        emissions_per_1k_tokens_g=None if per_token_g is None else per_token_g * 1000.0,
-        token_unit=tokens_unit,
+        emissions_per_1k_tokens_g=per_1k_tokens_g if per_token_j is not None else None,
+        # Named only where a per-token figure exists (a count too small to divide by has none).
+        token_unit=tokens_unit if per_token_j is not None else None,
     )
 
 

@@ -362,7 +362,7 @@ def fleet() -> dashboard.Dashboard:
                 "percentunit",
                 query(
                     f"sum(rate(jouleward_job_gpu_idle_energy_joules_total{{{CLUSTER}}}[{RATE}]))"
-                    f' / sum(rate(jouleward_node_energy_joules_total{{{CLUSTER}, domain="gpu"}}[{RATE}]))',
+                    f' / (sum(rate(jouleward_node_energy_joules_total{{{CLUSTER}, domain="gpu"}}[{RATE}])) > 0)',
                     "allocated but idle",
                 ),
                 description="GPU energy spent while jobs held GPUs without using them.",
@@ -533,7 +533,7 @@ def job() -> dashboard.Dashboard:
                 "percentunit",
                 query(
                     f"sum by (job_id) (rate(jouleward_job_gpu_idle_energy_joules_total{sel}[{RATE}]))"
-                    f' / sum by (job_id) (rate(jouleward_job_energy_joules_total{{{JOB}, domain="gpu"}}[{RATE}]))',
+                    f' / (sum by (job_id) (rate(jouleward_job_energy_joules_total{{{JOB}, domain="gpu"}}[{RATE}])) > 0)',
                     "{{job_id}}",
                 ),
                 description="Share of the job's GPU energy spent on GPUs allocated to it but idle.",

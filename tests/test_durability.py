@@ -93,6 +93,7 @@ def start_agent(workdir: Path, procfs: FakeProcfs, flush_interval_s: float = 5.0
         env={"JOULEWARD_MAX_EXPORTED_JOBS": "2", "JOULEWARD_FINISHED_JOB_RETENTION_S": "0.5"},
     )
     agent.wait_ready()
+    agent.wait_ticks(1)  # the first tick after a start only takes the counters' baselines
     return agent
 
 
