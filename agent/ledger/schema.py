@@ -10,6 +10,8 @@ another program's tables, or was written by a newer agent.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from agent.errors import JoulewardError
@@ -88,9 +90,7 @@ def migrate(db: sqlite3.Connection) -> int:
     """Bring the file to SCHEMA_VERSION in one transaction; returns the version it had."""
     found = schema_version(db)
     if found > SCHEMA_VERSION:
-        raise LedgerError(
-            f"was written by a newer jouleward (ledger schema {found}; this version reads up to {SCHEMA_VERSION})"
-        )
+        raise LedgerError(_newer(found))
     if found == SCHEMA_VERSION:
         return found
     db.execute("BEGIN IMMEDIATE")
@@ -109,34 +109,47 @@ def migrate(db: sqlite3.Connection) -> int:
     return found
 
 
-def open_ledger_db(state_dir: Path, busy_timeout_s: float, create: bool = True) -> sqlite3.Connection:
+def _newer(version: int) -> str:
+    return f"was written by a newer jouleward (ledger schema {version}; this version reads up to {SCHEMA_VERSION})"
+
+
+def _check_integrity(db: sqlite3.Connection) -> None:
+    check = db.execute("PRAGMA quick_check").fetchone()[0]
+    if check != "ok":
+        raise LedgerError(f"is damaged ({check})")
+
+
+@contextmanager
+def _refusing(db: sqlite3.Connection, where: str, hint: str) -> Iterator[None]:
+    """Any failure of the file becomes one LedgerError naming it (and the connection is closed)."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        reason = "is not a jouleward ledger (not an SQLite file)" if "not a database" in str(exc) else f"failed: {exc}"
+        raise LedgerError(f"{where} {reason}{hint}") from None
+    except LedgerError as exc:
+        db.close()
+        raise LedgerError(f"{where} {exc}{hint}") from None
+
+
+def open_ledger_db(state_dir: Path, busy_timeout_s: float) -> sqlite3.Connection:
     """The ledger's connection, migrated to the current schema; raises LedgerError with one clear message."""
     path = state_dir / LEDGER_FILE
     where = f"the ledger {path}"
-    if not create and not path.is_file():
-        raise LedgerError(f"no ledger in {state_dir} (--state-dir)")
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=busy_timeout_s)
     except (OSError, sqlite3.Error) as exc:
         raise LedgerError(f"cannot open {where}: {exc}") from None
-    try:
+    with _refusing(db, where, f"; {FRESH_START_HINT}"):
         db.row_factory = sqlite3.Row
-        check = db.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise LedgerError(f"is damaged ({check})")
+        _check_integrity(db)
         db.execute("PRAGMA journal_mode=WAL")
         # WAL with synchronous=NORMAL: a commit survives the process being
         # killed; a power loss may lose the last commits, never the file.
         db.execute("PRAGMA synchronous=NORMAL")
         migrate(db)
-    except sqlite3.DatabaseError as exc:
-        db.close()
-        reason = "is not a jouleward ledger (not an SQLite file)" if "not a database" in str(exc) else f"failed: {exc}"
-        raise LedgerError(f"{where} {reason}; {FRESH_START_HINT}") from None
-    except LedgerError as exc:
-        db.close()
-        raise LedgerError(f"{where} {exc}; {FRESH_START_HINT}") from None
     return db
 
 
@@ -165,23 +178,12 @@ def open_ledger_db_read_only(state_dir: Path) -> sqlite3.Connection:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=1.0)
     except sqlite3.Error as exc:
         raise LedgerError(f"cannot open {where}: {exc}") from None
-    try:
+    with _refusing(db, where, ""):
         db.row_factory = sqlite3.Row
-        check = db.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise LedgerError(f"is damaged ({check})")
+        _check_integrity(db)
         version = schema_version(db)
         if version > SCHEMA_VERSION:
-            raise LedgerError(
-                f"was written by a newer jouleward (ledger schema {version}; this version reads up to {SCHEMA_VERSION})"
-            )
+            raise LedgerError(_newer(version))
         if version == 0:
             raise LedgerError("is empty")
-    except sqlite3.DatabaseError as exc:
-        db.close()
-        reason = "is not a jouleward ledger (not an SQLite file)" if "not a database" in str(exc) else f"failed: {exc}"
-        raise LedgerError(f"{where} {reason}") from None
-    except LedgerError as exc:
-        db.close()
-        raise LedgerError(f"{where} {exc}") from None
     return db

@@ -176,17 +176,21 @@ def totals_from_json(text: str | None) -> JobTotals:
 
 # Every job's row with its totals, newest first, in one statement (each
 # subquery is a primary-key range scan).
-LIST_JOBS = """
+JOB_ROWS = """
 SELECT j.*,
   (SELECT json_group_object(domain, energy_j) FROM job_energy e WHERE e.job_id = j.id) AS energy,
   (SELECT json_group_object(unit, count) FROM job_work w WHERE w.job_id = j.id) AS work,
   (SELECT emissions_g FROM job_emissions m WHERE m.job_id = j.id) AS emissions
-FROM jobs j ORDER BY j.last_seen DESC LIMIT ?
+FROM jobs j
 """
-JOB_BY_ID = LIST_JOBS.replace("ORDER BY j.last_seen DESC LIMIT ?", "WHERE j.id = ?")
+LIST_JOBS = JOB_ROWS + "ORDER BY j.last_seen DESC LIMIT ?"
+JOB_BY_ID = JOB_ROWS + "WHERE j.id = ?"
+# Loaded at start: running jobs, and finished ones still inside their retention.
+JOBS_TO_LOAD = JOB_ROWS + "WHERE j.finished_at IS NULL OR j.finished_at > ? ORDER BY j.first_seen, j.id"
 
 
 def _record_from_listing(row: sqlite3.Row) -> JobRecord:
+    """A job from one row of ``JOB_ROWS``."""
     energy = {str(k): float(v) for k, v in json.loads(row["energy"] or "{}").items()}
     gpu_idle_j = energy.pop(GPU_IDLE_ROW, 0.0)
     registration, members = _registration_from_row(row) if row["registration"] else (None, ())
@@ -270,11 +274,10 @@ class Ledger:
         # Running jobs come back into memory, and finished ones still inside
         # their retention (their series stay until it ends); the rest stay in SQLite.
         rows = db.execute(
-            "SELECT * FROM jobs WHERE finished_at IS NULL OR finished_at > ? ORDER BY first_seen, id",
-            (finished_after_unix if finished_after_unix is not None else math.inf,),
+            JOBS_TO_LOAD, (finished_after_unix if finished_after_unix is not None else math.inf,)
         ).fetchall()
         for row in rows:
-            self._jobs[row["id"]] = self._record_from_row(row)
+            self._jobs[row["id"]] = _record_from_listing(row)
         exposition = self._exposition
         for row in db.execute("SELECT retired, floor FROM overflow"):
             exposition.retired = totals_from_json(row["retired"])
@@ -293,38 +296,9 @@ class Ledger:
             exposition.admit(job_id, record.totals)  # jobs a version-1 ledger never placed
         self._exposed, _ = exposition.select(r.view() for r in self._jobs.values())
 
-    def _job_rows(self, job_id: str) -> tuple[dict[str, float], dict[str, float], float]:
-        energy = {
-            r["domain"]: r["energy_j"]
-            for r in self._db.execute("SELECT domain, energy_j FROM job_energy WHERE job_id = ?", (job_id,))
-        }
-        work = {
-            r["unit"]: r["count"]
-            for r in self._db.execute("SELECT unit, count FROM job_work WHERE job_id = ?", (job_id,))
-        }
-        row = self._db.execute("SELECT emissions_g FROM job_emissions WHERE job_id = ?", (job_id,)).fetchone()
-        return energy, work, row["emissions_g"] if row else 0.0
-
-    def _record_from_row(self, row: sqlite3.Row) -> JobRecord:
-        energy, work, emissions_g = self._job_rows(row["id"])
-        gpu_idle_j = energy.pop(GPU_IDLE_ROW, 0.0)
-        registration, members = _registration_from_row(row) if row["registration"] else (None, ())
-        return JobRecord(
-            ref=JobRef(row["id"], row["name"], row["kind"], row["namespace"]),
-            labels=json.loads(row["labels"]),
-            first_seen=row["first_seen"],
-            last_seen=row["last_seen"],
-            finished_at=row["finished_at"],
-            totals=JobTotals(
-                energy_j=energy, cpu_s=row["cpu_s"], work_units=work, emissions_g=emissions_g, gpu_idle_j=gpu_idle_j
-            ),
-            registration=registration,
-            members=members,
-        )
-
     def _load_job(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else self._record_from_row(row)
+        row = self._db.execute(JOB_BY_ID, (job_id,)).fetchone()
+        return None if row is None else _record_from_listing(row)
 
     def saved_counters(self) -> dict[str, SavedCounter]:
         with self._lock:
