@@ -30,8 +30,9 @@ from agent.pipeline.snapshot import (
 )
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
+from agent.workloads.cgroupcpu import CgroupCounter, CgroupCpuReader
 from agent.workloads.kubelet import KubeletPoller, KubeletSettings
-from agent.workloads.procfs import ProcessScanner, Scan
+from agent.workloads.procfs import ProcessScanner, Scan, ScannedProcess
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
 from agent.workloads.resolve import JobResolver
 from agent.workloads.worksources import JobMembers, WorkSourcePoller, WorkSourceSettings
@@ -124,6 +125,7 @@ class Agent:
         self.ledger = Ledger(config.state_dir)
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
+        self.cgroup_cpu = CgroupCpuReader(config.sysfs)
         self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_active else None
         self.resolver = JobResolver(
             self.registry,
@@ -343,16 +345,46 @@ class Agent:
         counts: dict[str, int] = {}
         refs: dict[str, JobRef] = {}
         pids: dict[str, list[int]] = {}
-        for process, ref in zip(scan.processes, jobs):
+        # A cgroup-defined job's CPU time is its cgroup's counter; the others' is their processes'.
+        members: dict[CgroupCounter, JobRef] = {}
+        counted: list[tuple[ScannedProcess, str, CgroupCounter]] = []
+        older: set[CgroupCounter] = set()  # cgroups with a process from before the previous scan
+        inside: dict[CgroupCounter, float] = {}
+        since = scan.since_boot_ticks
+        for process, ref, counter in zip(scan.processes, jobs, self.resolver.counters):
             if ref is None:
                 continue
-            cpu[ref.id] = cpu.get(ref.id, 0.0) + process.cpu_s
-            counts[ref.id] = counts.get(ref.id, 0) + 1
-            refs[ref.id] = ref
-            pids.setdefault(ref.id, []).append(process.key.pid)
+            job_id = ref.id
+            counts[job_id] = counts.get(job_id, 0) + 1
+            refs[job_id] = ref
+            pids.setdefault(job_id, []).append(process.key.pid)
+            if counter is not None:
+                members[counter] = ref
+                counted.append((process, job_id, counter))
+                if since is None or process.key.start_ticks < since:
+                    older.add(counter)
+                continue
+            cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
+            enclosing = self.resolver.enclosing_counter(process)
+            if enclosing is not None:
+                inside[enclosing] = inside.get(enclosing, 0.0) + process.cpu_s
+        cgroups = self.cgroup_cpu.read(members, frozenset(members.keys() - older), inside)
+        for job_id, seconds in cgroups.job_cpu_s.items():
+            if job_id in refs or self.ledger.has_job(job_id):  # the ledger books only jobs it knows
+                cpu[job_id] = cpu.get(job_id, 0.0) + seconds
+        skip: list[ScannedProcess] = []
+        for process, job_id, counter in counted:
+            if counter in cgroups.readable:
+                skip.append(process)
+            else:  # no counter to read (no cgroup fs here, or no CPU accounting): the processes' own
+                cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
+        self.scanner.skip(skip)
         info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
+        for job_id, ref in cgroups.ended.items():
+            if job_id not in refs and self.ledger.has_job(job_id):
+                activity[job_id] = JobActivity(ref, cpu.get(job_id, 0.0), 0)
         for job_id, ref in refs.items():
-            activity[job_id] = JobActivity(ref, cpu[job_id], counts[job_id])
+            activity[job_id] = JobActivity(ref, cpu.get(job_id, 0.0), counts[job_id])
             if not self.ledger.has_job(job_id):
                 registration = self.registry.get(job_id)
                 self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id), registration=registration)

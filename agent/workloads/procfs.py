@@ -64,6 +64,19 @@ class ProcessFacts:
         return tuple(dict.fromkeys(unified + legacy))
 
     @cached_property
+    def cgroup_lines(self) -> tuple[tuple[str, str], ...]:
+        """(hierarchy, path) of every hierarchy but the root, the unified one
+        (hierarchy "") first; a v1 hierarchy is named by its controllers."""
+        unified: list[tuple[str, str]] = []
+        legacy: list[tuple[str, str]] = []
+        for line in self._read("cgroup").decode("utf-8", "replace").splitlines():
+            number, _, rest = line.partition(":")
+            hierarchy, _, path = rest.partition(":")
+            if path and path != "/":
+                (unified if number == "0" and not hierarchy else legacy).append((hierarchy, path))
+        return tuple(unified + legacy)
+
+    @cached_property
     def cmdline(self) -> str:
         return self._read("cmdline").rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
 
@@ -110,7 +123,8 @@ class Scan:
     processes: list[ScannedProcess]
     node: NodeCpu
     exited: list[ProcessKey]
-    live: Mapping[ProcessKey, int]  # every process seen, with its cumulative CPU ticks
+    live: Mapping[ProcessKey, int]  # every process seen, with its cumulative CPU ticks (SKIPPED if not read)
+    since_boot_ticks: float | None = None  # when the previous scan ran (CLOCK_BOOTTIME, clock ticks)
 
 
 def parse_stat(data: bytes) -> tuple[str, int, int, int, int] | None:
@@ -134,13 +148,30 @@ def parse_proc_stat_cpu(data: bytes) -> tuple[int, int]:
     return busy, busy + idle + iowait
 
 
+SKIPPED = -1  # cumulative CPU ticks of a process whose stat this scan did not read
+
+
 class ProcessScanner:
+    """Lists ``/proc`` and reads each process's stat, except for the processes
+    named by ``skip``: those whose CPU time is not needed (their job's cgroup
+    counts it, or they belong to the host) stay listed with no CPU time and
+    no read, until they leave the listing or ``skip`` stops naming them."""
+
     def __init__(self, procfs: Path) -> None:
         self._procfs = str(procfs)
         self._facts: dict[ProcessKey, ProcessFacts] = {}
         self._last_cpu_ticks: dict[ProcessKey, int] = {}
         self._last_node: tuple[int, int] | None = None
         self._last_scan_boot_ticks: float | None = None
+        self._skip: dict[str, ScannedProcess] = {}
+
+    def skip(self, processes: list[ScannedProcess]) -> None:
+        """From the next scan on, do not read these processes' stat.
+
+        A pid that leaves the listing has exited; one reused between two scans
+        keeps the previous process's identity until it exits (pid numbers come
+        back only after the whole pid space has been used)."""
+        self._skip = {str(process.key.pid): process for process in processes}
 
     def _node_cpu(self) -> NodeCpu:
         try:
@@ -168,7 +199,14 @@ class ProcessScanner:
             names = []
         # os.open/os.read: a buffered file object per process costs more than the read itself.
         os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
+        skip = self._skip
         for name in names:
+            known = skip.get(name)
+            if known is not None:
+                known.cpu_s = 0.0
+                seen[known.key] = SKIPPED
+                processes.append(known)
+                continue
             if not name.isdigit():
                 continue
             try:
@@ -190,7 +228,9 @@ class ProcessScanner:
             cpu_ticks = int(fields[11]) + int(fields[12])
             key = ProcessKey(int(name), start_ticks)
             previous = last_cpu.get(key)
-            if previous is not None:
+            if previous == SKIPPED:
+                used = 0  # not read last time: no baseline to take a difference from
+            elif previous is not None:
                 used = cpu_ticks - previous
             elif since is not None and start_ticks >= since:
                 used = cpu_ticks  # born during this interval: all its CPU time is new
@@ -206,4 +246,4 @@ class ProcessScanner:
             facts.pop(key, None)
         self._last_cpu_ticks = seen
         self._last_scan_boot_ticks = now_boot_ticks
-        return Scan(processes, self._node_cpu(), exited, seen)
+        return Scan(processes, self._node_cpu(), exited, seen, since)
