@@ -379,6 +379,29 @@ def test_reader_reads_each_counter_once_per_tick_and_forgets_gone_ones(tmp_path)
     assert reader.read({missing: ref}).readable == frozenset()
 
 
+def test_the_steady_state_reads_only_processes_not_skipped_and_notices_a_reused_pid(tmp_path):
+    host = Host(tmp_path, "v2")
+    host.process(300, "/user.slice/x", cpu_s=1.0)
+    host.process(301, "/user.slice/y", cpu_s=1.0)
+    scanner = ProcessScanner(host.proc)
+    scanner.scan()
+    first = scanner.scan()
+    scanner.skip([p for p in first.processes if p.key.pid == 301])
+    scanner.scan()  # the skip changed: a full scan
+    host.set_process_cpu(300, 1.5)
+    host.set_process_cpu(301, 9.0)
+    steady = scanner.scan()
+    cpu = {p.key.pid: p.cpu_s for p in steady.processes}
+    assert cpu == {300: pytest.approx(0.5), 301: 0.0}
+    # Pid 300 exits and the number comes back for a new process: the steady state notices.
+    host.exit(300)
+    host.process(300, "/user.slice/x", cpu_s=0.25, start_ticks=boot_ticks_now() + 1)
+    reused = scanner.scan()
+    ((new,),) = [[p for p in reused.processes if p.key.pid == 300]]
+    assert new.key.start_ticks > 1 and new.cpu_s == pytest.approx(0.25)  # born since the last scan: all of it
+    assert reused.exited == [ProcessKey(300, 1)]
+
+
 # -- real cgroups, real processes -----------------------------------------------------------
 BURST = r"""
 import os, resource, sys, time

@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.attribution.cpu import IdlePowerEstimator, jobs_energy_j, split_domain
 from agent.attribution.gpu import GpuIdleTracker
@@ -30,7 +30,7 @@ from agent.pipeline.snapshot import (
 )
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
-from agent.workloads.cgroupcpu import CgroupCounter, CgroupCpuReader
+from agent.workloads.cgroupcpu import CgroupCounter, CgroupCpuReader, JobProcesses, group_jobs
 from agent.workloads.kubelet import KubeletPoller, KubeletSettings
 from agent.workloads.procfs import ProcessScanner, Scan, ScannedProcess
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
@@ -126,6 +126,8 @@ class Agent:
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
         self.cgroup_cpu = CgroupCpuReader(config.sysfs)
+        self._grouped: tuple[list[ScannedProcess], list[JobRef | None], JobProcesses] | None = None
+        self._skipping: tuple[JobProcesses | None, frozenset[CgroupCounter]] = (None, frozenset())
         self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_active else None
         self.resolver = JobResolver(
             self.registry,
@@ -294,6 +296,18 @@ class Agent:
         idle_power["gpu"] = sum(w for w in idle_w.values() if w is not None)
         return result.allocated_idle_j
 
+    def _group_jobs(self, scan: Scan, jobs: list[JobRef | None]) -> JobProcesses:
+        """The scan by job; the scanner's steady state (the same processes and
+        the same answers) reuses the last grouping, whose cgroups are no longer new."""
+        last = self._grouped
+        if last is not None and last[0] is scan.processes and last[1] is jobs:
+            return last[2]
+        groups = group_jobs(
+            scan.processes, jobs, self.resolver.counters, self.resolver.enclosing_counter, scan.since_boot_ticks
+        )
+        self._grouped = (scan.processes, jobs, replace(groups, born=frozenset()))
+        return groups
+
     def tick(self) -> Snapshot:
         with self._tick_lock:
             return self._tick()
@@ -341,44 +355,26 @@ class Agent:
                 self.ledger.mark_finished(job_id, registration)
 
         activity: dict[str, JobActivity] = {}
-        cpu: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        refs: dict[str, JobRef] = {}
-        pids: dict[str, list[int]] = {}
         # A cgroup-defined job's CPU time is its cgroup's counter; the others' is their processes'.
-        members: dict[CgroupCounter, JobRef] = {}
-        counted: list[tuple[ScannedProcess, str, CgroupCounter]] = []
-        older: set[CgroupCounter] = set()  # cgroups with a process from before the previous scan
+        groups = self._group_jobs(scan, jobs)
+        refs, counts, pids = groups.refs, groups.counts, groups.pids
+        cpu: dict[str, float] = {}
         inside: dict[CgroupCounter, float] = {}
-        since = scan.since_boot_ticks
-        for process, ref, counter in zip(scan.processes, jobs, self.resolver.counters):
-            if ref is None:
-                continue
-            job_id = ref.id
-            counts[job_id] = counts.get(job_id, 0) + 1
-            refs[job_id] = ref
-            pids.setdefault(job_id, []).append(process.key.pid)
-            if counter is not None:
-                members[counter] = ref
-                counted.append((process, job_id, counter))
-                if since is None or process.key.start_ticks < since:
-                    older.add(counter)
-                continue
+        for process, job_id, enclosing in groups.per_process:
             cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
-            enclosing = self.resolver.enclosing_counter(process)
             if enclosing is not None:
                 inside[enclosing] = inside.get(enclosing, 0.0) + process.cpu_s
-        cgroups = self.cgroup_cpu.read(members, frozenset(members.keys() - older), inside)
+        cgroups = self.cgroup_cpu.read(groups.members, groups.born, inside)
         for job_id, seconds in cgroups.job_cpu_s.items():
             if job_id in refs or self.ledger.has_job(job_id):  # the ledger books only jobs it knows
                 cpu[job_id] = cpu.get(job_id, 0.0) + seconds
-        skip: list[ScannedProcess] = []
-        for process, job_id, counter in counted:
-            if counter in cgroups.readable:
-                skip.append(process)
-            else:  # no counter to read (no cgroup fs here, or no CPU accounting): the processes' own
-                cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
-        self.scanner.skip(skip)
+        for counter, counted in groups.counted.items():
+            if counter not in cgroups.readable:  # no counter here (no cgroup fs, no CPU accounting)
+                for process, job_id in counted:
+                    cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
+        if self._skipping[0] is not groups or self._skipping[1] != cgroups.readable:
+            self.scanner.skip([p for c, m in groups.counted.items() if c in cgroups.readable for p, _ in m])
+            self._skipping = (groups, cgroups.readable)
         info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
         for job_id, ref in cgroups.ended.items():
             if job_id not in refs and self.ledger.has_job(job_id):

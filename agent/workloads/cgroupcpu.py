@@ -15,11 +15,12 @@ between two ticks loses what happened since its last read, and no more.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.model import JobRef
+from agent.workloads.procfs import ScannedProcess
 
 UNIFIED = ""  # the hierarchy name of cgroup v2 in /proc/<pid>/cgroup ("0::<path>")
 _USAGE_V2 = b"usage_usec "
@@ -80,6 +81,56 @@ def nearest_counted_ancestors(counters: Iterable[CgroupCounter]) -> dict[CgroupC
                 found[counter] = above
                 break
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class JobProcesses:
+    """One scan's processes grouped by job: what a tick's per-job sums need."""
+
+    refs: dict[str, JobRef]
+    counts: dict[str, int]
+    pids: dict[str, list[int]]
+    # Processes of jobs defined per process, with the counted cgroup each lies in (if any).
+    per_process: list[tuple[ScannedProcess, str, CgroupCounter | None]]
+    counted: dict[CgroupCounter, list[tuple[ScannedProcess, str]]]  # by the cgroup that counts them
+    members: dict[CgroupCounter, JobRef]  # each counted cgroup and its job
+    born: frozenset[CgroupCounter]  # counted cgroups whose processes all started since the previous scan
+
+
+def group_jobs(
+    processes: list[ScannedProcess],
+    jobs: list[JobRef | None],
+    counters: list[CgroupCounter | None],
+    enclosing: Callable[[ScannedProcess], CgroupCounter | None],
+    since_boot_ticks: float | None,
+) -> JobProcesses:
+    """Group a scan by job; ``counters[i]`` is the cgroup whose counter
+    defines process i's CPU time, None where its own CPU time counts."""
+    refs: dict[str, JobRef] = {}
+    counts: dict[str, int] = {}
+    pids: dict[str, list[int]] = {}
+    per_process: list[tuple[ScannedProcess, str, CgroupCounter | None]] = []
+    counted: dict[CgroupCounter, list[tuple[ScannedProcess, str]]] = {}
+    members: dict[CgroupCounter, JobRef] = {}
+    older: set[CgroupCounter] = set()
+    for process, ref, counter in zip(processes, jobs, counters):
+        if ref is None:
+            continue
+        job_id = ref.id
+        counts[job_id] = counts.get(job_id, 0) + 1
+        refs[job_id] = ref
+        pids.setdefault(job_id, []).append(process.key.pid)
+        if counter is None:
+            per_process.append((process, job_id, enclosing(process)))
+            continue
+        group = counted.get(counter)
+        if group is None:
+            group = counted[counter] = []
+            members[counter] = ref
+        group.append((process, job_id))
+        if since_boot_ticks is None or process.key.start_ticks < since_boot_ticks:
+            older.add(counter)
+    return JobProcesses(refs, counts, pids, per_process, counted, members, frozenset(members.keys() - older))
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,6 +164,11 @@ class ProcessScanner:
         self._last_node: tuple[int, int] | None = None
         self._last_scan_boot_ticks: float | None = None
         self._skip: dict[str, ScannedProcess] = {}
+        # The last full scan, for the steady state: the same listing and the same processes to skip.
+        self._last_names: list[str] | None = None
+        self._last_processes: list[ScannedProcess] = []
+        self._read: list[ScannedProcess] = []
+        self._reuse = False
 
     def skip(self, processes: list[ScannedProcess]) -> None:
         """From the next scan on, do not read these processes' stat.
@@ -171,7 +176,42 @@ class ProcessScanner:
         A pid that leaves the listing has exited; one reused between two scans
         keeps the previous process's identity until it exits (pid numbers come
         back only after the whole pid space has been used)."""
-        self._skip = {str(process.key.pid): process for process in processes}
+        skip = {str(process.key.pid): process for process in processes}
+        if skip.keys() != self._skip.keys():
+            self._reuse = False
+        self._skip = skip
+
+    def _rescan(self, since: float | None) -> bool:
+        """The steady state: the listing is the last one's, so only the
+        processes not skipped are read, into the last scan's objects. False
+        (nothing changed) where one of them is not the process it was."""
+        procfs = self._procfs
+        os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
+        last_cpu = self._last_cpu_ticks
+        updates: list[tuple[ScannedProcess, int]] = []
+        for process in self._read:
+            key = process.key
+            try:
+                fd = os_open(f"{procfs}/{key.pid}/stat", rdonly)
+            except OSError:
+                return False
+            try:
+                data = os_read(fd, 4096)
+            except OSError:
+                return False
+            finally:
+                os_close(fd)
+            close = data.rfind(b")")
+            fields = data[close + 2 :].split(None, 21)
+            if close < 0 or len(fields) < 21 or int(fields[19]) != key.start_ticks:
+                return False
+            updates.append((process, int(fields[11]) + int(fields[12])))
+        for process, cpu_ticks in updates:
+            key = process.key
+            previous = last_cpu[key]
+            process.cpu_s = max(cpu_ticks - previous, 0) / CLK_TCK if previous != SKIPPED else 0.0
+            last_cpu[key] = cpu_ticks
+        return True
 
     def _node_cpu(self) -> NodeCpu:
         try:
@@ -197,6 +237,11 @@ class ProcessScanner:
             names = os.listdir(procfs)
         except OSError:
             names = []
+        if self._reuse and names == self._last_names and self._rescan(since):
+            self._last_scan_boot_ticks = now_boot_ticks
+            return Scan(self._last_processes, self._node_cpu(), [], self._last_cpu_ticks, since)
+        read: list[ScannedProcess] = []
+        clean = True
         # os.open/os.read: a buffered file object per process costs more than the read itself.
         os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
         skip = self._skip
@@ -212,10 +257,12 @@ class ProcessScanner:
             try:
                 fd = os_open(f"{procfs}/{name}/stat", rdonly)
             except OSError:
+                clean = False
                 continue  # exited between listdir and open
             try:
                 data = os_read(fd, 4096)
             except OSError:
+                clean = False
                 continue  # exited between open and read
             finally:
                 os_close(fd)
@@ -223,6 +270,7 @@ class ProcessScanner:
             close = data.rfind(b")")
             fields = data[close + 2 :].split(None, 21)
             if close < 0 or len(fields) < 21:
+                clean = False
                 continue
             start_ticks = int(fields[19])
             cpu_ticks = int(fields[11]) + int(fields[12])
@@ -240,10 +288,13 @@ class ProcessScanner:
             process_facts = facts.get(key)
             if process_facts is None:
                 process_facts = facts[key] = ProcessFacts(f"{procfs}/{name}")
-            processes.append(ScannedProcess(key, int(fields[1]), max(used, 0) / CLK_TCK, process_facts))
+            scanned = ScannedProcess(key, int(fields[1]), max(used, 0) / CLK_TCK, process_facts)
+            processes.append(scanned)
+            read.append(scanned)
         exited = [key for key in last_cpu if key not in seen]
         for key in exited:
             facts.pop(key, None)
         self._last_cpu_ticks = seen
         self._last_scan_boot_ticks = now_boot_ticks
+        self._last_names, self._last_processes, self._read, self._reuse = names, processes, read, clean
         return Scan(processes, self._node_cpu(), exited, seen, since)

@@ -194,6 +194,8 @@ class JobResolver:
         self._counters: dict[ProcessKey, CgroupCounter] = {}  # processes whose job is their cgroup's
         self._enclosing: dict[ProcessKey, CgroupCounter | None] = {}
         self.counters: list[CgroupCounter | None] = []
+        self._last: tuple[list[ScannedProcess], list[JobRef | None]] | None = None
+        self._slurm_pending = False  # a Slurm job seen last time still lacks its name
         self._generation_seen = -1
         # uid -> (the PodMeta it was derived from, job, info labels); recomputed when the meta object changes
         self._pod_jobs: dict[str, tuple[PodMeta | None, JobRef, dict[str, str]]] = {}
@@ -238,8 +240,18 @@ class JobResolver:
     def resolve(self, processes: list[ScannedProcess]) -> list[JobRef | None]:
         """The job of each process, in order; None for host processes.
         ``counters`` holds, after each call, the counter whose cgroup defines
-        each process's job (None where the job is defined per process)."""
+        each process's job (None where the job is defined per process).
+        The same process list as last time (the scanner's steady state), with
+        the same registrations and pod metadata, gets the same list back."""
         registry = self.registry
+        if (
+            self._last is not None
+            and processes is self._last[0]
+            and registry.generation == self._generation_seen
+            and not self._slurm_pending
+            and self._pods_unchanged()
+        ):
+            return self._last[1]
         rescan_tree = registry.generation != self._generation_seen
         by_pid: dict[int, ScannedProcess] = {}  # built on the first walk: most ticks need none
         registered: dict[ProcessKey, str | None] = {}
@@ -297,7 +309,14 @@ class JobResolver:
         self._generation_seen = registry.generation
         self._resolve_deferred(jobs, deferred)
         self.counters = counters
+        self._last = (processes, jobs)
         return jobs
+
+    def _pods_unchanged(self) -> bool:
+        pods = self._pods
+        if pods is None:
+            return True
+        return all(pods.pod(uid) is meta for uid, (meta, _ref, _labels) in self._pod_jobs.items())
 
     def _pod_job(self, uid: str) -> tuple[PodMeta | None, JobRef, dict[str, str]]:
         meta = self._pods.pod(uid) if self._pods is not None else None
@@ -350,6 +369,7 @@ class JobResolver:
             info[ref.id] = [{"user": identity.user}] if identity and identity.user else []
         self._pod_jobs = {uid: entry for uid, entry in self._pod_jobs.items() if uid in seen_uids}
         self._slurm = {job_id: identity for job_id, identity in self._slurm.items() if job_id in slurm}
+        self._slurm_pending = any(job_id not in self._slurm for job_id in slurm)
         self.info_labels = {job_id: merge_info_labels(parts) for job_id, parts in info.items()}
 
     def forget(self, exited: list[ProcessKey]) -> None:
