@@ -373,7 +373,8 @@ class Agent:
                 for process, job_id in counted:
                     cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
         if self._skipping[0] is not groups or self._skipping[1] != cgroups.readable:
-            self.scanner.skip([p for c, m in groups.counted.items() if c in cgroups.readable for p, _ in m])
+            readable = [p for c, m in groups.counted.items() if c in cgroups.readable for p, _ in m]
+            self.scanner.skip(readable + groups.host)
             self._skipping = (groups, cgroups.readable)
         info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
         for job_id, ref in cgroups.ended.items():

@@ -95,6 +95,7 @@ class JobProcesses:
     counted: dict[CgroupCounter, list[tuple[ScannedProcess, str]]]  # by the cgroup that counts them
     members: dict[CgroupCounter, JobRef]  # each counted cgroup and its job
     born: frozenset[CgroupCounter]  # counted cgroups whose processes all started since the previous scan
+    host: list[ScannedProcess]  # in no job: their share is the remainder, their own CPU time is never needed
 
 
 def group_jobs(
@@ -113,8 +114,10 @@ def group_jobs(
     counted: dict[CgroupCounter, list[tuple[ScannedProcess, str]]] = {}
     members: dict[CgroupCounter, JobRef] = {}
     older: set[CgroupCounter] = set()
+    host: list[ScannedProcess] = []
     for process, ref, counter in zip(processes, jobs, counters):
         if ref is None:
+            host.append(process)
             continue
         job_id = ref.id
         counts[job_id] = counts.get(job_id, 0) + 1
@@ -130,7 +133,7 @@ def group_jobs(
         group.append((process, job_id))
         if since_boot_ticks is None or process.key.start_ticks < since_boot_ticks:
             older.add(counter)
-    return JobProcesses(refs, counts, pids, per_process, counted, members, frozenset(members.keys() - older))
+    return JobProcesses(refs, counts, pids, per_process, counted, members, frozenset(members.keys() - older), host)
 
 
 @dataclass(frozen=True, slots=True)
