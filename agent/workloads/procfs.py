@@ -1,7 +1,8 @@
 """The per-tick process scan: the agent's hot path.
 
-Each tick reads ``/proc/stat`` once and ``/proc/<pid>/stat`` once per
-process, nothing else. What does not change during a process's life (its
+Each tick lists ``/proc`` and reads ``/proc/stat`` once, and
+``/proc/<pid>/stat`` of the processes whose CPU time is needed (see
+``ProcessScanner.skip``), nothing else. What does not change during a process's life (its
 cgroup, command line, owner, environment labels) is read at most once per
 (pid, start time), and only when the job resolver asks for it.
 """
