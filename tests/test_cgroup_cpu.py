@@ -32,6 +32,7 @@ from agent.workloads.cgroupcpu import (
 )
 from agent.workloads.procfs import CLK_TCK, ProcessScanner
 from agent.workloads.resolve import counter_of
+from tests.support import AgentProcess, metric_sum, wait_until
 from tests.support.cgroups import Cgroups
 
 POD_A = "5d1f3a2b-0000-4c1d-8e2f-00000000000a"
@@ -247,13 +248,15 @@ def test_a_pod_is_charged_its_cgroups_counter_through_the_tick(tmp_path, layout)
     assert snapshot.unattributed_j["cpu"] == pytest.approx(80.0 + 40.0 * 0.5 / 4.0)  # the baseline tick, then the rest
     assert snapshot.health.processes == 4
 
-    # From now on the pod's processes are not read: a stat that stops parsing changes nothing.
+    # From now on the pod's processes and the host's are not read: a stat that stops parsing changes nothing.
     (host.proc / "101" / "stat").write_text("")
+    (host.proc / "300" / "stat").write_text("")
     host.set_cgroup_cpu(pod_a, 105.0)
     host.advance(2.0, 10.0)
     agent.tick()
     assert job_cpu_s(agent, f"pod-{POD_A}") == pytest.approx(5.0)
     assert agent.ledger.job(f"pod-{POD_A}").processes == 2
+    assert agent.snapshot.health.processes == 4
     # The counter (2 s) is all the node was busy: the pod has all the active energy, nothing is left over.
     assert job_energy_j(agent, f"pod-{POD_A}") == pytest.approx(30.0 + 10.0)
     agent.close()
@@ -502,3 +505,40 @@ def test_a_burst_of_short_processes_in_a_real_pod_is_charged_in_full(tmp_path, v
 def _process_cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def test_a_running_daemon_charges_a_pods_short_processes_from_its_cgroup(tmp_path, v2_cgroups, processes, agents):
+    uid = str(uuid.uuid4())
+    job = f"pod-{uid}"
+    sysfs = tmp_path / "sys"
+    (sysfs / "fs").mkdir(parents=True)
+    mount = v2_cgroups.mount
+    (sysfs / "fs" / "cgroup").symlink_to(mount.parent if mount.name == "unified" else mount)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    os.mkfifo(go)
+    launcher = v2_cgroups.spawn(
+        f"kubepods/burstable/pod{uid}/{uuid.uuid4().hex * 2}",
+        [sys.executable, "-c", BURST, str(ready), str(go), "100", "0.04"],
+    )
+    processes.append(launcher)
+    wait_until(ready.exists, timeout_s=30, what="the launcher to start")
+    agent = AgentProcess(tmp_path / "state", sysfs=sysfs, interval_s=0.25)
+    agents.append(agent)
+    wait_until(
+        lambda: metric_sum(agent.metrics(), "jouleward_job_processes", job_id=job) == 1,
+        timeout_s=30,
+        what="the pod's job",
+    )
+    agent.wait_ticks(2)
+    before_s = metric_sum(agent.metrics(), "jouleward_job_cpu_seconds_total", job_id=job)
+    launcher_before_s = _process_cpu_s(launcher.pid)
+    with open(go, "w") as fifo:
+        fifo.write("go")
+    done = Path(str(ready) + ".done")
+    wait_until(done.exists, timeout_s=120, what="the burst to finish")
+    agent.wait_ticks(3)
+    children_s, launcher_s = (float(v) for v in done.read_text().split())
+    true_s = children_s + (launcher_s - launcher_before_s)
+    charged_s = metric_sum(agent.metrics(), "jouleward_job_cpu_seconds_total", job_id=job) - before_s
+    assert children_s >= 100 * 0.04 * 0.95
+    assert charged_s == pytest.approx(true_s, rel=0.05), (charged_s, true_s)
