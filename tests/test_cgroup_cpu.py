@@ -542,3 +542,27 @@ def test_a_running_daemon_charges_a_pods_short_processes_from_its_cgroup(tmp_pat
     charged_s = metric_sum(agent.metrics(), "jouleward_job_cpu_seconds_total", job_id=job) - before_s
     assert children_s >= 100 * 0.04 * 0.95
     assert charged_s == pytest.approx(true_s, rel=0.05), (charged_s, true_s)
+
+
+def test_a_registration_reads_every_stat_again_so_a_reused_pid_is_the_new_process(tmp_path):
+    host = Host(tmp_path, "v2")
+    host.process(300, "/user.slice/x", cpu_s=1.0)  # a host process: not read after its first scan
+    agent = make_agent(host, tmp_path)
+    agent.tick()
+    agent.tick()
+    # Its pid comes back as another process between two ticks, which is then registered.
+    host.exit(300)
+    host.process(300, "/user.slice/x", cpu_s=0.5, start_ticks=boot_ticks_now() + 1)
+    job = agent.register_job("train", [300], {})
+    start = agent.registry.get(job.ref.id).root_keys[0].start_ticks
+    assert start > 1
+    host.set_process_cpu(300, 0.75, start_ticks=start)
+    host.advance(1.0, 10.0)
+    agent.tick()
+    view = agent.ledger.job(job.ref.id)
+    assert view.finished_at is None and view.processes == 1
+    host.set_process_cpu(300, 1.25, start_ticks=start)
+    host.advance(1.0, 10.0)
+    agent.tick()
+    assert job_cpu_s(agent, job.ref.id) == pytest.approx(1.25)  # born since the last scan: all of its CPU time
+    agent.close()

@@ -128,6 +128,7 @@ class Agent:
         self.cgroup_cpu = CgroupCpuReader(config.sysfs)
         self._grouped: tuple[list[ScannedProcess], list[JobRef | None], JobProcesses] | None = None
         self._skipping: tuple[JobProcesses | None, frozenset[CgroupCounter]] = (None, frozenset())
+        self._scanned_generation = -1
         self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_active else None
         self.resolver = JobResolver(
             self.registry,
@@ -326,6 +327,11 @@ class Agent:
         started = time.monotonic()
         # Registrations from now on may name processes this scan does not list: they are judged next tick.
         epoch = self.registry.epoch
+        if self.registry.generation != self._scanned_generation:
+            # New registrations name pids by their current process: read every stat once, so a pid
+            # reused since the last read is seen as the new process it is.
+            self._scanned_generation = self.registry.generation
+            self.scanner.skip([])
         scan = self.scanner.scan()
         now_mono = time.monotonic()
         interval_s = 0.0 if self._last_mono is None else now_mono - self._last_mono
