@@ -3,6 +3,7 @@ would otherwise run, measured side by side in one run on the same processes.
 
     python3 benchmarks/run.py            # full run (about three minutes)
     python3 benchmarks/run.py --quick    # fewer sizes and repetitions
+    python3 benchmarks/run.py --daemon   # only the running daemon's CPU per tick and RSS
 
 Every figure is a median over many repetitions, and the verdicts are ratios
 between figures taken in the same run, so the table holds on any machine.
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import httpx  # noqa: E402
 
 from agent.config import Config  # noqa: E402
 from agent.pipeline.daemon import Agent  # noqa: E402
-from benchmarks.workload import Sleepers, churn, write_powercap  # noqa: E402
+from benchmarks.workload import PodCgroups, Sleepers, cgroup_root, churn, write_powercap  # noqa: E402
 from exporters.prometheus import SnapshotCollector, make_registry, render  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -234,11 +236,14 @@ def fake_gpus(workdir: Path, count: int, pids: list[int]) -> dict[str, str]:
 
 
 class Daemon:
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None, cgroup_fs: Path | None = None) -> None:
         self.port = free_port()
         self.socket = workdir / "control.sock"
         sysfs = workdir / "sys"
         write_powercap(sysfs)
+        if cgroup_fs is not None:  # the real cgroups, beside the RAPL fixture
+            (sysfs / "fs").mkdir(exist_ok=True)
+            (sysfs / "fs" / "cgroup").symlink_to(cgroup_fs)
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -271,8 +276,11 @@ class Daemon:
         with httpx.Client(transport=transport, base_url="http://agent", timeout=10.0) as client:
             client.post("/v1/jobs", json={"name": name, "pids": [pid], "labels": {"team": "bench"}}).raise_for_status()
 
+    def ticks(self) -> int:
+        return httpx.get(self.url + "/healthz").json()["ticks"]
+
     def wait_ticks(self, count: int) -> None:
-        start = httpx.get(self.url + "/healthz").json()["ticks"]
+        start = self.ticks()
         deadline = time.monotonic() + 60
         while httpx.get(self.url + "/healthz").json()["ticks"] < start + count:
             if time.monotonic() > deadline:
@@ -286,6 +294,91 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonCost:
+    cpu_per_tick_s: float  # the whole daemon (every thread) per tick
+    floor_s: float  # one read of every /proc/<pid>/stat, in the same window
+    rss_mib: float
+    ticks: int
+
+
+def daemon_cost(daemon: Daemon, window_s: float, scrape_every_s: float) -> DaemonCost:
+    """The running daemon's CPU time per tick, from its own /proc/<pid>/stat
+    (all its threads: sampler, HTTP servers, pollers) over a window in which a
+    scraper fetches /metrics every ``scrape_every_s``; the floor is read in
+    this process at the same moments, timed by this thread's CPU clock."""
+    daemon.wait_ticks(3)
+    stop = threading.Event()
+
+    def scrape() -> None:
+        with httpx.Client(timeout=10.0) as client:
+            while not stop.wait(scrape_every_s):
+                client.get(daemon.url + "/metrics")
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    floors = []
+    try:
+        ticks_before, cpu_before = daemon.ticks(), proc_cpu_s(daemon.process.pid)
+        deadline = time.monotonic() + window_s
+        while time.monotonic() < deadline:
+            started = time.thread_time()
+            read_every_stat()
+            floors.append(time.thread_time() - started)
+            time.sleep(0.25)
+        cpu_after, ticks_after = proc_cpu_s(daemon.process.pid), daemon.ticks()
+        rss = rss_mib(daemon.process.pid)
+    finally:
+        stop.set()
+        scraper.join(timeout=15)
+    ticks = max(ticks_after - ticks_before, 1)
+    return DaemonCost((cpu_after - cpu_before) / ticks, statistics.median(floors), rss, ticks)
+
+
+def daemon_rows(workdir: Path, quick: bool, row) -> None:
+    """The daemon as users run it: 1,000 processes in 50 pods, 1,000 with 500
+    registered jobs, and many processes, each beside the floor of its window."""
+    window_s, scrape_every_s = (20.0, 15.0) if quick else (60.0, 15.0)
+
+    def show(what: str, cost: DaemonCost, target: float | None) -> None:
+        ratio = cost.cpu_per_tick_s / cost.floor_s
+        verdict = f"{ratio:.2f}x floor" + (
+            f" (target <= {target}x): {'met' if ratio <= target else 'MISSED'}" if target else ""
+        )
+        row(f"daemon CPU per tick, {what}", fmt_ms(cost.cpu_per_tick_s), f"floor {fmt_ms(cost.floor_s)}", verdict)
+        row(f"daemon RSS, {what}", f"{cost.rss_mib:.1f} MiB", "budget 60 MB", f"{cost.rss_mib * 1.048576:.1f} MB")
+
+    try:
+        pods = PodCgroups(50, 1000)
+    except OSError as exc:
+        row("daemon CPU per tick, 1,000 processes in 50 pod cgroups", "-", f"cannot make cgroups: {exc}", "skipped")
+    else:
+        with pods:
+            (workdir / "daemon-pods").mkdir()
+            daemon = Daemon(workdir / "daemon-pods", cgroup_fs=cgroup_root(pods.mount))
+            try:
+                show("1,000 processes in 50 pod cgroups", daemon_cost(daemon, window_s, scrape_every_s), 0.5)
+            finally:
+                daemon.stop()
+    with Sleepers(1000) as sleepers:
+        (workdir / "daemon-jobs").mkdir()
+        daemon = Daemon(workdir / "daemon-jobs")
+        try:
+            for i in range(500):
+                daemon.register(f"bench-{i}", sleepers.pids[i])
+            show("1,000 processes, 500 jobs", daemon_cost(daemon, window_s, scrape_every_s), 1.3)
+        finally:
+            daemon.stop()
+    many = 3000 if quick else 10_000
+    with Sleepers(many):
+        (workdir / "daemon-many").mkdir()
+        daemon = Daemon(workdir / "daemon-many")
+        try:
+            show(f"{many:,} processes", daemon_cost(daemon, window_s, scrape_every_s), None)
+        finally:
+            daemon.stop()
 
 
 class Exporter:
@@ -338,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="short-lived processes for the leak check (default 100000, 10000 with --quick)",
     )
+    parser.add_argument("--daemon", action="store_true", help="only the running daemon's rows")
     args = parser.parse_args(argv)
     quick = args.quick
     reps = 15 if quick else 41
@@ -353,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="jouleward-bench-") as tmp:
         workdir = Path(tmp)
         background = len([n for n in os.listdir("/proc") if n.isdigit()])
+
+        # 0. The daemon as a running process, beside the floor of the same window.
+        daemon_rows(workdir, quick, row)
+        if args.daemon:
+            print_table(rows, quick, background)
+            return 0
 
         # 1. CPU per tick with 1,000 processes and 500 jobs, against the floor.
         tick, floor = tick_cost(workdir, 1000, 500, reps)
@@ -490,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
             f"growth {after - before:+.1f} MiB (target: about 0)",
         )
 
+    print_table(rows, quick, background)
+    return 0
+
+
+def print_table(rows: list[tuple[str, str, str, str]], quick: bool, background: int) -> None:
     print(
         f"\njouleward benchmark ({'quick' if quick else 'full'}), {os.cpu_count()} CPUs, "
         f"{background} background processes\n"
@@ -500,7 +605,6 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
-    return 0
 
 
 if __name__ == "__main__":

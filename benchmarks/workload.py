@@ -81,3 +81,75 @@ def write_powercap(
             (zone / "energy_uj").write_text(f"{energy_uj}\n")
             counters[zone_id] = zone / "energy_uj"
     return counters
+
+
+def cgroup_root(unified_mount: Path) -> Path:
+    """The directory an agent's ``<sysfs>/fs/cgroup`` stands for, given the cgroup2 mount."""
+    return unified_mount.parent if unified_mount.name == "unified" else unified_mount
+
+
+def cgroup2_mount() -> Path | None:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    return None
+
+
+class PodCgroups:
+    """``processes`` idle processes spread over ``pods`` kubepods-shaped cgroup v2
+    directories (a pod cgroup with one container cgroup each), made under
+    the real cgroup2 mount and removed at the end. Raises OSError where
+    this machine does not let us make cgroups or move processes into them."""
+
+    def __init__(self, pods: int, processes: int, lifetime_s: int = 1800) -> None:
+        mount = cgroup2_mount()
+        if mount is None:
+            raise OSError("no cgroup2 mount")
+        self.mount = mount
+        self.base = mount / f"jouleward-bench-{os.getpid()}"
+        self.made: list[Path] = []
+        self.sleepers = Sleepers(0)
+        try:
+            self._make(self.base)
+            for i in range(pods):
+                uid = f"00000000-0000-4000-8000-{i:012d}"
+                pod = self.base / "kubepods" / "burstable" / f"pod{uid}"
+                container = pod / (f"{i:02x}" * 32)
+                self._make(container)
+                count = processes // pods + (1 if i < processes % pods else 0)
+                first = len(self.sleepers.pids)
+                self.sleepers.grow(count, lifetime_s)
+                for pid in self.sleepers.pids[first:]:
+                    (container / "cgroup.procs").write_text(str(pid))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _make(self, directory: Path) -> None:
+        missing = []
+        while not directory.exists():
+            missing.append(directory)
+            directory = directory.parent
+        for path in reversed(missing):
+            path.mkdir()
+            self.made.append(path)
+
+    @property
+    def pids(self) -> list[int]:
+        return self.sleepers.pids
+
+    def stop(self) -> None:
+        self.sleepers.stop()
+        for directory in reversed(self.made):
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+        self.made = []
+
+    def __enter__(self) -> PodCgroups:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -270,3 +270,23 @@ def test_known_engine_found_by_its_listening_socket(tmp_path, processes, agents)
         15,
         what=f"the discovered engine's increases, {_work(agent)}",
     )
+
+
+def test_command_lines_are_kept_while_the_members_stay_and_read_again_when_a_pid_comes_back(tmp_path):
+    from agent.config import WorkSourceRule
+    from agent.workloads.worksources import JobMembers, WorkSourcePoller, WorkSourceSettings
+
+    (tmp_path / "700").mkdir()
+    cmdline = tmp_path / "700" / "cmdline"
+    cmdline.write_bytes(b"vllm\0serve\0")
+    rule = WorkSourceRule(url="http://127.0.0.1:1/metrics", cmdline="vllm")
+    poller = WorkSourcePoller(WorkSourceSettings(rules=(rule,), discover_sockets=False), procfs=tmp_path)
+    poller.update_jobs({"serve": JobMembers("serve", (700,))})
+    assert [t.job_id for t in poller.targets()] == ["serve"]
+    cmdline.write_bytes(b"sleep\0")  # not read again while the job's members are unchanged
+    assert [t.job_id for t in poller.targets()] == ["serve"]
+    # The pid leaves the job and comes back (another process): its command line is read again.
+    poller.update_jobs({"serve": JobMembers("serve", ())})
+    poller.update_jobs({"serve": JobMembers("serve", (700,))})
+    assert poller.targets() == []
+    poller.stop()

@@ -31,9 +31,10 @@ from agent.pipeline.snapshot import EMPTY_SNAPSHOT, CarbonView, DurationCounts, 
 from agent.sensors import SensorSet, build_sensors
 from agent.sensors.counters import recoverable_downtime_energy_j
 from agent.workloads.allocation import AllocationPoller, SlurmMapReader
+from agent.workloads.cgroupcpu import CgroupCounter, CgroupCpuReader, JobProcesses, group_jobs
 from agent.workloads.kubelet import KubeletHealth, KubeletPoller, KubeletSettings
 from agent.workloads.podresources import PodResourcesReader
-from agent.workloads.procfs import ProcessScanner, Scan
+from agent.workloads.procfs import ProcessScanner, Scan, ScannedProcess
 from agent.workloads.registry import RegisteredJob, Registry, UnknownJob, read_process_key
 from agent.workloads.resolve import JobResolver
 from agent.workloads.worksources import JobMembers, WorkSourcePoller, WorkSourceSettings
@@ -132,6 +133,10 @@ class Agent:
         )
         self.registry = Registry(config.procfs)
         self.scanner = ProcessScanner(config.procfs)
+        self.cgroup_cpu = CgroupCpuReader(config.sysfs)
+        self._grouped: tuple[list[ScannedProcess], list[JobRef | None], JobProcesses] | None = None
+        self._skipping: tuple[JobProcesses | None, frozenset[CgroupCounter]] = (None, frozenset())
+        self._scanned_generation = -1
         self.kubelet = KubeletPoller(kubelet_settings(config)) if config.kubelet_active else None
         self.resolver = JobResolver(
             self.registry,
@@ -398,6 +403,18 @@ class Agent:
             return None
         return tuple(a for poller in answered for a in poller.allocations())
 
+    def _group_jobs(self, scan: Scan, jobs: list[JobRef | None]) -> JobProcesses:
+        """The scan by job; the scanner's steady state (the same processes and
+        the same answers) reuses the last grouping, whose cgroups are no longer new."""
+        last = self._grouped
+        if last is not None and last[0] is scan.processes and last[1] is jobs:
+            return last[2]
+        groups = group_jobs(
+            scan.processes, jobs, self.resolver.counters, self.resolver.enclosing_counter, scan.since_boot_ticks
+        )
+        self._grouped = (scan.processes, jobs, replace(groups, born=frozenset()))
+        return groups
+
     def tick(self) -> Snapshot:
         with self._tick_lock:
             return self._tick()
@@ -416,6 +433,11 @@ class Agent:
         started = time.monotonic()
         # Registrations from now on may name processes this scan does not list: they are judged next tick.
         self._scan_epoch = self.registry.epoch
+        if self.registry.generation != self._scanned_generation:
+            # New registrations name pids by their current process: read every stat once, so a pid
+            # reused since the last read is seen as the new process it is.
+            self._scanned_generation = self.registry.generation
+            self.scanner.skip([])
         scan = self.scanner.scan()
         now_mono = time.monotonic()
         interval_s = 0.0 if self._last_mono is None else now_mono - self._last_mono
@@ -486,20 +508,33 @@ class Agent:
                 self.ledger.mark_finished(job_id, registration)
 
         activity: dict[str, JobActivity] = {}
+        # A cgroup-defined job's CPU time is its cgroup's counter; the others' is their processes'.
+        groups = self._group_jobs(scan, jobs)
+        refs, counts, pids = groups.refs, groups.counts, groups.pids
         cpu: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        refs: dict[str, JobRef] = {}
-        pids: dict[str, list[int]] = {}
-        for process, ref in zip(scan.processes, jobs):
-            if ref is None:
-                continue
-            cpu[ref.id] = cpu.get(ref.id, 0.0) + process.cpu_s
-            counts[ref.id] = counts.get(ref.id, 0) + 1
-            refs[ref.id] = ref
-            pids.setdefault(ref.id, []).append(process.key.pid)
+        inside: dict[CgroupCounter, float] = {}
+        for process, job_id, enclosing in groups.per_process:
+            cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
+            if enclosing is not None:
+                inside[enclosing] = inside.get(enclosing, 0.0) + process.cpu_s
+        cgroups = self.cgroup_cpu.read(groups.members, groups.born, inside)
+        for job_id, seconds in cgroups.job_cpu_s.items():
+            if job_id in refs or self.ledger.has_job(job_id):  # the ledger books only jobs it knows
+                cpu[job_id] = cpu.get(job_id, 0.0) + seconds
+        for counter, counted in groups.counted.items():
+            if counter not in cgroups.readable:  # no counter here (no cgroup fs, no CPU accounting)
+                for process, job_id in counted:
+                    cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
+        if self._skipping[0] is not groups or self._skipping[1] != cgroups.readable:
+            readable = [p for c, m in groups.counted.items() if c in cgroups.readable for p, _ in m]
+            self.scanner.skip(readable + groups.host)
+            self._skipping = (groups, cgroups.readable)
         info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
+        for job_id, ref in cgroups.ended.items():
+            if job_id not in refs and self.ledger.has_job(job_id):
+                activity[job_id] = JobActivity(ref, cpu.get(job_id, 0.0), 0)
         for job_id, ref in refs.items():
-            activity[job_id] = JobActivity(ref, cpu[job_id], counts[job_id])
+            activity[job_id] = JobActivity(ref, cpu.get(job_id, 0.0), counts[job_id])
             if not self.ledger.has_job(job_id):
                 registration = self.registry.get(job_id)
                 self.ledger.ensure_job(ref, now_unix, labels=info.get(job_id), registration=registration)

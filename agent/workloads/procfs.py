@@ -1,7 +1,8 @@
 """The per-tick process scan: the agent's hot path.
 
-Each tick reads ``/proc/stat`` once and ``/proc/<pid>/stat`` once per
-process, nothing else. What does not change during a process's life (its
+Each tick lists ``/proc`` and reads ``/proc/stat`` once, and
+``/proc/<pid>/stat`` of the processes whose CPU time is needed (see
+``ProcessScanner.skip``), nothing else. What does not change during a process's life (its
 cgroup, command line, owner, environment labels) is read at most once per
 (pid, start time), and only when the job resolver asks for it.
 """
@@ -64,6 +65,19 @@ class ProcessFacts:
         return tuple(dict.fromkeys(unified + legacy))
 
     @cached_property
+    def cgroup_lines(self) -> tuple[tuple[str, str], ...]:
+        """(hierarchy, path) of every hierarchy but the root, the unified one
+        (hierarchy "") first; a v1 hierarchy is named by its controllers."""
+        unified: list[tuple[str, str]] = []
+        legacy: list[tuple[str, str]] = []
+        for line in self._read("cgroup").decode("utf-8", "replace").splitlines():
+            number, _, rest = line.partition(":")
+            hierarchy, _, path = rest.partition(":")
+            if path and path != "/":
+                (unified if number == "0" and not hierarchy else legacy).append((hierarchy, path))
+        return tuple(unified + legacy)
+
+    @cached_property
     def cmdline(self) -> str:
         return self._read("cmdline").rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
 
@@ -110,7 +124,8 @@ class Scan:
     processes: list[ScannedProcess]
     node: NodeCpu
     exited: list[ProcessKey]
-    live: Mapping[ProcessKey, int]  # every process seen, with its cumulative CPU ticks
+    live: Mapping[ProcessKey, int]  # every process seen, with its cumulative CPU ticks (SKIPPED if not read)
+    since_boot_ticks: float | None = None  # when the previous scan ran (CLOCK_BOOTTIME, clock ticks)
 
 
 def parse_stat(data: bytes) -> tuple[str, int, int, int, int] | None:
@@ -134,13 +149,70 @@ def parse_proc_stat_cpu(data: bytes) -> tuple[int, int]:
     return busy, busy + idle + iowait
 
 
+SKIPPED = -1  # cumulative CPU ticks of a process whose stat this scan did not read
+
+
 class ProcessScanner:
+    """Lists ``/proc`` and reads each process's stat, except for the processes
+    named by ``skip``: those whose CPU time is not needed (their job's cgroup
+    counts it, or they belong to the host) stay listed with no CPU time and
+    no read, until they leave the listing or ``skip`` stops naming them."""
+
     def __init__(self, procfs: Path) -> None:
         self._procfs = str(procfs)
         self._facts: dict[ProcessKey, ProcessFacts] = {}
         self._last_cpu_ticks: dict[ProcessKey, int] = {}
         self._last_node: tuple[int, int] | None = None
         self._last_scan_boot_ticks: float | None = None
+        self._skip: dict[str, ScannedProcess] = {}
+        # The last full scan, for the steady state: the same listing and the same processes to skip.
+        self._last_names: list[str] | None = None
+        self._last_processes: list[ScannedProcess] = []
+        self._read: list[ScannedProcess] = []
+        self._reuse = False
+
+    def skip(self, processes: list[ScannedProcess]) -> None:
+        """From the next scan on, do not read these processes' stat.
+
+        A pid that leaves the listing has exited; one reused between two scans
+        keeps the previous process's identity until it exits (pid numbers come
+        back only after the whole pid space has been used)."""
+        skip = {str(process.key.pid): process for process in processes}
+        if skip.keys() != self._skip.keys():
+            self._reuse = False
+        self._skip = skip
+
+    def _rescan(self, since: float | None) -> bool:
+        """The steady state: the listing is the last one's, so only the
+        processes not skipped are read, into the last scan's objects. False
+        (nothing changed) where one of them is not the process it was."""
+        procfs = self._procfs
+        os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
+        last_cpu = self._last_cpu_ticks
+        updates: list[tuple[ScannedProcess, int]] = []
+        for process in self._read:
+            key = process.key
+            try:
+                fd = os_open(f"{procfs}/{key.pid}/stat", rdonly)
+            except OSError:
+                return False
+            try:
+                data = os_read(fd, 4096)
+            except OSError:
+                return False
+            finally:
+                os_close(fd)
+            close = data.rfind(b")")
+            fields = data[close + 2 :].split(None, 21)
+            if close < 0 or len(fields) < 21 or int(fields[19]) != key.start_ticks:
+                return False
+            updates.append((process, int(fields[11]) + int(fields[12])))
+        for process, cpu_ticks in updates:
+            key = process.key
+            previous = last_cpu[key]
+            process.cpu_s = max(cpu_ticks - previous, 0) / CLK_TCK if previous != SKIPPED else 0.0
+            last_cpu[key] = cpu_ticks
+        return True
 
     def _node_cpu(self) -> NodeCpu:
         try:
@@ -166,18 +238,32 @@ class ProcessScanner:
             names = os.listdir(procfs)
         except OSError:
             names = []
+        if self._reuse and names == self._last_names and self._rescan(since):
+            self._last_scan_boot_ticks = now_boot_ticks
+            return Scan(self._last_processes, self._node_cpu(), [], self._last_cpu_ticks, since)
+        read: list[ScannedProcess] = []
+        clean = True
         # os.open/os.read: a buffered file object per process costs more than the read itself.
         os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
+        skip = self._skip
         for name in names:
+            known = skip.get(name)
+            if known is not None:
+                known.cpu_s = 0.0
+                seen[known.key] = SKIPPED
+                processes.append(known)
+                continue
             if not name.isdigit():
                 continue
             try:
                 fd = os_open(f"{procfs}/{name}/stat", rdonly)
             except OSError:
+                clean = False
                 continue  # exited between listdir and open
             try:
                 data = os_read(fd, 4096)
             except OSError:
+                clean = False
                 continue  # exited between open and read
             finally:
                 os_close(fd)
@@ -185,12 +271,15 @@ class ProcessScanner:
             close = data.rfind(b")")
             fields = data[close + 2 :].split(None, 21)
             if close < 0 or len(fields) < 21:
+                clean = False
                 continue
             start_ticks = int(fields[19])
             cpu_ticks = int(fields[11]) + int(fields[12])
             key = ProcessKey(int(name), start_ticks)
             previous = last_cpu.get(key)
-            if previous is not None:
+            if previous == SKIPPED:
+                used = 0  # not read last time: no baseline to take a difference from
+            elif previous is not None:
                 used = cpu_ticks - previous
             elif since is not None and start_ticks >= since:
                 used = cpu_ticks  # born during this interval: all its CPU time is new
@@ -200,10 +289,13 @@ class ProcessScanner:
             process_facts = facts.get(key)
             if process_facts is None:
                 process_facts = facts[key] = ProcessFacts(f"{procfs}/{name}")
-            processes.append(ScannedProcess(key, int(fields[1]), max(used, 0) / CLK_TCK, process_facts))
+            scanned = ScannedProcess(key, int(fields[1]), max(used, 0) / CLK_TCK, process_facts)
+            processes.append(scanned)
+            read.append(scanned)
         exited = [key for key in last_cpu if key not in seen]
         for key in exited:
             facts.pop(key, None)
         self._last_cpu_ticks = seen
         self._last_scan_boot_ticks = now_boot_ticks
-        return Scan(processes, self._node_cpu(), exited, seen)
+        self._last_names, self._last_processes, self._read, self._reuse = names, processes, read, clean
+        return Scan(processes, self._node_cpu(), exited, seen, since)

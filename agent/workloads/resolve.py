@@ -22,6 +22,7 @@ from typing import Protocol
 
 from agent.config import JobRule
 from agent.model import JobRef, ProcessKey
+from agent.workloads.cgroupcpu import CgroupCounter, accounts_cpu
 from agent.workloads.kubelet import PodMeta
 from agent.workloads.mljob import DEFAULT_JOB_LABELS, job_for_pod, pod_info_labels
 from agent.workloads.procfs import ProcessFacts, ScannedProcess
@@ -38,6 +39,7 @@ _SYSTEMD_UNIT = re.compile(r"([^/]+\.(?:service|scope))$")
 class CgroupJob:
     ref: JobRef
     container_id: str = ""
+    cgroup: str = ""  # the job's top cgroup in the path it was found in (a pod's, not a container's)
     # A systemd scope (tmux, a terminal, a docker container) or anything under a user
     # manager (user@*.service): incidental to the work, so an explicit JOULEWARD_JOB wins.
     transient: bool = False
@@ -56,12 +58,16 @@ def _pod(path: str) -> CgroupJob | None:
         return None
     uid = match.group(1).replace("_", "-")
     container = _CONTAINER_ID.search(path.rstrip("/"))
-    return CgroupJob(JobRef(f"pod-{uid}", uid, "pod"), container.group(1) if container else "")
+    end = path.find("/", match.end())
+    top = path if end < 0 else path[:end]
+    return CgroupJob(JobRef(f"pod-{uid}", uid, "pod"), container.group(1) if container else "", cgroup=top)
 
 
 def _slurm(path: str) -> CgroupJob | None:
     match = _SLURM_JOB.search(path) if "slurm" in path else None
-    return CgroupJob(JobRef(f"slurm-{match.group(1)}", match.group(1), "slurm")) if match else None
+    if not match:
+        return None
+    return CgroupJob(JobRef(f"slurm-{match.group(1)}", match.group(1), "slurm"), cgroup=path[: match.end(1)])
 
 
 def job_from_cgroups(paths: Sequence[str], unit_exclude: tuple[str, ...] = ()) -> CgroupJob | None:
@@ -75,14 +81,31 @@ def job_from_cgroups(paths: Sequence[str], unit_exclude: tuple[str, ...] = ()) -
                 return found
     for path in paths:
         components = path.strip("/").split("/")
-        for component in reversed(components):
+        for depth in range(len(components) - 1, -1, -1):
+            component = components[depth]
             match = _SYSTEMD_UNIT.match(component)
             if match:
                 unit = match.group(1)
                 if any(fnmatch.fnmatchcase(unit, pattern) for pattern in unit_exclude):
                     return None
                 transient = unit.endswith(".scope") or any(fnmatch.fnmatchcase(c, "user@*.service") for c in components)
-                return CgroupJob(JobRef(f"systemd-{unit}", unit, "systemd"), transient=transient)
+                top = "/" + "/".join(components[: depth + 1])
+                return CgroupJob(JobRef(f"systemd-{unit}", unit, "systemd"), cgroup=top, transient=transient)
+    return None
+
+
+def counter_of(
+    lines: Sequence[tuple[str, str]], job_id: str, unit_exclude: tuple[str, ...] = ()
+) -> CgroupCounter | None:
+    """Pure: the CPU counter of a cgroup job, from a process's (hierarchy, path)
+    lines: the first hierarchy that keeps CPU time and names the same job
+    (unified first; on a hybrid host a v1 ``cpuacct`` one may be the one that does)."""
+    for hierarchy, path in lines:
+        if not accounts_cpu(hierarchy):
+            continue
+        found = job_from_cgroups((path,), unit_exclude)
+        if found is not None and found.ref.id == job_id and found.cgroup:
+            return CgroupCounter(hierarchy, found.cgroup)
     return None
 
 
@@ -168,6 +191,11 @@ class JobResolver:
         self._pods = pods
         self._pod_job_labels = pod_job_labels
         self._static: dict[ProcessKey, JobRef | CgroupJob | None] = {}
+        self._counters: dict[ProcessKey, CgroupCounter] = {}  # processes whose job is their cgroup's
+        self._enclosing: dict[ProcessKey, CgroupCounter | None] = {}
+        self.counters: list[CgroupCounter | None] = []
+        self._last: tuple[list[ScannedProcess], list[JobRef | None]] | None = None
+        self._slurm_pending = False  # a Slurm job seen last time still lacks its name
         self._generation_seen = -1
         # uid -> (the PodMeta it was derived from, job, info labels); recomputed when the meta object changes
         self._pod_jobs: dict[str, tuple[PodMeta | None, JobRef, dict[str, str]]] = {}
@@ -175,12 +203,15 @@ class JobResolver:
         self._slurm: dict[str, SlurmIdentity] = {}
         self.info_labels: dict[str, dict[str, str]] = {}
 
-    def _static_job(self, facts: ProcessFacts) -> JobRef | CgroupJob | None:
+    def _static_job(self, process: ScannedProcess) -> JobRef | CgroupJob | None:
+        facts = process.facts
         found = job_from_cgroups(facts.cgroups, self._unit_exclude)
         if found and found.ref.kind in ("pod", "slurm"):
+            self._counter(process.key, facts, found)
             return found  # pods and Slurm jobs take their name from metadata resolved per tick
         label = facts.env_labels.get("JOULEWARD_JOB", "").strip()
         if found and not (label and found.transient):
+            self._counter(process.key, facts, found)
             return found.ref
         if label:
             return JobRef(f"env-{label}", label, "env")
@@ -189,9 +220,38 @@ class JobResolver:
                 return JobRef(f"rule-{rule.rule.name}", rule.rule.name, "rule")
         return None
 
+    def _counter(self, key: ProcessKey, facts: ProcessFacts, found: CgroupJob) -> None:
+        counter = counter_of(facts.cgroup_lines, found.ref.id, self._unit_exclude)
+        if counter is not None:
+            self._counters[key] = counter
+
+    def enclosing_counter(self, process: ScannedProcess) -> CgroupCounter | None:
+        """The counter of the cgroup job a process lies in, whatever job it
+        belongs to (a registered process inside a pod): that job's counter
+        includes its CPU time."""
+        key = process.key
+        if key in self._enclosing:
+            return self._enclosing[key]
+        found = job_from_cgroups(process.facts.cgroups, self._unit_exclude)
+        counter = counter_of(process.facts.cgroup_lines, found.ref.id, self._unit_exclude) if found else None
+        self._enclosing[key] = counter
+        return counter
+
     def resolve(self, processes: list[ScannedProcess]) -> list[JobRef | None]:
-        """The job of each process, in order; None for host processes."""
+        """The job of each process, in order; None for host processes.
+        ``counters`` holds, after each call, the counter whose cgroup defines
+        each process's job (None where the job is defined per process).
+        The same process list as last time (the scanner's steady state), with
+        the same registrations and pod metadata, gets the same list back."""
         registry = self.registry
+        if (
+            self._last is not None
+            and processes is self._last[0]
+            and registry.generation == self._generation_seen
+            and not self._slurm_pending
+            and self._pods_unchanged()
+        ):
+            return self._last[1]
         rescan_tree = registry.generation != self._generation_seen
         by_pid: dict[int, ScannedProcess] = {}  # built on the first walk: most ticks need none
         registered: dict[ProcessKey, str | None] = {}
@@ -225,6 +285,8 @@ class JobResolver:
             return job_id
 
         jobs: list[JobRef | None] = []
+        counters: list[CgroupCounter | None] = []
+        cgroup_counter = self._counters.get
         deferred: list[tuple[int, CgroupJob, ScannedProcess]] = []
         for process in processes:
             job_id = registry.job_of(process.key)
@@ -234,17 +296,27 @@ class JobResolver:
                 job = registry.jobs.get(job_id)  # a plain dict read: no lock per process
                 if job is not None:
                     jobs.append(job.ref)
+                    counters.append(None)
                     continue
             static = self._static.get(process.key, ...)
             if static is ...:
-                static = self._static[process.key] = self._static_job(process.facts)
+                static = self._static[process.key] = self._static_job(process)
+            counters.append(cgroup_counter(process.key))
             if isinstance(static, CgroupJob):
                 deferred.append((len(jobs), static, process))
                 static = None
             jobs.append(static)
         self._generation_seen = registry.generation
         self._resolve_deferred(jobs, deferred)
+        self.counters = counters
+        self._last = (processes, jobs)
         return jobs
+
+    def _pods_unchanged(self) -> bool:
+        pods = self._pods
+        if pods is None:
+            return True
+        return all(pods.pod(uid) is meta for uid, (meta, _ref, _labels) in self._pod_jobs.items())
 
     def _pod_job(self, uid: str) -> tuple[PodMeta | None, JobRef, dict[str, str]]:
         meta = self._pods.pod(uid) if self._pods is not None else None
@@ -297,8 +369,11 @@ class JobResolver:
             info[ref.id] = [{"user": identity.user}] if identity and identity.user else []
         self._pod_jobs = {uid: entry for uid, entry in self._pod_jobs.items() if uid in seen_uids}
         self._slurm = {job_id: identity for job_id, identity in self._slurm.items() if job_id in slurm}
+        self._slurm_pending = any(job_id not in self._slurm for job_id in slurm)
         self.info_labels = {job_id: merge_info_labels(parts) for job_id, parts in info.items()}
 
     def forget(self, exited: list[ProcessKey]) -> None:
         for key in exited:
             self._static.pop(key, None)
+            self._counters.pop(key, None)
+            self._enclosing.pop(key, None)

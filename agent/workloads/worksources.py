@@ -247,6 +247,9 @@ class WorkSourcePoller:
         self._sources: dict[tuple[str, str], _Source] = {}
         self._pending: dict[str, dict[str, float]] = {}
         self._not_engine: dict[str, float] = {}  # url -> monotonic time it was found not to be one
+        # pid -> command line, kept while the pid stays in a job (the tick hands new members when one leaves)
+        self._cmdlines: dict[int, str] = {}
+        self._members_version = 0
         self._rules = [
             (rule, re.compile(rule.job) if rule.job else None, re.compile(rule.cmdline) if rule.cmdline else None)
             for rule in settings.rules
@@ -259,7 +262,13 @@ class WorkSourcePoller:
     # -- the tick's side: two dictionary swaps ------------------------------------
     def update_jobs(self, jobs: dict[str, JobMembers]) -> None:
         with self._lock:
+            gone = {pid for job in self._jobs.values() for pid in job.pids} - {
+                pid for job in jobs.values() for pid in job.pids
+            }
             self._jobs = jobs
+            self._members_version += 1
+            for pid in gone:
+                self._cmdlines.pop(pid, None)
 
     def drain(self) -> dict[str, dict[str, float]]:
         """Work counted since the last drain: job id -> unit -> count."""
@@ -307,13 +316,13 @@ class WorkSourcePoller:
         """Every endpoint to read now, for the running jobs."""
         with self._lock:
             jobs = dict(self._jobs)
+            cmdlines = dict(self._cmdlines)
+            version = self._members_version
         found: dict[tuple[str, str], WorkTarget] = {}
 
         def add(target: WorkTarget) -> None:
             if target.job_id in jobs and len(found) < MAX_TARGETS:
                 found.setdefault((target.job_id, target.url), target)
-
-        cmdlines: dict[int, str] = {}
 
         def cmdline(pid: int) -> str:
             if pid not in cmdlines:
@@ -346,6 +355,9 @@ class WorkSourcePoller:
                     url = f"http://{host}:{port}/metrics"
                     if url not in self._not_engine:
                         add(WorkTarget(job_id, url, None, "socket"))
+        with self._lock:  # kept while the members are the same: a pid that left may come back as another process
+            if version == self._members_version:
+                self._cmdlines = cmdlines
         return list(found.values())
 
     def _scrape(self, target: WorkTarget) -> EngineReading | WorkSourceError:
