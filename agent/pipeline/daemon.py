@@ -40,7 +40,11 @@ from agent.workloads.resolve import JobResolver
 from agent.workloads.worksources import JobMembers, WorkSourcePoller, WorkSourceSettings
 
 log = logging.getLogger("jouleward")
-FINISH_SAMPLE_GAP_S = 0.5
+# A finish samples once more unless a tick completed within this share of the
+# interval (at most 0.5 s): the job's last partial interval is the job's, and
+# however fast callers finish jobs, extra samples stay a few per interval.
+FINISH_SAMPLE_GAP_SHARE = 0.25
+FINISH_SAMPLE_GAP_MAX_S = 0.5
 
 
 def kubelet_settings(config: Config) -> KubeletSettings:
@@ -289,12 +293,8 @@ class Agent:
         since the last tick is the job's, not the host's."""
         registration = self.registry.get(job_id)
         since = self.seconds_since_tick()
-        # At most one extra sample per FINISH_SAMPLE_GAP_S, however fast callers finish jobs.
-        if (
-            registration is not None
-            and registration.finished_at is None
-            and (since is None or since > FINISH_SAMPLE_GAP_S)
-        ):
+        gap_s = min(FINISH_SAMPLE_GAP_MAX_S, FINISH_SAMPLE_GAP_SHARE * self.config.interval_s)
+        if registration is not None and registration.finished_at is None and (since is None or since > gap_s):
             try:
                 if self.try_tick(wait_s=max(2 * self.config.interval_s, 2.0)) is None:
                     log.warning("no sample before finishing %s: the sampler is busy", job_id)
@@ -527,7 +527,10 @@ class Agent:
                     cpu[job_id] = cpu.get(job_id, 0.0) + process.cpu_s
         if self._skipping[0] is not groups or self._skipping[1] != cgroups.readable:
             readable = [p for c, m in groups.counted.items() if c in cgroups.readable for p, _ in m]
-            self.scanner.skip(readable + groups.host)
+            # A process registered since this tick's scan is still a host process in this
+            # grouping; skipping it would lose its first interval as the job's.
+            host = [p for p in groups.host if self.registry.job_of(p.key) is None]
+            self.scanner.skip(readable + host)
             self._skipping = (groups, cgroups.readable)
         info = self.resolver.info_labels  # pod and Slurm metadata for jouleward_job_info
         for job_id, ref in cgroups.ended.items():
