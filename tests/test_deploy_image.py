@@ -351,7 +351,8 @@ def test_the_image_runs_the_agent_from_the_locked_venv(image):
     site = next((image_root / "opt/jouleward/lib").glob("python3*/site-packages"))
     installed = {}
     for meta in site.glob("*.dist-info/METADATA"):
-        fields = dict(line.split(": ", 1) for line in meta.read_text(errors="replace").splitlines()[:3] if ": " in line)
+        header = meta.read_text(errors="replace").split("\n\n", 1)[0]  # the header ends at its first blank line
+        fields = dict(line.split(": ", 1) for line in header.splitlines() if ": " in line)
         installed[fields["Name"].lower().replace("_", "-")] = fields["Version"]
     for name, version in pinned.items():
         assert installed.get(name.lower().replace("_", "-")) == version, name
