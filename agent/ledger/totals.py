@@ -176,22 +176,35 @@ def totals_from_json(text: str | None) -> JobTotals:
 
 # Every job's row with its totals, newest first, in one statement (each
 # subquery is a primary-key range scan).
-JOB_ROWS = """
-SELECT j.*,
-  (SELECT json_group_object(domain, energy_j) FROM job_energy e WHERE e.job_id = j.id) AS energy,
-  (SELECT json_group_object(unit, count) FROM job_work w WHERE w.job_id = j.id) AS work,
-  (SELECT emissions_g FROM job_emissions m WHERE m.job_id = j.id) AS emissions
-FROM jobs j
-"""
-LIST_JOBS = JOB_ROWS + "ORDER BY j.last_seen DESC LIMIT ?"
-JOB_BY_ID = JOB_ROWS + "WHERE j.id = ?"
+# A job's row and emissions; its energy and work rows are read for the same
+# selection in one statement each, so any number of jobs costs three statements.
+JOB_ROWS = "SELECT j.*, (SELECT emissions_g FROM job_emissions m WHERE m.job_id = j.id) AS emissions FROM jobs j "
+LIST_JOBS = "ORDER BY j.last_seen DESC LIMIT ?"
+JOB_BY_ID = "WHERE j.id = ?"
 # Loaded at start: running jobs, and finished ones still inside their retention.
-JOBS_TO_LOAD = JOB_ROWS + "WHERE j.finished_at IS NULL OR j.finished_at > ? ORDER BY j.first_seen, j.id"
+JOBS_TO_LOAD = "WHERE j.finished_at IS NULL OR j.finished_at > ? ORDER BY j.first_seen, j.id"
 
 
-def _record_from_listing(row: sqlite3.Row) -> JobRecord:
-    """A job from one row of ``JOB_ROWS``."""
-    energy = {str(k): float(v) for k, v in json.loads(row["energy"] or "{}").items()}
+def read_jobs(db: sqlite3.Connection, selection: str, params: tuple[object, ...]) -> list[JobRecord]:
+    """The jobs ``selection`` (a WHERE / ORDER BY / LIMIT tail over ``jobs j``) picks, with their totals."""
+    rows = db.execute(JOB_ROWS + selection, params).fetchall()
+    if not rows:
+        return []
+    chosen = f"SELECT j.id FROM jobs j {selection}"
+    energy: dict[str, dict[str, float]] = {}
+    for job_id, domain, joules in db.execute(
+        f"SELECT job_id, domain, energy_j FROM job_energy WHERE job_id IN ({chosen})", params
+    ):
+        energy.setdefault(job_id, {})[domain] = joules
+    work: dict[str, dict[str, float]] = {}
+    for job_id, unit, count in db.execute(
+        f"SELECT job_id, unit, count FROM job_work WHERE job_id IN ({chosen})", params
+    ):
+        work.setdefault(job_id, {})[unit] = count
+    return [_record(row, energy.get(row["id"], {}), work.get(row["id"], {})) for row in rows]
+
+
+def _record(row: sqlite3.Row, energy: dict[str, float], work: dict[str, float]) -> JobRecord:
     gpu_idle_j = energy.pop(GPU_IDLE_ROW, 0.0)
     registration, members = _registration_from_row(row) if row["registration"] else (None, ())
     return JobRecord(
@@ -203,7 +216,7 @@ def _record_from_listing(row: sqlite3.Row) -> JobRecord:
         totals=JobTotals(
             energy_j=energy,
             cpu_s=row["cpu_s"],
-            work_units={str(k): float(v) for k, v in json.loads(row["work"] or "{}").items()},
+            work_units=work,
             emissions_g=row["emissions"] or 0.0,
             gpu_idle_j=gpu_idle_j,
         ),
@@ -273,19 +286,17 @@ class Ledger:
             self.agent_counters[row["name"]] = json.loads(row["value"])
         # Running jobs come back into memory, and finished ones still inside
         # their retention (their series stay until it ends); the rest stay in SQLite.
-        rows = db.execute(
-            JOBS_TO_LOAD, (finished_after_unix if finished_after_unix is not None else math.inf,)
-        ).fetchall()
-        for row in rows:
-            self._jobs[row["id"]] = _record_from_listing(row)
+        for record in read_jobs(
+            db, JOBS_TO_LOAD, (finished_after_unix if finished_after_unix is not None else math.inf,)
+        ):
+            self._jobs[record.ref.id] = record
         exposition = self._exposition
         for row in db.execute("SELECT retired, floor FROM overflow"):
             exposition.retired = totals_from_json(row["retired"])
             exposition.floor = totals_from_json(row["floor"])
         for row in db.execute("SELECT job_id, state, baseline FROM exposition ORDER BY rowid"):
             job_id, state, baseline = row["job_id"], ExposureState(row["state"]), totals_from_json(row["baseline"])
-            record = self._jobs.get(job_id)
-            if record is not None:
+            if job_id in self._jobs:
                 exposition.restore(job_id, state, baseline)
                 continue
             # Finished and past its retention while the agent was down: it leaves the exposition now.
@@ -297,8 +308,8 @@ class Ledger:
         self._exposed, _ = exposition.select(r.view() for r in self._jobs.values())
 
     def _load_job(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute(JOB_BY_ID, (job_id,)).fetchone()
-        return None if row is None else _record_from_listing(row)
+        found = read_jobs(self._db, JOB_BY_ID, (job_id,))
+        return found[0] if found else None
 
     def saved_counters(self) -> dict[str, SavedCounter]:
         with self._lock:
@@ -751,10 +762,10 @@ class Ledger:
                 return _fresh(record)
         try:
             with self._reader_lock:
-                row = self._reading().execute(JOB_BY_ID, (job_id,)).fetchone()
+                found = read_jobs(self._reading(), JOB_BY_ID, (job_id,))
         except sqlite3.Error:
             return None
-        return _record_from_listing(row).view() if row is not None else None
+        return found[0].view() if found else None
 
     def all_jobs(self, limit: int = 1000) -> list[JobView]:
         """Jobs in memory plus finished ones from SQLite, newest first. The
@@ -764,12 +775,12 @@ class Ledger:
             views = {job_id: _fresh(r) for job_id, r in self._jobs.items()}
         try:
             with self._reader_lock:
-                rows = self._reading().execute(LIST_JOBS, (limit,)).fetchall()
+                listed = read_jobs(self._reading(), LIST_JOBS, (limit,))
         except sqlite3.Error:
-            rows = []
-        for row in rows:
-            if row["id"] not in views:
-                views[row["id"]] = _record_from_listing(row).view()
+            listed = []
+        for record in listed:
+            if record.ref.id not in views:
+                views[record.ref.id] = record.view()
         return sorted(views.values(), key=lambda v: v.last_seen, reverse=True)[:limit]
 
     def _reading(self) -> sqlite3.Connection:
