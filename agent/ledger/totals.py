@@ -769,7 +769,7 @@ class Ledger:
 
     def all_jobs(self, limit: int = 1000) -> list[JobView]:
         """Jobs in memory plus finished ones from SQLite, newest first. The
-        file is read in one indexed query on a connection of its own, outside
+        file is read in three statements on a connection of its own, outside
         the ledger's lock, so a reader never holds up the tick."""
         with self._lock:
             views = {job_id: _fresh(r) for job_id, r in self._jobs.items()}
