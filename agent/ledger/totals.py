@@ -261,7 +261,8 @@ class Ledger:
         self._unattributed_j: dict[str, float] = {}
         self._jobs: dict[str, JobRecord] = {}
         self.node_emissions_g = 0.0
-        self._dirty_jobs: set[str] = set()  # totals or state changed: written by the next commit
+        self._dirty_jobs: set[str] = set()  # identity or state changed: the whole row at the next commit
+        self._grown_jobs: set[str] = set()  # only totals grew: their rows at the next commit
         self._seen_jobs: set[str] = set()  # only last_seen changed: written by the next full commit
         self._exposition = Exposition(max_exported_jobs)
         self._exposed: tuple[JobView, ...] = ()
@@ -333,6 +334,12 @@ class Ledger:
         if record is not None:
             record._view = None
 
+    def _grown(self, job_id: str) -> None:
+        self._grown_jobs.add(job_id)
+        record = self._jobs.get(job_id)
+        if record is not None:
+            record._view = None
+
     # -- booking -------------------------------------------------------------
     def book_tick(
         self,
@@ -377,7 +384,7 @@ class Ledger:
                     if _grew(growth):
                         record.totals = record.totals + growth
                         record._view = None
-                        self._dirty_jobs.add(job_id)
+                        self._grown_jobs.add(job_id)
                 power = job_power.get(job_id, no_power)
                 if power != record.power_w:
                     record.power_w = power
@@ -421,7 +428,7 @@ class Ledger:
                 record = self._jobs.get(job_id)
                 if record is not None and grams > 0 and math.isfinite(grams):
                     record.totals = record.totals + JobTotals(emissions_g=grams)
-                    self._changed(job_id)
+                    self._grown(job_id)
 
     def ensure_job(
         self,
@@ -469,7 +476,7 @@ class Ledger:
             record = self._jobs.get(job_id)
             if record is not None:  # a job already gone from memory drops it
                 record.totals = record.totals + JobTotals(work_units={unit: count})
-                self._changed(job_id)
+                self._grown(job_id)
 
     def add_work(self, job_id: str, unit: str, count: float) -> JobView | None:
         """Add reported units of work (samples, tokens, ...), written through
@@ -534,6 +541,7 @@ class Ledger:
                 if r.finished_at is not None
                 and r.finished_at < older_than_unix
                 and job_id not in self._dirty_jobs
+                and job_id not in self._grown_jobs
                 and job_id not in self._seen_jobs
             ]
             for job_id in gone:
@@ -634,6 +642,31 @@ class Ledger:
                 (ref.id, totals.emissions_g),
             )
 
+    def _write_totals(self, records: list[JobRecord]) -> None:
+        """The rows of jobs whose totals grew, a statement per table for all of them."""
+        if not records:
+            return
+        db = self._db
+        db.executemany(
+            "UPDATE jobs SET cpu_s = ?, last_seen = ? WHERE id = ?",
+            [(r.totals.cpu_s, r.last_seen, r.ref.id) for r in records],
+        )
+        db.executemany(
+            "INSERT INTO job_energy (job_id, domain, energy_j) VALUES (?,?,?) "
+            "ON CONFLICT(job_id, domain) DO UPDATE SET energy_j=excluded.energy_j",
+            [(r.ref.id, domain, energy) for r in records for domain, energy in r.totals.energy_j.items()]
+            + [(r.ref.id, GPU_IDLE_ROW, r.totals.gpu_idle_j) for r in records if r.totals.gpu_idle_j > 0],
+        )
+        db.executemany(
+            "INSERT INTO job_work (job_id, unit, count) VALUES (?,?,?) "
+            "ON CONFLICT(job_id, unit) DO UPDATE SET count=excluded.count",
+            [(r.ref.id, unit, count) for r in records for unit, count in r.totals.work_units.items()],
+        )
+        db.executemany(
+            "INSERT INTO job_emissions VALUES (?,?) ON CONFLICT(job_id) DO UPDATE SET emissions_g=excluded.emissions_g",
+            [(r.ref.id, r.totals.emissions_g) for r in records if r.totals.emissions_g],
+        )
+
     def commit(
         self,
         counters: dict[str, tuple[int, int]] | None = None,
@@ -674,6 +707,7 @@ class Ledger:
                     record = self._jobs.get(job_id)
                     if record is not None:
                         self._write_job(record)
+                self._write_totals([self._jobs[j] for j in self._grown_jobs - written if j in self._jobs])
                 for job_id, state in exposition.pending.items():
                     self._write_exposition_row(job_id, state, exposition.overflow.get(job_id))
                 if aggregate is not exposition.floor or exposition.aggregate_changed:
@@ -705,7 +739,9 @@ class Ledger:
                 self._seen_jobs.clear()
             else:
                 self._seen_jobs.difference_update(self._dirty_jobs)  # their rows carry last_seen too
+                self._seen_jobs.difference_update(self._grown_jobs)
             self._dirty_jobs.clear()
+            self._grown_jobs.clear()
             exposition.pending.clear()
             exposition.aggregate_changed = False
             exposition.floor = aggregate
