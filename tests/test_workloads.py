@@ -143,3 +143,33 @@ def test_job_from_cgroup(path, expected):
         assert found is None
     else:
         assert (found.ref.id, found.ref.kind, found.container_id) == expected
+
+
+def test_a_registration_confirmed_while_the_resolver_walks_is_seen_next_tick(processes):
+    """The API thread confirms a registration while the sampler is resolving a
+    scan that lists the new job's child: the next resolve must judge the child
+    again (it once took the new roots as already seen and left it a host process)."""
+    parent = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True)
+    processes.append(parent)
+    child_pid = int(parent.stdout.readline())
+    me = os.getpid()
+
+    class ConfirmingMidWalk(Registry):
+        pending = None
+
+        def job_of(self, key):
+            if key.pid == me and self.pending is not None:
+                job, self.pending = self.pending, None
+                self.confirm(job)
+            return super().job_of(key)
+
+    registry = ConfirmingMidWalk(PROC)
+    resolver = JobResolver(registry)
+    scan = ProcessScanner(PROC).scan()
+    by_pid = {p.key.pid: p for p in scan.processes}
+    ordered = [by_pid[parent.pid], by_pid[child_pid], by_pid[me]]  # the child is judged before the confirm
+    job = registry.pending = registry.register("train", [parent.pid], {})
+    first = resolver.resolve(ordered)
+    assert first[1] is None  # judged before the job existed
+    again = resolver.resolve(list(ordered))
+    assert [ref.id if ref else None for ref in again] == [job.ref.id, job.ref.id, None]

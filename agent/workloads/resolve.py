@@ -244,15 +244,18 @@ class JobResolver:
         The same process list as last time (the scanner's steady state), with
         the same registrations and pod metadata, gets the same list back."""
         registry = self.registry
+        # Read once, before any process is judged: a registration confirmed while
+        # this walk runs must make the next call walk again, not be taken as seen.
+        generation = registry.generation
         if (
             self._last is not None
             and processes is self._last[0]
-            and registry.generation == self._generation_seen
+            and generation == self._generation_seen
             and not self._slurm_pending
             and self._pods_unchanged()
         ):
             return self._last[1]
-        rescan_tree = registry.generation != self._generation_seen
+        rescan_tree = generation != self._generation_seen
         by_pid: dict[int, ScannedProcess] = {}  # built on the first walk: most ticks need none
         registered: dict[ProcessKey, str | None] = {}
 
@@ -306,7 +309,7 @@ class JobResolver:
                 deferred.append((len(jobs), static, process))
                 static = None
             jobs.append(static)
-        self._generation_seen = registry.generation
+        self._generation_seen = generation
         self._resolve_deferred(jobs, deferred)
         self.counters = counters
         self._last = (processes, jobs)
