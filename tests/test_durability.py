@@ -516,3 +516,32 @@ def test_totals_reload_bit_for_bit(tmp_path):
         assert {view.ref.id: view.totals for view in again.all_jobs()} == before
     finally:
         again.close()
+
+
+def test_jobs_only_seen_have_their_last_seen_written_in_one_statement(tmp_path):
+    """A job seen again with nothing else changed costs the full commit one
+    shared statement, not its whole row, and its last_seen survives a reload."""
+    from agent.ledger.totals import JobActivity, Ledger
+    from agent.model import JobRef
+
+    ledger = Ledger(tmp_path)
+    refs = [JobRef(f"env-{i}", f"j{i}", "env") for i in range(40)]
+    for ref in refs:
+        ledger.ensure_job(ref, 1000.0)
+    assert ledger.commit(full=True)
+    ledger.book_tick(2000.5, [], [], {ref.id: JobActivity(ref, 0.0, 1) for ref in refs}, 1.0)
+    statements: list[str] = []
+    ledger._db.set_trace_callback(statements.append)
+    assert ledger.commit(full=False)
+    assert not [s for s in statements if "jobs" in s and "last_seen" in s]  # waits for the full commit
+    statements.clear()
+    assert ledger.commit(full=True)
+    touching_jobs = [s for s in statements if s.startswith(("UPDATE jobs", "INSERT INTO jobs"))]
+    assert len(touching_jobs) == 40 and all(s.startswith("UPDATE jobs SET last_seen") for s in touching_jobs)
+    assert not [s for s in statements if "job_energy" in s]
+    ledger.close()
+    again = Ledger(tmp_path)
+    try:
+        assert {view.last_seen for view in again.all_jobs()} == {2000.5}
+    finally:
+        again.close()

@@ -702,12 +702,22 @@ class Ledger:
                     "emissions_g=excluded.emissions_g",
                     (self.node_emissions_g,),
                 )
-                written = self._dirty_jobs | self._seen_jobs if full else self._dirty_jobs
+                written = self._dirty_jobs
                 for job_id in written:
                     record = self._jobs.get(job_id)
                     if record is not None:
                         self._write_job(record)
                 self._write_totals([self._jobs[j] for j in self._grown_jobs - written if j in self._jobs])
+                if full:
+                    # Seen and otherwise unchanged: only their last_seen, in one statement.
+                    db.executemany(
+                        "UPDATE jobs SET last_seen = ? WHERE id = ?",
+                        [
+                            (self._jobs[j].last_seen, j)
+                            for j in self._seen_jobs - written - self._grown_jobs
+                            if j in self._jobs
+                        ],
+                    )
                 for job_id, state in exposition.pending.items():
                     self._write_exposition_row(job_id, state, exposition.overflow.get(job_id))
                 if aggregate is not exposition.floor or exposition.aggregate_changed:
