@@ -11,20 +11,16 @@ rejects."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from agent.model import GpuDeviceView
 from agent.pipeline.snapshot import Snapshot
+from exporters.jobs import JOB_LABELS
+from exporters.jobs import safe as _safe
 
-JOB_LABELS = ["job_id", "job_name", "job_kind", "job_namespace"]
 GPU_LABELS = ["gpu", "UUID", "model_name", "pci_bus_id", "Hostname"]
-
-
-def _safe(value: float) -> float:
-    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def gpu_label_values(gpu: GpuDeviceView, node: str) -> list[str]:

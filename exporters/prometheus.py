@@ -1,14 +1,12 @@
 """Prometheus exposition over the latest snapshot.
 
 The collector only reads the snapshot the sampler published: a scrape never
-triggers a sample, and concurrent scrapes cost one text rendering each.
+triggers a sample, and scrapes between two ticks share one rendering.
 """
 
 from __future__ import annotations
 
-import math
 import platform
-import re
 import threading
 from collections.abc import Callable, Iterator
 
@@ -20,37 +18,26 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from agent import __version__
-from agent.model import ATTRIBUTED_DOMAINS
-from agent.pipeline.snapshot import JobView, Snapshot
+from agent.pipeline.snapshot import EMPTY_SNAPSHOT, JobView, Snapshot
 from exporters.gpu import gpu_families
+from exporters.jobs import JOB_LABELS, ExpositionFormat, JobFamiliesWriter
+from exporters.jobs import safe as _safe
 
-# Every job identity label starts with job_: none of them is a target label
-# that Prometheus or the Prometheus Operator attaches to the scrape
-# (namespace, pod, service, container, endpoint, instance, job, node), so
-# none is renamed to exported_* or overwritten on the way in.
-JOB_LABELS = ["job_id", "job_name", "job_kind", "job_namespace"]
 TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
-
-
-def _safe(value: float) -> float:
-    """Never export NaN, infinity or a negative energy or power."""
-    return value if math.isfinite(value) and value > 0 else 0.0
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+_OPENMETRICS_EOF = b"# EOF\n"
 
 
 def job_label_values(job: JobView) -> list[str]:
     return [job.ref.id, job.ref.name, job.ref.kind, job.ref.namespace]
 
 
-def info_label_name(key: str) -> str:
-    name = "label_" + _LABEL_NAME.sub("_", key)
-    return name
-
-
 class SnapshotCollector:
-    """``node`` is the node's name (NODE_NAME, else the host name). With
+    """Every family but the per-job ones (``exporters.jobs`` writes those).
+    ``node`` is the node's name (NODE_NAME, else the host name). With
     ``created`` the per-job counters carry their job's start time as
     ``_created`` (OpenMetrics only: the classic text format has no place for
     it and would turn it into extra gauge series)."""
@@ -69,16 +56,12 @@ class SnapshotCollector:
         self._hostname = hostname or node
         self._created = created
 
-    def _created_at(self, job: JobView) -> float | None:
-        return job.first_seen if self._created and job.first_seen > 0 else None
-
     def collect(self) -> Iterator[Metric]:
         snap = self._get_snapshot()
         node = GaugeMetricFamily("jouleward_node_info", "The node this agent measures; 1.", labels=["node", "hostname"])
         node.add_metric([self._node_name, self._hostname], 1.0)
         yield node
         yield from self._node(snap)
-        yield from self._jobs(snap)
         yield from self._health(snap)
         yield from self._carbon(snap)
         yield from self._work_sources(snap)
@@ -128,62 +111,6 @@ class SnapshotCollector:
         for domain, watts in sorted(snap.idle_power_w.items()):
             idle_power.add_metric([domain], _safe(watts))
         yield idle_power
-
-    def _jobs(self, snap: Snapshot) -> Iterator[Metric]:
-        energy = CounterMetricFamily(
-            "jouleward_job_energy_joules", "Energy attributed to the job.", labels=[*JOB_LABELS, "domain"]
-        )
-        power = GaugeMetricFamily(
-            "jouleward_job_power_watts",
-            "Power attributed to the job over the last tick.",
-            labels=[*JOB_LABELS, "domain"],
-        )
-        cpu = CounterMetricFamily("jouleward_job_cpu_seconds", "CPU time of the job's processes.", labels=JOB_LABELS)
-        processes = GaugeMetricFamily("jouleward_job_processes", "Live processes of the job.", labels=JOB_LABELS)
-        finished = GaugeMetricFamily("jouleward_job_finished", "1 once the job has ended.", labels=JOB_LABELS)
-        work = CounterMetricFamily(
-            "jouleward_job_work_units",
-            "Units of work the job reported (samples, tokens, ...).",
-            labels=[*JOB_LABELS, "unit"],
-        )
-        info_families: list[GaugeMetricFamily] = []
-        # Every job gets a series for every attributed domain the node measures,
-        # so a job that has used nothing yet still shows as 0, not as absent.
-        node_domains = {d.domain for d in snap.devices}
-        for job in snap.jobs:
-            labels = job_label_values(job)
-            created = self._created_at(job)
-            for domain in ATTRIBUTED_DOMAINS:
-                if domain in job.energy_j or domain in node_domains:
-                    energy.add_metric([*labels, domain], _safe(job.energy_j.get(domain, 0.0)), created=created)
-                    power.add_metric([*labels, domain], _safe(job.power_w.get(domain, 0.0)))
-            cpu.add_metric(labels, _safe(job.cpu_s), created=created)
-            processes.add_metric(labels, float(job.processes))
-            finished.add_metric(labels, 0.0 if job.finished_at is None else 1.0)
-            for unit, count in sorted(job.work_units.items()):
-                work.add_metric([*labels, unit], _safe(count), created=created)
-            # One family per job: each job may carry its own label keys.
-            extra = {}
-            for key, value in sorted(job.labels.items()):
-                name = info_label_name(key)
-                if name not in extra and name not in JOB_LABELS:
-                    extra[name] = value
-            info = GaugeMetricFamily(
-                "jouleward_job_info", "Job metadata; extra labels live here.", labels=[*JOB_LABELS, *extra]
-            )
-            info.add_metric([*labels, *extra.values()], 1.0)
-            info_families.append(info)
-        yield energy
-        yield power
-        yield cpu
-        yield processes
-        yield finished
-        yield work
-        if info_families:
-            merged = GaugeMetricFamily("jouleward_job_info", "Job metadata; extra labels live here.")
-            for family in info_families:
-                merged.samples.extend(family.samples)
-            yield merged
 
     def _health(self, snap: Snapshot) -> Iterator[Metric]:
         health = snap.health
@@ -248,14 +175,6 @@ class SnapshotCollector:
 
     def _carbon(self, snap: Snapshot) -> Iterator[Metric]:
         carbon = snap.carbon
-        jobs = CounterMetricFamily(
-            "jouleward_job_emissions_grams",
-            "Emissions attributed to the job, gCO2eq, each tick at the intensity in force then, PUE included.",
-            labels=JOB_LABELS,
-        )
-        for job in snap.jobs:
-            jobs.add_metric(job_label_values(job), _safe(job.emissions_g), created=self._created_at(job))
-        yield jobs
         yield CounterMetricFamily(
             "jouleward_node_emissions_grams",
             "Emissions of the node's CPU, DRAM and GPU energy, gCO2eq, PUE included.",
@@ -321,9 +240,37 @@ def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
     return registry
 
 
-def render(registry: CollectorRegistry) -> bytes:
-    """The classic text format (0.0.4)."""
-    return generate_latest(registry)
+class Exposition:
+    """The whole ``/metrics`` body of a snapshot in one format: the registry's
+    families through prometheus-client's encoder, then the per-job families
+    from their own writer (before OpenMetrics' closing ``# EOF``)."""
+
+    def __init__(
+        self,
+        get_snapshot: Callable[[], Snapshot],
+        fmt: ExpositionFormat,
+        extra: list[Callable[[Snapshot], Iterator[Metric]]] | None = None,
+        node: str = "",
+        hostname: str = "",
+    ) -> None:
+        self.fmt = fmt
+        self._get_snapshot = get_snapshot
+        openmetrics = fmt is ExpositionFormat.OPENMETRICS
+        self._registry = make_registry(SnapshotCollector(get_snapshot, extra, node, hostname, created=openmetrics))
+        self._encoder = generate_openmetrics if openmetrics else generate_latest
+        self._jobs = JobFamiliesWriter(fmt)
+
+    def render(self) -> bytes:
+        body = self._encoder(self._registry)
+        jobs = self._jobs.render(self._get_snapshot()).encode("utf-8")
+        if self.fmt is ExpositionFormat.OPENMETRICS:
+            return body.removesuffix(_OPENMETRICS_EOF) + jobs + _OPENMETRICS_EOF
+        return body + jobs
+
+
+def render_snapshot(snapshot: Snapshot, fmt: ExpositionFormat = ExpositionFormat.TEXT, node: str = "") -> bytes:
+    """One snapshot's ``/metrics`` body (for reports, tests and benchmarks)."""
+    return Exposition(lambda: snapshot, fmt, node=node).render()
 
 
 class RenderCache:
@@ -342,11 +289,10 @@ class RenderCache:
     ) -> None:
         self._get_snapshot = get_snapshot
         self._lock = threading.Lock()
-        self._snapshot: Snapshot | None = None
-        self._rendered: dict[str, tuple[bytes, str]] = {}
-        self._registries = {
-            fmt: make_registry(SnapshotCollector(lambda: self._snapshot, extra, node, hostname, created=fmt == "om"))
-            for fmt in ("text", "om")
+        self._snapshot: Snapshot = EMPTY_SNAPSHOT
+        self._rendered: dict[ExpositionFormat, bytes] = {}
+        self._expositions = {
+            fmt: Exposition(lambda: self._snapshot, fmt, extra, node, hostname) for fmt in ExpositionFormat
         }
 
     def render(self) -> bytes:
@@ -355,16 +301,18 @@ class RenderCache:
 
     def negotiate(self, accept: str | None) -> tuple[bytes, str]:
         """(body, content type) for a scrape sending this Accept header."""
-        encoder, content_type = choose_encoder(accept or "")
-        fmt = "text" if content_type.startswith("text/plain") else "om"
-        if fmt == "text":
-            # Always the classic 0.0.4 format: no _created series, whatever text/plain version was asked for.
-            encoder, content_type = generate_latest, TEXT_CONTENT_TYPE
+        # Always OpenMetrics 1.0 or the classic 0.0.4 format, whatever version was asked for:
+        # every name is a legacy one, so no escaping scheme changes a byte.
+        if choose_encoder(accept or "")[1].startswith("application/openmetrics-text"):
+            fmt, content_type = ExpositionFormat.OPENMETRICS, OPENMETRICS_CONTENT_TYPE
+        else:
+            fmt, content_type = ExpositionFormat.TEXT, TEXT_CONTENT_TYPE
         snap = self._get_snapshot()
         with self._lock:
             if snap is not self._snapshot:
                 self._snapshot = snap
                 self._rendered = {}
-            if content_type not in self._rendered:
-                self._rendered[content_type] = (encoder(self._registries[fmt]), content_type)
-            return self._rendered[content_type]
+            body = self._rendered.get(fmt)
+            if body is None:
+                body = self._rendered[fmt] = self._expositions[fmt].render()
+            return body, content_type

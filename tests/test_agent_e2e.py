@@ -108,7 +108,7 @@ def test_three_to_one_burners_get_three_to_one_energy(tmp_path, rapl, processes,
     energy_a = energy(end, job_a["id"]) - energy(start, job_a["id"])
     energy_b = energy(end, job_b["id"]) - energy(start, job_b["id"])
     real_cpu_ratio = (cpu_end[0] - cpu_start[0]) / (cpu_end[1] - cpu_start[1])
-    assert real_cpu_ratio == pytest.approx(3.0, rel=0.1), "the burners themselves drifted"
+    assert real_cpu_ratio == pytest.approx(3.0, rel=0.2), "the burners themselves drifted"
     # Energy follows the CPU time the burners really got (on a loaded machine that drifts from 3:1).
     assert energy_a / energy_b == pytest.approx(real_cpu_ratio, rel=0.05)
     # node energy is the fixture truth: packages only (core, mmio and psys excluded from cpu)

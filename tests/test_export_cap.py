@@ -9,7 +9,7 @@ import pytest
 
 from agent.config import build
 from agent.pipeline.daemon import Agent
-from exporters.prometheus import SnapshotCollector, make_registry, render
+from exporters.prometheus import render_snapshot
 from tests.support import metric_sum, metric_values, parse_metrics, start_burner
 
 
@@ -23,13 +23,12 @@ def test_jobs_past_the_cap_go_to_overflow_and_totals_are_conserved(tmp_path, pro
         processes.append(start_burner(0.05, env={"JOULEWARD_JOB": f"job-{index}"}))
     time.sleep(0.5)
     agent = Agent(config)
-    registry = make_registry(SnapshotCollector(lambda: agent.snapshot))
     previous_other = {}
     try:
         for _ in range(8):
             agent.tick()
             time.sleep(0.15)
-            samples = parse_metrics(render(registry).decode())
+            samples = parse_metrics(render_snapshot(agent.snapshot).decode())
             exported = {labels["job_id"] for labels, _ in metric_values(samples, "jouleward_job_cpu_seconds_total")}
             ours = {job for job in exported if job.startswith("env-job-")}
             assert len(ours) <= 2
@@ -58,7 +57,7 @@ def test_jobs_past_the_cap_go_to_overflow_and_totals_are_conserved(tmp_path, pro
         for _ in range(3):
             agent.tick()
             time.sleep(0.05)
-        samples = parse_metrics(render(registry).decode())
+        samples = parse_metrics(render_snapshot(agent.snapshot).decode())
         final_other = metric_sum(samples, "jouleward_job_energy_joules_total", job_id="_other", domain="cpu")
         assert final_other >= previous_other["cpu"]
         assert not {l["job_id"] for l, _ in metric_values(samples, "jouleward_job_cpu_seconds_total")} - {"_other"}
@@ -72,7 +71,7 @@ def test_no_label_named_job_and_no_nan(tmp_path):
         agent.tick()
         time.sleep(0.1)
         agent.tick()
-        text = render(make_registry(SnapshotCollector(lambda: agent.snapshot))).decode()
+        text = render_snapshot(agent.snapshot).decode()
     finally:
         agent.close()
     for name, labels, value in parse_metrics(text):

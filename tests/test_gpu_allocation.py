@@ -21,7 +21,7 @@ import pytest
 from agent.cli.doctor import _allocation_findings
 from agent.config import build
 from agent.pipeline.daemon import Agent
-from exporters.prometheus import SnapshotCollector, make_registry, render
+from exporters.prometheus import render_snapshot
 from tests.fakenvml.build import FakeDevice, FakeMig, FakeProcess
 from tests.support import metric_sum, metric_values, parse_metrics
 from tests.support.kubelet_server import FakeKubelet, pod_item
@@ -136,7 +136,7 @@ def tick_for(agent: Agent, seconds: float) -> float:
 
 
 def samples(agent: Agent):
-    return parse_metrics(render(make_registry(SnapshotCollector(lambda: agent.snapshot, node="node-a"))).decode())
+    return parse_metrics(render_snapshot(agent.snapshot, node="node-a").decode())
 
 
 def one(found, name, **labels) -> float:
@@ -240,7 +240,7 @@ def test_pod_resources_allocation_charges_idle_to_pods_splits_shares_and_mig(tmp
         assert one(found, "jouleward_gpu_allocatable_devices", source="kubelet") == 2.0
 
         # Every family is in the metrics contract, and the exposition passes promtool's lint.
-        text = render(make_registry(SnapshotCollector(lambda: agent.snapshot, node="node-a"))).decode()
+        text = render_snapshot(agent.snapshot, node="node-a").decode()
         documented = set(re.findall(r"`(jouleward_[a-z0-9_]+)", (REPO / "docs" / "metrics.md").read_text()))
         names = {
             name for name, _, _ in found if name.startswith("jouleward_gpu") or name.startswith("jouleward_job_gpu")

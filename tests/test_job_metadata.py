@@ -15,7 +15,7 @@ from agent.workloads.kubelet import KubeletHealth, KubeletPoller, KubeletSetting
 from agent.workloads.procfs import ProcessFacts, ScannedProcess
 from agent.workloads.registry import Registry
 from agent.workloads.resolve import JobResolver
-from exporters.prometheus import SnapshotCollector, make_registry, render
+from exporters.prometheus import render_snapshot
 from tests.support import metric_sum, parse_metrics, wait_until
 from tests.support.kubelet_server import FakeKubelet, pod_item
 
@@ -183,10 +183,10 @@ def test_slurm_name_and_user_come_from_the_tasks_environment(procs, tmp_path):
 def test_kubelet_health_is_exported_from_the_snapshot_only_when_configured():
     health = KubeletHealth(up=False, stale=True, errors_total=3, last_success_unix_s=1_700_000_123.5, pods=4)
     snapshot = replace(EMPTY_SNAPSHOT, health=Health(ticks=7, kubelet=health))
-    samples = parse_metrics(render(make_registry(SnapshotCollector(lambda: snapshot))).decode())
+    samples = parse_metrics(render_snapshot(snapshot).decode())
     assert metric_sum(samples, "jouleward_kubelet_up") == 0.0
     assert metric_sum(samples, "jouleward_kubelet_metadata_stale") == 1.0
     assert metric_sum(samples, "jouleward_kubelet_errors_total") == 3.0
     assert metric_sum(samples, "jouleward_kubelet_last_success_timestamp_seconds") == 1_700_000_123.5
-    plain = parse_metrics(render(make_registry(SnapshotCollector(lambda: EMPTY_SNAPSHOT))).decode())
+    plain = parse_metrics(render_snapshot(EMPTY_SNAPSHOT).decode())
     assert not [name for name, _, _ in plain if name.startswith("jouleward_kubelet_")]

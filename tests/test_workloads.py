@@ -12,10 +12,10 @@ import pytest
 
 from agent.config import JobRule
 from agent.model import ProcessKey
-from agent.workloads.procfs import ProcessScanner, parse_stat
+from agent.workloads.procfs import ProcessScanner, is_procfs_mount, parse_stat
 from agent.workloads.registry import RegistrationError, Registry
 from agent.workloads.resolve import JobResolver, job_from_cgroup
-from tests.support import BURNER
+from tests.support import BURNER, cpu_seconds
 
 PROC = Path("/proc")
 
@@ -173,3 +173,97 @@ def test_a_registration_confirmed_while_the_resolver_walks_is_seen_next_tick(pro
     assert first[1] is None  # judged before the job existed
     again = resolver.resolve(list(ordered))
     assert [ref.id if ref else None for ref in again] == [job.ref.id, job.ref.id, None]
+
+
+def kept_stat_files(pid: int) -> int:
+    """How many of this process's descriptors are open on /proc/<pid>/stat."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == f"/proc/{pid}/stat":
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def test_a_real_procfs_keeps_the_stat_files_it_reads_open_and_closes_them_on_exit(processes):
+    scanner = ProcessScanner(PROC)
+    burner = subprocess.Popen([sys.executable, "-c", BURNER, "0.5"])
+    processes.append(burner)
+    scanner.scan()
+    assert kept_stat_files(burner.pid) == 1
+    cpu_before = cpu_seconds(burner.pid)
+    time.sleep(1.0)
+    # Twice: the second scan may take the steady-state path (the same listing) as well as the full one.
+    used = 0.0
+    for _ in range(2):
+        used += next(p.cpu_s for p in scanner.scan().processes if p.key.pid == burner.pid)
+    assert used == pytest.approx(cpu_seconds(burner.pid) - cpu_before, abs=0.05)
+    assert 0.2 <= used <= 1.0
+    assert kept_stat_files(burner.pid) == 1
+    key = next(p.key for p in scanner.scan().processes if p.key.pid == burner.pid)
+    burner.kill()
+    burner.wait()
+    scan = scanner.scan()
+    assert key in scan.exited and burner.pid not in {p.key.pid for p in scan.processes}
+    assert kept_stat_files(burner.pid) == 0
+
+
+def test_skipped_processes_have_no_stat_file_kept_and_close_releases_them(processes):
+    scanner = ProcessScanner(PROC)
+    sleepers = [subprocess.Popen(["sleep", "30"]) for _ in range(3)]
+    processes.extend(sleepers)
+    first = scanner.scan()
+    assert [kept_stat_files(s.pid) for s in sleepers] == [1, 1, 1]
+    scanner.skip([p for p in first.processes if p.key.pid == sleepers[0].pid])
+    scanner.scan()
+    assert [kept_stat_files(s.pid) for s in sleepers] == [0, 1, 1]
+    scanner.close()
+    assert [kept_stat_files(s.pid) for s in sleepers] == [0, 0, 0]
+    after = scanner.scan()  # open again, and still measured
+    assert {s.pid for s in sleepers} <= {p.key.pid for p in after.processes}
+    assert [kept_stat_files(s.pid) for s in sleepers] == [0, 1, 1]
+
+
+def test_a_fixture_tree_is_not_a_procfs_and_keeps_nothing_open(tmp_path):
+    assert is_procfs_mount(PROC)
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    fields = ["S", "1"] + ["0"] * 9 + ["7", "3"] + ["0"] * 6 + ["100", "0", "10"]
+    (proc / "4242" / "stat").write_text(f"4242 (fixture) {' '.join(fields)}\n")
+    (proc / "stat").write_text("cpu 1 0 1 10 0 0 0 0\n")
+    assert not is_procfs_mount(proc)
+    scanner = ProcessScanner(proc)
+    scan = scanner.scan()
+    assert [p.key for p in scan.processes] == [ProcessKey(4242, 100)]
+    open_files = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    assert open_files and not [f for f in open_files if f.startswith(str(proc))]
+
+
+def test_a_skipped_process_registered_is_charged_from_its_registration_not_from_the_scan_after(processes):
+    scanner = ProcessScanner(PROC)
+    burner = subprocess.Popen([sys.executable, "-c", BURNER, "0.5"])
+    processes.append(burner)
+    first = scanner.scan()
+    (mine,) = [p for p in first.processes if p.key.pid == burner.pid]
+    scanner.skip([mine])  # a host process: its stat is not read
+    scanner.scan()
+    time.sleep(0.3)
+    scanner.take_baselines((mine.key,))  # registered now
+    at_registration = cpu_seconds(burner.pid)
+    time.sleep(0.8)
+    scanner.skip([])
+    scan = scanner.scan()
+    used = next(p.cpu_s for p in scan.processes if p.key.pid == burner.pid)
+    assert used == pytest.approx(cpu_seconds(burner.pid) - at_registration, abs=0.05)
+    assert 0.2 <= used <= 0.8
+    # Used once: the scan after takes its difference from this scan's read.
+    time.sleep(0.3)
+    again = next(p.cpu_s for p in scanner.scan().processes if p.key.pid == burner.pid)
+    assert 0.05 <= again <= 0.4

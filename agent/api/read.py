@@ -24,10 +24,7 @@ from agent.api.models import ErrorOut, JobOut, job_out
 from agent.model import JobView
 from agent.pipeline.daemon import Agent
 from exporters import report
-from exporters.prometheus import RenderCache
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+from exporters.prometheus import OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE, RenderCache
 
 
 class JobIdConvertor(Convertor[str]):
@@ -112,7 +109,7 @@ def _add_read_routes(app: FastAPI, agent: Agent) -> None:
     @app.get(
         "/metrics",
         response_class=Response,
-        responses={200: {"content": {PROMETHEUS_CONTENT_TYPE: {}, OPENMETRICS_CONTENT_TYPE: {}}}},
+        responses={200: {"content": {TEXT_CONTENT_TYPE: {}, OPENMETRICS_CONTENT_TYPE: {}}}},
     )
     def metrics(request: Request) -> Response:
         body, content_type = cache.negotiate(request.headers.get("accept"))

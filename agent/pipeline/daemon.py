@@ -286,6 +286,7 @@ class Agent:
             self.registry.unregister(job.ref.id)
             raise
         self.registry.confirm(job)
+        self.scanner.take_baselines(job.root_keys)
         return view
 
     def finish_job(self, job_id: str) -> JobView:
@@ -711,6 +712,7 @@ class Agent:
             for sensor in self.sensor_set.sensors:
                 sensor.close()
             self.intensity.close()
+            self.scanner.close()
             self.ledger.close()
 
 

@@ -5,11 +5,20 @@ Each tick lists ``/proc`` and reads ``/proc/stat`` once, and
 ``ProcessScanner.skip``), nothing else. What does not change during a process's life (its
 cgroup, command line, owner, environment labels) is read at most once per
 (pid, start time), and only when the job resolver asks for it.
+
+On a real procfs the stat files of the processes read every tick are kept
+open and read again with ``pread``: the kernel then formats the file but
+walks no path and looks up no pid, which is about half of what an
+open/read/close costs. A kept descriptor belongs to its process, not to its
+number: once the process has exited, reading it fails (ESRCH) even if the
+number has come back for another one.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -150,6 +159,33 @@ def parse_proc_stat_cpu(data: bytes) -> tuple[int, int]:
 
 
 SKIPPED = -1  # cumulative CPU ticks of a process whose stat this scan did not read
+# Kept stat descriptors: at most this many, and at most a quarter of the open-file limit,
+# so the HTTP servers and the ledger never run short of descriptors.
+MAX_KEPT_STAT_FILES = 16384
+
+
+def is_procfs_mount(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> bool:
+    """Whether ``path`` is where a procfs is mounted (not a fixture tree)."""
+    try:
+        target = os.path.realpath(path)
+        lines = mountinfo.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        fields, sep, tail = line.partition(" - ")
+        parts = fields.split()
+        if sep and len(parts) > 4 and tail.split(" ", 1)[0] == "proc":
+            mount_point = parts[4].replace("\\040", " ")
+            if mount_point == target:
+                return True
+    return False
+
+
+def kept_stat_file_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_KEPT_STAT_FILES
+    return max(0, min(MAX_KEPT_STAT_FILES, soft // 4))
 
 
 class ProcessScanner:
@@ -160,6 +196,9 @@ class ProcessScanner:
 
     def __init__(self, procfs: Path) -> None:
         self._procfs = str(procfs)
+        # pid (as listed) -> (process, descriptor of its open stat file)
+        self._kept: dict[str, tuple[ProcessKey, int]] = {}
+        self._keep_limit = kept_stat_file_limit() if is_procfs_mount(procfs) else 0
         self._facts: dict[ProcessKey, ProcessFacts] = {}
         self._last_cpu_ticks: dict[ProcessKey, int] = {}
         self._last_node: tuple[int, int] | None = None
@@ -169,7 +208,11 @@ class ProcessScanner:
         self._last_names: list[str] | None = None
         self._last_processes: list[ScannedProcess] = []
         self._read: list[ScannedProcess] = []
+        self._read_fds: list[int] = []  # beside _read: each one's kept stat descriptor, -1 where none
         self._reuse = False
+        # CPU ticks of just-registered processes at their registration, for the scan after it.
+        self._baselines: dict[ProcessKey, int] = {}
+        self._baselines_lock = threading.Lock()
 
     def skip(self, processes: list[ScannedProcess]) -> None:
         """From the next scan on, do not read these processes' stat.
@@ -182,26 +225,49 @@ class ProcessScanner:
             self._reuse = False
         self._skip = skip
 
+    def take_baselines(self, keys: tuple[ProcessKey, ...]) -> None:
+        """Read these processes' CPU time now (any thread may call it). A
+        process the scans skipped (a host process until it was registered)
+        has no CPU time to take a difference from; with this, the next scan
+        charges it what it used since this moment, not from the scan after."""
+        found = {}
+        for key in keys:
+            try:
+                with open(f"{self._procfs}/{key.pid}/stat", "rb") as handle:
+                    parsed = parse_stat(handle.read(4096))
+            except (OSError, ValueError):
+                continue
+            if parsed is not None and parsed[3] == key.start_ticks:
+                found[key] = parsed[2]
+        with self._baselines_lock:
+            self._baselines.update(found)
+
     def _rescan(self, since: float | None) -> bool:
         """The steady state: the listing is the last one's, so only the
         processes not skipped are read, into the last scan's objects. False
         (nothing changed) where one of them is not the process it was."""
         procfs = self._procfs
-        os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
+        os_open, os_read, os_pread, os_close, rdonly = os.open, os.read, os.pread, os.close, os.O_RDONLY
         last_cpu = self._last_cpu_ticks
         updates: list[tuple[ScannedProcess, int]] = []
-        for process in self._read:
+        for process, kept_fd in zip(self._read, self._read_fds):
             key = process.key
-            try:
-                fd = os_open(f"{procfs}/{key.pid}/stat", rdonly)
-            except OSError:
-                return False
-            try:
-                data = os_read(fd, 4096)
-            except OSError:
-                return False
-            finally:
-                os_close(fd)
+            if kept_fd >= 0:
+                try:
+                    data = os_pread(kept_fd, 4096, 0)
+                except OSError:
+                    return False  # exited: the full scan closes it
+            else:
+                try:
+                    fd = os_open(f"{procfs}/{key.pid}/stat", rdonly)
+                except OSError:
+                    return False
+                try:
+                    data = os_read(fd, 4096)
+                except OSError:
+                    return False
+                finally:
+                    os_close(fd)
             close = data.rfind(b")")
             fields = data[close + 2 :].split(None, 21)
             if close < 0 or len(fields) < 21 or int(fields[19]) != key.start_ticks:
@@ -242,10 +308,16 @@ class ProcessScanner:
             self._last_scan_boot_ticks = now_boot_ticks
             return Scan(self._last_processes, self._node_cpu(), [], self._last_cpu_ticks, since)
         read: list[ScannedProcess] = []
+        read_fds: list[int] = []
         clean = True
         # os.open/os.read: a buffered file object per process costs more than the read itself.
-        os_open, os_read, os_close, rdonly = os.open, os.read, os.close, os.O_RDONLY
+        os_open, os_read, os_pread, os_close, rdonly = os.open, os.read, os.pread, os.close, os.O_RDONLY
         skip = self._skip
+        kept = self._kept
+        keeping: dict[str, tuple[ProcessKey, int]] = {}
+        with self._baselines_lock:
+            baselines, self._baselines = self._baselines, {}
+        room = self._keep_limit
         for name in names:
             known = skip.get(name)
             if known is not None:
@@ -255,30 +327,54 @@ class ProcessScanner:
                 continue
             if not name.isdigit():
                 continue
-            try:
-                fd = os_open(f"{procfs}/{name}/stat", rdonly)
-            except OSError:
-                clean = False
-                continue  # exited between listdir and open
-            try:
-                data = os_read(fd, 4096)
-            except OSError:
-                clean = False
-                continue  # exited between open and read
-            finally:
-                os_close(fd)
+            data = b""
+            kept_fd = -1
+            held = kept.pop(name, None)
+            if held is not None:
+                try:
+                    data = os_pread(held[1], 4096, 0)
+                    kept_fd = held[1]
+                except OSError:
+                    os_close(held[1])  # that process exited; the number may be another one's now
+            if kept_fd < 0:
+                try:
+                    fd = os_open(f"{procfs}/{name}/stat", rdonly)
+                except OSError:
+                    clean = False
+                    continue  # exited between listdir and open
+                try:
+                    data = os_read(fd, 4096)
+                except OSError:
+                    os_close(fd)
+                    clean = False
+                    continue  # exited between open and read
+                if len(keeping) < room:
+                    kept_fd = fd
+                else:
+                    os_close(fd)
             # parse_stat, inlined: a call per process is a measurable share of the tick.
             close = data.rfind(b")")
             fields = data[close + 2 :].split(None, 21)
-            if close < 0 or len(fields) < 21:
+            try:
+                if close < 0 or len(fields) < 21:
+                    raise ValueError(name)
+                start_ticks = int(fields[19])
+                cpu_ticks = int(fields[11]) + int(fields[12])
+                ppid = int(fields[1])
+            except ValueError:
+                if kept_fd >= 0:
+                    os_close(kept_fd)
                 clean = False
                 continue
-            start_ticks = int(fields[19])
-            cpu_ticks = int(fields[11]) + int(fields[12])
             key = ProcessKey(int(name), start_ticks)
+            if kept_fd >= 0:
+                keeping[name] = (key, kept_fd)
+            read_fds.append(kept_fd)
             previous = last_cpu.get(key)
             if previous == SKIPPED:
-                used = 0  # not read last time: no baseline to take a difference from
+                # Not read last time: nothing to take a difference from, unless it was just registered.
+                baseline = baselines.pop(key, None) if baselines else None
+                used = 0 if baseline is None else cpu_ticks - baseline
             elif previous is not None:
                 used = cpu_ticks - previous
             elif since is not None and start_ticks >= since:
@@ -289,13 +385,25 @@ class ProcessScanner:
             process_facts = facts.get(key)
             if process_facts is None:
                 process_facts = facts[key] = ProcessFacts(f"{procfs}/{name}")
-            scanned = ScannedProcess(key, int(fields[1]), max(used, 0) / CLK_TCK, process_facts)
+            scanned = ScannedProcess(key, ppid, max(used, 0) / CLK_TCK, process_facts)
             processes.append(scanned)
             read.append(scanned)
         exited = [key for key in last_cpu if key not in seen]
         for key in exited:
             facts.pop(key, None)
+        for _, fd in kept.values():  # exited, or skipped from now on
+            os_close(fd)
+        self._kept = keeping
         self._last_cpu_ticks = seen
         self._last_scan_boot_ticks = now_boot_ticks
         self._last_names, self._last_processes, self._read, self._reuse = names, processes, read, clean
+        self._read_fds = read_fds
         return Scan(processes, self._node_cpu(), exited, seen, since)
+
+    def close(self) -> None:
+        """Close the stat files kept open; the next scan opens them again."""
+        for _, fd in self._kept.values():
+            os.close(fd)
+        self._kept = {}
+        self._read_fds = [-1] * len(self._read)
+        self._reuse = False
