@@ -35,7 +35,7 @@ from agent.config import Config  # noqa: E402
 from agent.pipeline.daemon import Agent  # noqa: E402
 from benchmarks.workload import PodCgroups, Sleepers, cgroup_root, churn, write_powercap  # noqa: E402
 from exporters.jobs import ExpositionFormat  # noqa: E402
-from exporters.prometheus import Exposition  # noqa: E402
+from exporters.prometheus import MetricsRenderer  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROCESS_EXPORTER = shutil.which("prometheus-process-exporter")
@@ -154,7 +154,7 @@ def scrape_cost(workdir: Path, jobs: int, reps: int) -> float:
             agent.register_job(f"bench-{i}", [pid], {"team": "bench"})
         agent.tick()
         agent.tick()
-        exposition = Exposition(lambda: agent.snapshot, ExpositionFormat.TEXT)  # as the daemon keeps it
+        exposition = MetricsRenderer(lambda: agent.snapshot, ExpositionFormat.TEXT)  # as the daemon keeps it
         cost = cpu_per_call_s(exposition.render, reps)
         agent.close()
     return cost

@@ -39,7 +39,7 @@ class ExpositionFormat(Enum):
     OPENMETRICS = "openmetrics"  # OpenMetrics 1.0: counters also carry _created
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # compared and hashed by identity: cheap on the hot path
 class JobFamily:
     name: str
     kind: str  # "counter" or "gauge", as prometheus-client names the type
@@ -153,45 +153,42 @@ class JobFamiliesWriter:
             labels[job.ref.id] = self._job_labels(job, previous)
         self._labels = labels
         node_domains = {d.domain for d in snap.devices}
-        energy, power, cpu, processes, finished, work, info, emissions = ([] for _ in JOB_FAMILIES)
+        lines: dict[JobFamily, list[str]] = {family: [] for family in JOB_FAMILIES}
+        created = ""  # the current job's _created value, "" where none is written
+
+        def sample(family: JobFamily, series: str, value: float) -> None:
+            if family.kind == "gauge":
+                lines[family].append(f"{family.name}{series} {fmt(value)}\n")
+                return
+            lines[family].append(f"{family.name}_total{series} {fmt(value)}\n")
+            if created:
+                lines[family].append(f"{family.name}_created{series} {created}\n")
+
         for job in snap.jobs:
-            identity = labels[job.ref.id].identity
-            created = ""
-            if openmetrics and job.first_seen > 0:
-                created = fmt(job.first_seen)
-            job_energy, job_power = job.energy_j, job.power_w
+            job_labels = labels[job.ref.id]
+            identity = f"{{{job_labels.identity}}}"
+            created = fmt(job.first_seen) if openmetrics and job.first_seen > 0 else ""
             # Every job gets a series for every attributed domain the node measures,
             # so a job that has used nothing yet still shows as 0, not as absent.
             for domain in ATTRIBUTED_DOMAINS:
-                if domain in job_energy or domain in node_domains:
-                    series = f'{{domain="{escape_label_value(domain)}",{identity}}}'
-                    energy.append(
-                        f"jouleward_job_energy_joules_total{series} {fmt(safe(job_energy.get(domain, 0.0)))}\n"
-                    )
-                    if created:
-                        energy.append(f"jouleward_job_energy_joules_created{series} {created}\n")
-                    power.append(f"jouleward_job_power_watts{series} {fmt(safe(job_power.get(domain, 0.0)))}\n")
-            cpu.append(f"jouleward_job_cpu_seconds_total{{{identity}}} {fmt(safe(job.cpu_s))}\n")
-            if created:
-                cpu.append(f"jouleward_job_cpu_seconds_created{{{identity}}} {created}\n")
-            processes.append(f"jouleward_job_processes{{{identity}}} {fmt(float(job.processes))}\n")
-            finished.append(f"jouleward_job_finished{{{identity}}} {'0.0' if job.finished_at is None else '1.0'}\n")
+                if domain in job.energy_j or domain in node_domains:
+                    series = f'{{domain="{escape_label_value(domain)}",{job_labels.identity}}}'
+                    sample(ENERGY, series, safe(job.energy_j.get(domain, 0.0)))
+                    sample(POWER, series, safe(job.power_w.get(domain, 0.0)))
+            sample(CPU, identity, safe(job.cpu_s))
+            sample(PROCESSES, identity, float(job.processes))
+            sample(FINISHED, identity, 0.0 if job.finished_at is None else 1.0)
             for unit, count in sorted(job.work_units.items()):
-                series = f'{{{identity},unit="{escape_label_value(unit)}"}}'
-                work.append(f"jouleward_job_work_units_total{series} {fmt(safe(count))}\n")
-                if created:
-                    work.append(f"jouleward_job_work_units_created{series} {created}\n")
-            info.append(f"jouleward_job_info{{{labels[job.ref.id].info}}} 1.0\n")
-            emissions.append(f"jouleward_job_emissions_grams_total{{{identity}}} {fmt(safe(job.emissions_g))}\n")
-            if created:
-                emissions.append(f"jouleward_job_emissions_grams_created{{{identity}}} {created}\n")
+                sample(WORK, f'{{{job_labels.identity},unit="{escape_label_value(unit)}"}}', safe(count))
+            sample(INFO, f"{{{job_labels.info}}}", 1.0)
+            sample(EMISSIONS, identity, safe(job.emissions_g))
         headers = self._headers
         parts = []
-        for family, lines in zip(JOB_FAMILIES, (energy, power, cpu, processes, finished, work, info, emissions)):
-            if family is INFO and not lines:
-                continue  # no jobs, no info family (as before: it had no fixed label set to announce)
+        for family, written in lines.items():
+            if family is INFO and not written:
+                continue  # no jobs, no info family (it has no fixed label set to announce)
             parts.append(headers[family.name])
-            parts.extend(lines)
+            parts.extend(written)
         return "".join(parts)
 
 

@@ -240,7 +240,7 @@ def make_registry(collector: SnapshotCollector) -> CollectorRegistry:
     return registry
 
 
-class Exposition:
+class MetricsRenderer:
     """The whole ``/metrics`` body of a snapshot in one format: the registry's
     families through prometheus-client's encoder, then the per-job families
     from their own writer (before OpenMetrics' closing ``# EOF``)."""
@@ -270,7 +270,7 @@ class Exposition:
 
 def render_snapshot(snapshot: Snapshot, fmt: ExpositionFormat = ExpositionFormat.TEXT, node: str = "") -> bytes:
     """One snapshot's ``/metrics`` body (for reports, tests and benchmarks)."""
-    return Exposition(lambda: snapshot, fmt, node=node).render()
+    return MetricsRenderer(lambda: snapshot, fmt, node=node).render()
 
 
 class RenderCache:
@@ -292,7 +292,7 @@ class RenderCache:
         self._snapshot: Snapshot = EMPTY_SNAPSHOT
         self._rendered: dict[ExpositionFormat, bytes] = {}
         self._expositions = {
-            fmt: Exposition(lambda: self._snapshot, fmt, extra, node, hostname) for fmt in ExpositionFormat
+            fmt: MetricsRenderer(lambda: self._snapshot, fmt, extra, node, hostname) for fmt in ExpositionFormat
         }
 
     def render(self) -> bytes:

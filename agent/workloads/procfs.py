@@ -196,8 +196,7 @@ class ProcessScanner:
 
     def __init__(self, procfs: Path) -> None:
         self._procfs = str(procfs)
-        # pid (as listed) -> (process, descriptor of its open stat file)
-        self._kept: dict[str, tuple[ProcessKey, int]] = {}
+        self._kept: dict[str, int] = {}  # pid (as listed) -> descriptor of its open stat file
         self._keep_limit = kept_stat_file_limit() if is_procfs_mount(procfs) else 0
         self._facts: dict[ProcessKey, ProcessFacts] = {}
         self._last_cpu_ticks: dict[ProcessKey, int] = {}
@@ -314,7 +313,7 @@ class ProcessScanner:
         os_open, os_read, os_pread, os_close, rdonly = os.open, os.read, os.pread, os.close, os.O_RDONLY
         skip = self._skip
         kept = self._kept
-        keeping: dict[str, tuple[ProcessKey, int]] = {}
+        keeping: dict[str, int] = {}
         with self._baselines_lock:
             baselines, self._baselines = self._baselines, {}
         room = self._keep_limit
@@ -329,13 +328,13 @@ class ProcessScanner:
                 continue
             data = b""
             kept_fd = -1
-            held = kept.pop(name, None)
-            if held is not None:
+            held = kept.pop(name, -1)
+            if held >= 0:
                 try:
-                    data = os_pread(held[1], 4096, 0)
-                    kept_fd = held[1]
+                    data = os_pread(held, 4096, 0)
+                    kept_fd = held
                 except OSError:
-                    os_close(held[1])  # that process exited; the number may be another one's now
+                    os_close(held)  # that process exited; the number may be another one's now
             if kept_fd < 0:
                 try:
                     fd = os_open(f"{procfs}/{name}/stat", rdonly)
@@ -368,7 +367,7 @@ class ProcessScanner:
                 continue
             key = ProcessKey(int(name), start_ticks)
             if kept_fd >= 0:
-                keeping[name] = (key, kept_fd)
+                keeping[name] = kept_fd
             read_fds.append(kept_fd)
             previous = last_cpu.get(key)
             if previous == SKIPPED:
@@ -391,7 +390,7 @@ class ProcessScanner:
         exited = [key for key in last_cpu if key not in seen]
         for key in exited:
             facts.pop(key, None)
-        for _, fd in kept.values():  # exited, or skipped from now on
+        for fd in kept.values():  # exited, or skipped from now on
             os_close(fd)
         self._kept = keeping
         self._last_cpu_ticks = seen
@@ -402,7 +401,7 @@ class ProcessScanner:
 
     def close(self) -> None:
         """Close the stat files kept open; the next scan opens them again."""
-        for _, fd in self._kept.values():
+        for fd in self._kept.values():
             os.close(fd)
         self._kept = {}
         self._read_fds = [-1] * len(self._read)
