@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import logging
 import resource
 import sys
@@ -22,7 +24,34 @@ def raise_open_file_limit() -> None:
             pass  # keep the soft limit; the scanner keeps fewer files open
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+DAEMON_MALLOC_ARENAS = 2
+
+
+def trim_daemon_memory() -> None:
+    """Two memory cuts for the long-running daemon, measured in
+    docs/performance.md ("Cutting the daemon's RSS"):
+
+    - FastAPI imports its pydantic-v1 compatibility module while it builds
+      routes, only to check whether a model is a v1 model; the agent has none.
+      A ``None`` entry in ``sys.modules`` makes that import fail, which FastAPI
+      reads as "no v1 models" (about 1.2 MiB).
+    - glibc gives every thread that allocates its own malloc arena; the
+      daemon's few mostly idle threads share two (about 0.5 MiB).
+    """
+    sys.modules.setdefault("pydantic.v1", None)  # type: ignore[arg-type]
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return
+    try:
+        mallopt = ctypes.CDLL(libc_name).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return
+    mallopt(M_ARENA_MAX, DAEMON_MALLOC_ARENAS)
+
+
 def command(args: argparse.Namespace) -> int:
+    trim_daemon_memory()
     from agent.api.server import ServeError, ServeFailed, serve
     from agent.ledger.totals import LedgerError
 
