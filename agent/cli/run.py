@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import logging
 import resource
 import sys
@@ -40,11 +39,8 @@ def trim_daemon_memory() -> None:
       daemon's few mostly idle threads share two (about 0.5 MiB).
     """
     sys.modules.setdefault("pydantic.v1", None)  # type: ignore[arg-type]
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
     try:
-        mallopt = ctypes.CDLL(libc_name).mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into the process
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return
     mallopt(M_ARENA_MAX, DAEMON_MALLOC_ARENAS)
