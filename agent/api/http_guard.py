@@ -158,6 +158,7 @@ class DeadlineH11Protocol(H11Protocol):
             self._arm_head_deadline()
 
     def _arm_head_deadline(self) -> None:
+        self._cancel_head_deadline()
         waiting_for = self.cycle  # a complete request head replaces the cycle
         self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_overdue, waiting_for)
 
@@ -165,10 +166,14 @@ class DeadlineH11Protocol(H11Protocol):
         if self.cycle is waiting_for and not self.transport.is_closing():
             self.transport.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _cancel_head_deadline(self) -> None:
+        # A pending timer holds the protocol, its transport and buffers until it fires.
         deadline = getattr(self, "_head_deadline", None)
         if deadline is not None:
             deadline.cancel()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
         super().connection_lost(exc)
 
 
