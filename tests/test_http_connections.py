@@ -1,81 +1,194 @@
-"""The HTTP listeners let go of a closed connection at once.
+"""The agent's HTTP server (agent/api/http_server.py) on real sockets:
+keep-alive and pipelining, the head deadline, HEAD, bad requests, and
+closed connections let go of at once.
 
 A connection's head deadline is a timer on the event loop; a timer left
-pending holds the protocol, its transport and its buffers until it fires,
-so a burst of short requests (a cluster of jobs registering) would keep
-every closed connection resident for the whole deadline.
+pending holds the connection and its buffers until it fires, so a burst of
+short requests (a cluster of jobs registering) would keep every closed
+connection resident for the whole deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 
-import uvicorn
+import pytest
 
-from agent.api.http_guard import DeadlineH11Protocol, with_header_timeout
+from agent.api import http_server
+from agent.api.http_server import HTTPServer, ListenerLimits
 
-HEAD_DEADLINE_S = 60.0  # far longer than the test: only a cancelled timer lets go in time
 
-
-async def tiny_app(scope, receive, send) -> None:
+async def echo_app(scope, receive, send) -> None:
+    """Answers with what it was asked: method, path, query and the body's length."""
     assert scope["type"] == "http"
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    answer = json.dumps(
+        {"method": scope["method"], "path": scope["path"], "query": scope["query_string"].decode(), "body": len(body)}
+    ).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": answer})
 
 
-def keep_alive_exchange(port: int, requests: int) -> list[bytes]:
-    """``requests`` requests on one connection, then close it."""
-    answers = []
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        for _ in range(requests):
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            answer = b""
-            while not answer.endswith(b"ok"):
-                chunk = sock.recv(4096)
-                assert chunk, "the server closed the connection early"
-                answer += chunk
-            answers.append(answer)
-    return answers
-
-
-def test_closed_connections_are_released_before_their_head_deadline():
-    alive: list[weakref.ref] = []
-
-    class Recorded(with_header_timeout(DeadlineH11Protocol, HEAD_DEADLINE_S)):  # type: ignore[misc]
-        def connection_made(self, transport):
-            alive.append(weakref.ref(self))
-            super().connection_made(transport)
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(tiny_app, http=Recorded, lifespan="off", log_level="warning", access_log=False)
-    )
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    try:
+class Served:
+    def __init__(self, head_timeout_s: float, max_head_bytes: int = 16 * 1024) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.server = HTTPServer(echo_app, self.sock, ListenerLimits(head_timeout_s, max_head_bytes))
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        self.thread.start()
         deadline = time.monotonic() + 10
-        while not server.started:
+        while not self.server.started:
             assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
-        for _ in range(20):
-            answers = keep_alive_exchange(port, requests=3)
-            assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 3
-        assert len(alive) == 20
-        deadline = time.monotonic() + 5
-        while True:
-            gc.collect()
-            held = sum(ref() is not None for ref in alive)
-            if held == 0:
-                break
-            assert time.monotonic() < deadline, f"{held} of 20 closed connections are still held"
-            time.sleep(0.1)
+            time.sleep(0.02)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def served() -> Iterator[Served]:
+    s = Served(head_timeout_s=60.0)  # far longer than any test: only a cancelled timer lets go in time
+    yield s
+    s.stop()
+
+
+def read_responses(
+    sock: socket.socket, count: int, heads: tuple[int, ...] = ()
+) -> list[tuple[int, dict[str, str], bytes]]:
+    """``count`` responses with Content-Length bodies, in order; those at the
+    indexes in ``heads`` answer HEAD requests (no body whatever the length)."""
+    buffer = b""
+    out = []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(out)} responses"
+            buffer += chunk
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+        length = 0 if len(out) in heads else int(headers.get("content-length", "0"))
+        while len(buffer) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside a body"
+            buffer += chunk
+        out.append((status, headers, buffer[:length]))
+        buffer = buffer[length:]
+    assert buffer == b"", f"more than {count} responses: {buffer[:80]!r}"
+    return out
+
+
+def test_keep_alive_and_pipelined_requests_are_answered_in_order(served):
+    with served.connect() as sock:
+        sock.sendall(
+            b"GET /a?x=1 HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"POST /b%20c HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello"
+            b"HEAD /d HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /e HTTP/1.1\r\nHost: h\r\n\r\n"
+        )
+        time.sleep(0.3)  # everything answered: a HEAD answer with a body would show as extra bytes
+        (s1, h1, b1), (s2, _h2, b2), (s3, h3, b3), (s4, _h4, b4) = read_responses(sock, 4, heads=(2,))
+    assert (s1, json.loads(b1)) == (200, {"method": "GET", "path": "/a", "query": "x=1", "body": 0})
+    assert (s2, json.loads(b2)) == (200, {"method": "POST", "path": "/b c", "query": "", "body": 5})
+    head_answer = json.dumps({"method": "HEAD", "path": "/d", "query": "", "body": 0})
+    assert (s3, b3, int(h3["content-length"])) == (200, b"", len(head_answer))
+    assert (s4, json.loads(b4)["path"]) == (200, "/e")
+    assert "date" in h1
+
+
+def test_a_large_body_arrives_whole(served):
+    body = b"x" * (3 * http_server.BODY_WINDOW_BYTES + 7)
+    with served.connect() as sock:
+        sock.sendall(b"POST /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        [(status, _headers, answer)] = read_responses(sock, 1)
+    assert (status, json.loads(answer)["body"]) == (200, len(body))
+
+
+def test_a_malformed_request_gets_400_with_a_message_and_the_server_keeps_serving(served):
+    with served.connect() as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n")
+        [(status, headers, body)] = read_responses(sock, 1)
+        assert status == 400 and headers["connection"] == "close"
+        assert "invalid HTTP request" in json.loads(body)["detail"]
+        assert sock.recv(10) == b""  # closed
+    with served.connect() as sock:
+        sock.sendall(b"GET /after HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert json.loads(read_responses(sock, 1)[0][2])["path"] == "/after"
+
+
+def test_a_head_over_the_limit_gets_431():
+    small = Served(head_timeout_s=60.0, max_head_bytes=1024)
+    try:
+        with small.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n")
+            [(status, _headers, body)] = read_responses(sock, 1)
+        assert status == 431 and json.loads(body)["detail"]
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        small.stop()
+
+
+def test_a_request_head_that_does_not_arrive_in_time_is_closed_and_others_are_served():
+    quick = Served(head_timeout_s=0.5)
+    try:
+        with quick.connect() as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHo")
+            started = time.monotonic()
+            with quick.connect() as other:
+                other.sendall(b"GET /other HTTP/1.1\r\nHost: h\r\n\r\n")
+                assert json.loads(read_responses(other, 1)[0][2])["path"] == "/other"
+            slow.settimeout(5)
+            assert slow.recv(10) == b""
+            assert 0.4 < time.monotonic() - started < 3
+        # An idle keep-alive connection ends the same way.
+        with quick.connect() as idle:
+            idle.sendall(b"GET /one HTTP/1.1\r\nHost: h\r\n\r\n")
+            read_responses(idle, 1)
+            idle.settimeout(5)
+            assert idle.recv(10) == b""
+    finally:
+        quick.stop()
+
+
+def test_closed_connections_are_released_before_their_head_deadline(served, monkeypatch):
+    alive: list[weakref.ref] = []
+    made = http_server._Connection.connection_made
+
+    def recording(self, transport):
+        alive.append(weakref.ref(self))
+        made(self, transport)
+
+    monkeypatch.setattr(http_server._Connection, "connection_made", recording)
+    for _ in range(20):
+        with served.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n" * 3)
+            assert [status for status, _h, _b in read_responses(sock, 3)] == [200, 200, 200]
+    assert len(alive) == 20
+    deadline = time.monotonic() + 5
+    while True:
+        gc.collect()
+        held = sum(ref() is not None for ref in alive)
+        if held == 0:
+            break
+        assert time.monotonic() < deadline, f"{held} of 20 closed connections are still held"
+        time.sleep(0.1)

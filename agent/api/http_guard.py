@@ -15,8 +15,6 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
-
 from agent.api.access import bearer_ok
 
 Scope = dict[str, Any]
@@ -26,7 +24,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-MAX_HEADER_BYTES = 16 * 1024  # h11's incomplete-event limit: request line plus headers
+MAX_HEADER_BYTES = 16 * 1024  # request line plus headers
 
 
 async def _answer(send: Send, status: int, detail: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
@@ -136,47 +134,3 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
-
-
-class DeadlineH11Protocol(H11Protocol):
-    """h11 with a deadline on the request line and headers.
-
-    uvicorn bounds the idle time between requests (keep-alive) but not a
-    request that trickles in a byte at a time; such a connection is closed
-    once ``header_timeout_s`` passes without a complete request head.
-    """
-
-    header_timeout_s: float = 5.0
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm_head_deadline()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_head_deadline()
-
-    def _arm_head_deadline(self) -> None:
-        self._cancel_head_deadline()
-        waiting_for = self.cycle  # a complete request head replaces the cycle
-        self._head_deadline = self.loop.call_later(self.header_timeout_s, self._head_overdue, waiting_for)
-
-    def _head_overdue(self, waiting_for: Any) -> None:
-        if self.cycle is waiting_for and not self.transport.is_closing():
-            self.transport.close()
-
-    def _cancel_head_deadline(self) -> None:
-        # A pending timer holds the protocol, its transport and buffers until it fires.
-        deadline = getattr(self, "_head_deadline", None)
-        if deadline is not None:
-            deadline.cancel()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_head_deadline()
-        super().connection_lost(exc)
-
-
-def with_header_timeout(protocol: type[DeadlineH11Protocol], timeout_s: float) -> type[DeadlineH11Protocol]:
-    """A subclass of ``protocol`` whose head deadline is ``timeout_s``."""
-    return type(protocol.__name__, (protocol,), {"header_timeout_s": timeout_s})

@@ -13,12 +13,10 @@ import stat
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import uvicorn
-
-from agent.api.http_guard import MAX_HEADER_BYTES, DeadlineH11Protocol, with_header_timeout
-from agent.api.peercred import PeerCredH11Protocol
+from agent.api.http_guard import MAX_HEADER_BYTES
+from agent.api.http_server import HTTPServer, ListenerLimits
+from agent.api.peercred import unix_peer_state
 from agent.api.read import create_control_app, create_read_app
 from agent.config import Config
 from agent.ledger.schema import move_aside
@@ -37,20 +35,6 @@ class ServeFailed(RuntimeError):
 
 
 LOCK_FILE = "agent.lock"
-
-
-class QuietServer(uvicorn.Server):
-    """uvicorn's server with its housekeeping loop (the Date header, the exit
-    check) woken twice a second rather than ten times: two idle servers
-    waking 20 times a second cost an idle agent more than its own sampling."""
-
-    async def main_loop(self) -> None:
-        counter = 0
-        should_exit = await self.on_tick(counter)
-        while not should_exit:
-            counter = (counter + 5) % 864000  # on_tick refreshes the Date header when counter % 10 == 0
-            await asyncio.sleep(0.5)
-            should_exit = await self.on_tick(counter)
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -183,56 +167,31 @@ def _serve_locked(config: Config, stop: threading.Event | None) -> None:
     agent.tick()  # baseline, so the first scrape already has devices
     stop = stop or threading.Event()
 
-    limits: dict[str, Any] = {
-        "log_level": "warning",
-        "access_log": False,
-        "lifespan": "off",
-        "timeout_keep_alive": max(1, int(config.request_timeout_s)),
-        "h11_max_incomplete_event_size": MAX_HEADER_BYTES,
-    }
+    # The head deadline also ends idle keep-alive connections.
+    limits = ListenerLimits(head_timeout_s=config.request_timeout_s, max_head_bytes=MAX_HEADER_BYTES)
     servers = [
+        (HTTPServer(create_read_app(agent, control_token), tcp_sock, limits), f"the HTTP listener on {host}:{port}"),
         (
-            QuietServer(
-                uvicorn.Config(
-                    create_read_app(agent, control_token),
-                    host=host,
-                    port=port,
-                    http=with_header_timeout(DeadlineH11Protocol, config.request_timeout_s),
-                    **limits,
-                )
-            ),
-            tcp_sock,
-            f"the HTTP listener on {host}:{port}",
-        ),
-        (
-            QuietServer(
-                uvicorn.Config(
-                    create_control_app(agent),
-                    uds=str(socket_path),
-                    http=with_header_timeout(PeerCredH11Protocol, config.request_timeout_s),
-                    **limits,
-                )
-            ),
-            unix_sock,
+            HTTPServer(create_control_app(agent), unix_sock, limits, connection_state=unix_peer_state),
             f"the control socket server on {socket_path}",
         ),
     ]
     ended: list[str] = []  # what stopped first, and why
 
     async def run_servers() -> None:
-        tasks = {asyncio.create_task(server.serve(sockets=[sock])): what for server, sock, what in servers}
+        tasks = {asyncio.create_task(server.serve()): what for server, what in servers}
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             error = task.exception()
             ended.append(f"{tasks[task]} stopped" + (f": {error!r}" if error else ""))
-        for server, _sock, _what in servers:
-            server.should_exit = True
+        for server, _what in servers:
+            server.stop()
         await asyncio.gather(*pending, return_exceptions=True)
 
     def http_main() -> None:
         try:
             asyncio.run(run_servers())
-        except BaseException as exc:  # noqa: BLE001 - uvicorn may sys.exit(); the main thread decides the exit status
+        except BaseException as exc:  # noqa: BLE001 - the main thread decides the exit status
             ended.append(f"the HTTP servers failed: {exc!r}")
 
     http_thread = threading.Thread(target=http_main, name="http", daemon=True)
@@ -264,8 +223,8 @@ def _serve_locked(config: Config, stop: threading.Event | None) -> None:
         if failure:
             log.error("%s; stopping", failure)
             break
-    for server, _sock, _what in servers:
-        server.should_exit = True
+    for server, _what in servers:
+        server.stop()
     agent.stop()
     sampler.join(timeout=10)
     http_thread.join(timeout=10)
