@@ -20,10 +20,10 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
+from typing import Any, Generic, TypeVar, overload
 
 from agent.model import ProcessKey
 
@@ -33,13 +33,45 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 ENV_LABELS = ("JOULEWARD_JOB", "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_USER")
 
 
+T = TypeVar("T")
+
+
+class read_once(Generic[T]):  # noqa: N801 - used like functools.cached_property
+    """``functools.cached_property`` for a class with ``__slots__``: the value
+    is kept in the slot named after the property with a leading underscore.
+    The scan keeps one ProcessFacts per process on the host; a per-instance
+    ``__dict__`` would cost more than the facts it holds."""
+
+    def __init__(self, read: Callable[[Any], T]) -> None:
+        self.read = read
+        self.__doc__ = read.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = getattr(owner, f"_{name}")  # the slot's member descriptor
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> read_once[T]: ...
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> T: ...
+    def __get__(self, instance: object | None, owner: type | None = None) -> T | read_once[T]:
+        if instance is None:
+            return self
+        try:
+            return self.slot.__get__(instance, owner)
+        except AttributeError:  # not read yet
+            value = self.read(instance)
+            self.slot.__set__(instance, value)
+            return value
+
+
 class ProcessFacts:
     """Static facts about one process, each read from procfs on first use."""
 
-    __slots__ = ("_dir", "__dict__")
+    __slots__ = ("_dir", "key", "_cgroup", "_cgroups", "_cgroup_lines", "_cmdline", "_exe", "_uid", "_env_labels")
 
-    def __init__(self, proc_dir: str) -> None:
+    def __init__(self, proc_dir: str, key: ProcessKey | None = None) -> None:
         self._dir = proc_dir
+        self.key = key  # the scanner's one key object for this process, reused every tick
 
     def _read(self, name: str) -> bytes:
         try:
@@ -48,7 +80,7 @@ class ProcessFacts:
         except OSError:
             return b""
 
-    @cached_property
+    @read_once
     def cgroup(self) -> str:
         """The process's cgroup path: the unified (v2) one, else the deepest v1 one."""
         best = ""
@@ -60,7 +92,7 @@ class ProcessFacts:
                 best = path
         return best
 
-    @cached_property
+    @read_once
     def cgroups(self) -> tuple[str, ...]:
         """Every hierarchy's path, the unified (v2) one first. A hybrid host
         lists v1 controllers (where Slurm's cgroup plugin puts the job) beside
@@ -73,7 +105,7 @@ class ProcessFacts:
                 (unified if line.startswith("0::") else legacy).append(path)
         return tuple(dict.fromkeys(unified + legacy))
 
-    @cached_property
+    @read_once
     def cgroup_lines(self) -> tuple[tuple[str, str], ...]:
         """(hierarchy, path) of every hierarchy but the root, the unified one
         (hierarchy "") first; a v1 hierarchy is named by its controllers."""
@@ -86,25 +118,25 @@ class ProcessFacts:
                 (unified if number == "0" and not hierarchy else legacy).append((hierarchy, path))
         return tuple(unified + legacy)
 
-    @cached_property
+    @read_once
     def cmdline(self) -> str:
         return self._read("cmdline").rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
 
-    @cached_property
+    @read_once
     def exe(self) -> str:
         try:
             return os.readlink(f"{self._dir}/exe")
         except OSError:
             return ""
 
-    @cached_property
+    @read_once
     def uid(self) -> int:
         try:
             return os.stat(self._dir).st_uid
         except OSError:
             return -1
 
-    @cached_property
+    @read_once
     def env_labels(self) -> dict[str, str]:
         found: dict[str, str] = {}
         for entry in self._read("environ").split(b"\0"):
@@ -380,10 +412,12 @@ class ProcessScanner:
                 used = cpu_ticks  # born during this interval: all its CPU time is new
             else:
                 used = 0  # already running when the agent first saw it
-            seen[key] = cpu_ticks
             process_facts = facts.get(key)
             if process_facts is None:
-                process_facts = facts[key] = ProcessFacts(f"{procfs}/{name}")
+                process_facts = facts[key] = ProcessFacts(f"{procfs}/{name}", key)
+            elif process_facts.key is not None:
+                key = process_facts.key  # one key object per process, not a new one every tick
+            seen[key] = cpu_ticks
             scanned = ScannedProcess(key, ppid, max(used, 0) / CLK_TCK, process_facts)
             processes.append(scanned)
             read.append(scanned)
