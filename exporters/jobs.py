@@ -87,7 +87,7 @@ def info_labels(job: JobView) -> dict[str, str]:
     return extra
 
 
-def _headers(fmt: ExpositionFormat) -> dict[str, str]:
+def _headers(fmt: ExpositionFormat) -> dict[str, bytes]:
     """Each family's HELP and TYPE lines, as prometheus-client writes them."""
 
     class Empty:
@@ -106,7 +106,7 @@ def _headers(fmt: ExpositionFormat) -> dict[str, str]:
             text = generate_latest(registry).decode()
         else:
             text = generate_openmetrics(registry).decode().removesuffix("# EOF\n")
-        headers[family.name] = text
+        headers[family.name] = text.encode()
     return headers
 
 
@@ -117,7 +117,7 @@ _HEADERS = {fmt: _headers(fmt) for fmt in ExpositionFormat}
 class _JobLabels:
     ref: JobRef
     identity: str  # the four job labels, escaped and in sorted order
-    labels: dict[str, str]  # the job's own labels the info line was made from
+    labels: dict[str, str]  # the job's own labels the info line was made from (the view's, shared)
     info: str  # the info series' label string
 
 
@@ -143,9 +143,9 @@ class JobFamiliesWriter:
         )
         extra = info_labels(job)
         info = ",".join([identity, *(f'{name}="{escape_label_value(value)}"' for name, value in sorted(extra.items()))])
-        return _JobLabels(ref, identity, dict(job.labels), info)
+        return _JobLabels(ref, identity, job.labels, info)  # views' labels are never mutated
 
-    def render(self, snap: Snapshot) -> str:
+    def render(self, snap: Snapshot) -> bytes:
         openmetrics = self.fmt is ExpositionFormat.OPENMETRICS
         fmt = floatToGoString
         previous, labels = self._labels, {}
@@ -153,16 +153,20 @@ class JobFamiliesWriter:
             labels[job.ref.id] = self._job_labels(job, previous)
         self._labels = labels
         node_domains = {d.domain for d in snap.devices}
-        lines: dict[JobFamily, list[str]] = {family: [] for family in JOB_FAMILIES}
+        # Each family's lines go straight into one growing byte buffer: a list of
+        # thousands of short strings, joined and then encoded, held the body about
+        # three times over at its peak (docs/performance.md).
+        lines: dict[JobFamily, bytearray] = {family: bytearray() for family in JOB_FAMILIES}
         created = ""  # the current job's _created value, "" where none is written
 
         def sample(family: JobFamily, series: str, value: float) -> None:
+            out = lines[family]
             if family.kind == "gauge":
-                lines[family].append(f"{family.name}{series} {fmt(value)}\n")
+                out += f"{family.name}{series} {fmt(value)}\n".encode()
                 return
-            lines[family].append(f"{family.name}_total{series} {fmt(value)}\n")
+            out += f"{family.name}_total{series} {fmt(value)}\n".encode()
             if created:
-                lines[family].append(f"{family.name}_created{series} {created}\n")
+                out += f"{family.name}_created{series} {created}\n".encode()
 
         for job in snap.jobs:
             job_labels = labels[job.ref.id]
@@ -183,13 +187,13 @@ class JobFamiliesWriter:
             sample(INFO, f"{{{job_labels.info}}}", 1.0)
             sample(EMISSIONS, identity, safe(job.emissions_g))
         headers = self._headers
-        parts = []
+        parts: list[bytes | bytearray] = []
         for family, written in lines.items():
             if family is INFO and not written:
                 continue  # no jobs, no info family (it has no fixed label set to announce)
             parts.append(headers[family.name])
-            parts.extend(written)
-        return "".join(parts)
+            parts.append(written)
+        return b"".join(parts)
 
 
 __all__ = [

@@ -262,9 +262,9 @@ class MetricsRenderer:
 
     def render(self) -> bytes:
         body = self._encoder(self._registry)
-        jobs = self._jobs.render(self._get_snapshot()).encode("utf-8")
+        jobs = self._jobs.render(self._get_snapshot())
         if self.fmt is ExpositionFormat.OPENMETRICS:
-            return body.removesuffix(_OPENMETRICS_EOF) + jobs + _OPENMETRICS_EOF
+            return b"".join((body.removesuffix(_OPENMETRICS_EOF), jobs, _OPENMETRICS_EOF))
         return body + jobs
 
 

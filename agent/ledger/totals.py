@@ -455,7 +455,7 @@ class Ledger:
     def _apply(record: JobRecord, labels: dict[str, str] | None, registration: RegisteredJob | None) -> None:
         if registration is not None:
             record.registration = registration
-            record.labels = dict(registration.labels)
+            record.labels = registration.labels  # a registration's labels are never mutated either
             record.finished_at = registration.finished_at
         elif labels is not None:
             record.labels = dict(labels)
@@ -567,7 +567,7 @@ class Ledger:
         it must survive a crash. Raises LedgerBusy, having changed nothing."""
         with self._lock:
             existing = self._jobs.get(job.ref.id)
-            record = existing or self._load_job(job.ref.id) or JobRecord(job.ref, dict(job.labels), now_unix, now_unix)
+            record = existing or self._load_job(job.ref.id) or JobRecord(job.ref, job.labels, now_unix, now_unix)
             staged = replace(record, _view=None)
             self._apply(staged, None, job)
             state_before = self._exposition.state(job.ref.id)
