@@ -192,3 +192,30 @@ def test_closed_connections_are_released_before_their_head_deadline(served, monk
             break
         assert time.monotonic() < deadline, f"{held} of 20 closed connections are still held"
         time.sleep(0.1)
+
+
+async def failing_app(scope, receive, send) -> None:
+    if scope["path"] == "/fail":
+        raise RuntimeError("boom")
+    await echo_app(scope, receive, send)
+
+
+def test_an_app_that_fails_gets_a_500_with_a_message_and_the_listener_keeps_serving(monkeypatch):
+    s = Served(head_timeout_s=60.0)
+    monkeypatch.setattr(s.server, "app", failing_app)
+    try:
+        with s.connect() as sock:
+            sock.sendall(b"GET /fail HTTP/1.1\r\nHost: h\r\n\r\n")
+            [(status, headers, body)] = read_responses(sock, 1)
+        assert (status, json.loads(body), headers["connection"]) == (500, {"detail": "internal error"}, "close")
+        with s.connect() as sock:
+            sock.sendall(b"GET /fine HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+            time.sleep(0.2)
+            sock.sendall(b"abc")
+            data = b""
+            while not data.endswith(b"}"):
+                data += sock.recv(65536)
+        assert data.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+        assert json.loads(data.split(b"\r\n\r\n")[-1]) == {"method": "GET", "path": "/fine", "query": "", "body": 3}
+    finally:
+        s.stop()

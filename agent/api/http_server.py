@@ -13,6 +13,7 @@ shape, ``{"detail": "..."}``.
 from __future__ import annotations
 
 import asyncio
+import http
 import json
 import logging
 import socket
@@ -50,7 +51,14 @@ def _json_error(status: int, detail: str) -> tuple[h11.Response, bytes]:
         (b"connection", b"close"),
         (b"date", _http_date()),
     ]
-    return h11.Response(status_code=status, headers=headers), body
+    return h11.Response(status_code=status, headers=headers, reason=_reason(status)), body
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -102,12 +110,15 @@ class _Connection(asyncio.Protocol):
         self._arm_head_deadline()
 
     def data_received(self, data: bytes) -> None:
+        if self.h11.their_state in (h11.ERROR, h11.CLOSED):
+            return  # refused or closed: whatever else arrives before the close is dropped
         self.h11.receive_data(data)
         self._handle_events()
 
     def eof_received(self) -> bool | None:
-        self.h11.receive_data(b"")
-        self._handle_events()
+        if self.h11.their_state not in (h11.ERROR, h11.CLOSED):
+            self.h11.receive_data(b"")
+            self._handle_events()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -279,7 +290,9 @@ class _Request:
     async def receive(self) -> Message:
         connection = self.connection
         if connection.h11.they_are_waiting_for_100_continue and not self.gone:
-            connection.write(connection.h11.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+            connection.write(
+                connection.h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")) or b""
+            )
         while True:
             if self.body or (self.body_complete and not self.end_delivered):
                 chunk = b"".join(self.body)
@@ -310,7 +323,8 @@ class _Request:
                 headers.append((b"date", _http_date()))
             if connection.server.stopping:
                 headers.append((b"connection", b"close"))
-            response = h11.Response(status_code=message["status"], headers=headers)
+            status = message["status"]
+            response = h11.Response(status_code=status, headers=headers, reason=_reason(status))
             connection.write(connection.h11.send(response) or b"")
         elif kind == "http.response.body":
             if not self.response_started or self.response_complete:
