@@ -33,7 +33,6 @@ ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message],
 ConnectionState = Callable[[socket.socket], dict[str, Any]]
 
 BODY_WINDOW_BYTES = 64 * 1024  # read no further ahead of the app than this
-WRITE_SLICE_BYTES = 64 * 1024  # a response body goes out in slices of this, as the socket takes them
 SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long to finish on stop
 
 
@@ -210,18 +209,6 @@ class _Connection(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    async def write_paced(self, data: bytes) -> None:
-        """Write a body slice by slice, each once the socket has taken the
-        previous ones: the transport copies what the socket does not take, so
-        a large body written at once would be held twice per scrape."""
-        view = memoryview(data)
-        for start in range(0, len(view), WRITE_SLICE_BYTES):
-            if not self.writable.is_set():
-                await self.writable.wait()
-            if self.transport is None or self.transport.is_closing():
-                return
-            self.transport.write(view[start : start + WRITE_SLICE_BYTES])
-
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -332,8 +319,11 @@ class _Request:
             body = message.get("body", b"")
             if body and self.method != "HEAD":
                 # Passed through, not joined: h11 would copy the whole body into one new bytes object.
+                # Written at once: the socket takes most of it, and writing in slices that each wait
+                # for the transport to drain cost a GIL hand-off per slice while the sampler ticks
+                # (/metrics p99 5 -> 45 ms with 500 jobs).
                 for piece in connection.h11.send_with_data_passthrough(h11.Data(data=body)) or ():
-                    await connection.write_paced(piece)
+                    connection.write(piece)
             if not message.get("more_body", False):
                 self.response_complete = True
                 connection.write(connection.h11.send(h11.EndOfMessage()) or b"")
