@@ -184,15 +184,20 @@ class _Connection(asyncio.Protocol):
                     self.close()
                 return
 
+    def send_error(self, status: int, detail: str) -> bool:
+        """Answer the current request with ``{"detail": ...}`` and ``Connection:
+        close``; False where h11's state allows no response any more."""
+        response, body = _json_error(status, detail)
+        try:
+            for event in (response, h11.Data(data=body), h11.EndOfMessage()):
+                self.write(self.h11.send(event) or b"")
+        except h11.LocalProtocolError:
+            return False
+        return True
+
     def _refuse(self, status: int, detail: str) -> None:
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            response, body = _json_error(status, detail)
-            try:
-                self.write(self.h11.send(response) or b"")
-                self.write(self.h11.send(h11.Data(data=body)) or b"")
-                self.write(self.h11.send(h11.EndOfMessage()) or b"")
-            except h11.LocalProtocolError:
-                pass
+            self.send_error(status, detail)
         self.close()
 
     def _pause_reading(self) -> None:
@@ -337,14 +342,7 @@ class _Request:
         except Exception:  # noqa: BLE001 - one failed request must not take the listener down
             log.exception("HTTP request %s %s failed", self.method, self.scope["path"])
             if not self.response_started and not self.gone:
-                response, body = _json_error(500, "internal error")
-                try:
-                    connection.write(connection.h11.send(response) or b"")
-                    connection.write(connection.h11.send(h11.Data(data=body)) or b"")
-                    connection.write(connection.h11.send(h11.EndOfMessage()) or b"")
-                    self.response_complete = True
-                except h11.LocalProtocolError:
-                    pass
+                self.response_complete = connection.send_error(500, "internal error")
             if not self.response_complete:
                 connection.close()
                 return
@@ -352,10 +350,7 @@ class _Request:
             if not self.response_complete and not self.gone:
                 if not self.response_started:
                     log.error("HTTP request %s %s: the app sent no response", self.method, self.scope["path"])
-                    response, body = _json_error(500, "internal error: no response")
-                    connection.write(connection.h11.send(response) or b"")
-                    connection.write(connection.h11.send(h11.Data(data=body)) or b"")
-                    connection.write(connection.h11.send(h11.EndOfMessage()) or b"")
+                    connection.send_error(500, "internal error: no response")
                 else:
                     connection.close()
                     return
