@@ -219,3 +219,72 @@ def test_an_app_that_fails_gets_a_500_with_a_message_and_the_listener_keeps_serv
         assert json.loads(data.split(b"\r\n\r\n")[-1]) == {"method": "GET", "path": "/fine", "query": "", "body": 3}
     finally:
         s.stop()
+
+
+async def slow_big_app(scope, receive, send) -> None:
+    """Reads its body, waits 50 ms, answers with 2 MB."""
+    while (await receive()).get("more_body"):
+        pass
+    await asyncio.sleep(0.05)
+    body = b"y" * 2_000_000
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def test_a_half_closed_client_still_gets_its_answer(served, monkeypatch):
+    monkeypatch.setattr(served.server, "app", slow_big_app)  # still working when the half-close arrives
+    with served.connect() as sock:
+        sock.sendall(b"GET /half HTTP/1.1\r\nHost: h\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        [(status, _headers, body)] = read_responses(sock, 1)
+        assert (status, len(body)) == (200, 2_000_000)
+        assert sock.recv(10) == b""  # then closed
+
+
+def test_stray_bytes_after_a_closing_request_do_not_spoil_its_answer(served):
+    with served.connect() as sock:
+        sock.sendall(b"POST /p HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}\r\n")
+        [(status, _headers, body)] = read_responses(sock, 1)
+    assert (status, json.loads(body)["body"]) == (200, 2)
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_deadline(monkeypatch):
+    s = Served(head_timeout_s=0.5)
+    monkeypatch.setattr(s.server, "app", slow_big_app)
+    try:
+        readers = []
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", s.port))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n" * 2)  # two 2 MB answers, never read
+            readers.append(sock)
+        deadline = time.monotonic() + 10
+        while s.server.connections:
+            assert time.monotonic() < deadline, f"{len(s.server.connections)} non-reading clients still held"
+            time.sleep(0.1)
+        for sock in readers:
+            sock.close()
+    finally:
+        s.stop()
+
+
+def test_a_pipelining_flood_is_left_in_the_socket_not_read_into_memory(monkeypatch):
+    s = Served(head_timeout_s=30.0)
+    monkeypatch.setattr(s.server, "app", slow_big_app)
+    try:
+        with s.connect() as sock:
+            sock.setblocking(False)
+            request = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n" * 1000
+            sent = 0
+            end = time.monotonic() + 2
+            while time.monotonic() < end:  # write as much as the server lets in, read nothing
+                try:
+                    sent += sock.send(request)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            buffered = max(len(c.h11._receive_buffer) for c in s.server.connections)
+            assert sent > 1_000_000, "the test did not manage to pipeline much"
+            assert buffered < 512 * 1024, f"{buffered} bytes of pipelined requests read into memory"
+    finally:
+        s.stop()

@@ -82,6 +82,8 @@ class _Connection(asyncio.Protocol):
         self.state: dict[str, Any] = {}
         self.scope_base: Scope = {}
         self.head_deadline: asyncio.TimerHandle | None = None
+        self.drain_deadline: asyncio.TimerHandle | None = None
+        self.peer_eof = False  # the client shut its side after a complete request
         self.request: _Request | None = None
         self.reading = True
         self.writable = asyncio.Event()
@@ -109,19 +111,28 @@ class _Connection(asyncio.Protocol):
         self._arm_head_deadline()
 
     def data_received(self, data: bytes) -> None:
-        if self.h11.their_state in (h11.ERROR, h11.CLOSED):
-            return  # refused or closed: whatever else arrives before the close is dropped
+        if self.h11.their_state in (h11.ERROR, h11.CLOSED, h11.MUST_CLOSE):
+            # Refused, closed, or after a request that closes the connection
+            # (a stray CRLF included): nothing more is read from this client.
+            self._pause_reading()
+            return
         self.h11.receive_data(data)
         self._handle_events()
 
     def eof_received(self) -> bool | None:
-        if self.h11.their_state not in (h11.ERROR, h11.CLOSED):
-            self.h11.receive_data(b"")
-            self._handle_events()
+        if self.request is not None and self.h11.their_state is not h11.SEND_BODY:
+            # A complete request, then a half-close: answer it, then close.
+            self.peer_eof = True
+            return True
+        if self.request is not None:
+            self.request.disconnected()  # the body can never be complete
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_deadline()
+        if self.drain_deadline is not None:
+            self.drain_deadline.cancel()
+            self.drain_deadline = None
         self.server.connections.discard(self)
         self.writable.set()
         if self.request is not None:
@@ -157,6 +168,10 @@ class _Connection(asyncio.Protocol):
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
+                if self.request is not None:
+                    # Garbage after a complete request: let its response finish, then close.
+                    self._pause_reading()
+                    return
                 self._refuse(exc.error_status_hint, f"invalid HTTP request: {exc}")
                 return
             if event is h11.NEED_DATA:
@@ -210,18 +225,35 @@ class _Connection(asyncio.Protocol):
             self.reading = True
             self.transport.resume_reading()
 
+    def resume_body_reading(self) -> None:
+        """Read on while the current request's body is still arriving, and only
+        then: a pipelined request waits unread (in the socket, not in memory)
+        until the current response is complete."""
+        if self.h11.their_state is h11.SEND_BODY:
+            self.resume_reading()
+
     def write(self, data: bytes) -> None:
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            transport.close()
+        if transport.get_write_buffer_size() and self.drain_deadline is None:
+            # close() waits for the buffer to drain; a client that stops reading would hold it for ever.
+            self.drain_deadline = self.loop.call_later(self.server.limits.head_timeout_s, self.abort)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     def response_complete(self) -> None:
         """The current response is sent: close, or wait for the next request."""
         self.request = None
-        if self.h11.our_state is h11.MUST_CLOSE or self.server.stopping or self.transport is None:
+        if self.h11.our_state is h11.MUST_CLOSE or self.server.stopping or self.peer_eof or self.transport is None:
             self.close()
             return
         try:
@@ -291,12 +323,12 @@ class _Request:
                 self.body.clear()
                 self.buffered = 0
                 self.end_delivered = self.body_complete
-                connection.resume_reading()
+                connection.resume_body_reading()
                 return {"type": "http.request", "body": chunk, "more_body": not self.body_complete}
             if self.gone or self.response_complete:
                 return {"type": "http.disconnect"}
             self.wake.clear()
-            connection.resume_reading()
+            connection.resume_body_reading()
             await self.wake.wait()
 
     async def send(self, message: Message) -> None:
@@ -305,7 +337,12 @@ class _Request:
         if self.gone:
             return
         if not connection.writable.is_set():
-            await connection.writable.wait()
+            try:  # a client that stops reading holds the response no longer than this
+                await asyncio.wait_for(connection.writable.wait(), connection.server.limits.head_timeout_s)
+            except TimeoutError:
+                connection.abort()
+                self.gone = True
+                return
         if kind == "http.response.start":
             if self.response_started:
                 raise RuntimeError("http.response.start sent twice")
@@ -398,7 +435,7 @@ class HTTPServer:
             while self.connections and self.loop.time() < deadline:
                 await asyncio.sleep(0.05)
             for connection in list(self.connections):
-                connection.close()
+                connection.abort()
 
     def stop(self) -> None:
         """Stop accepting, finish in-flight requests; safe from any thread."""
