@@ -27,11 +27,15 @@ import h11
 
 log = logging.getLogger("jouleward")
 
+# ASGI 3, as the server and the RequestGuard middleware speak it.
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 ConnectionState = Callable[[socket.socket], dict[str, Any]]
 
+MAX_HEAD_BYTES = 16 * 1024  # request line plus headers, for both listeners
 BODY_WINDOW_BYTES = 64 * 1024  # read no further ahead of the app than this
 SHUTDOWN_GRACE_S = 5.0  # in-flight requests get this long to finish on stop
 
@@ -114,7 +118,7 @@ class _Connection(asyncio.Protocol):
         if self.h11.their_state in (h11.ERROR, h11.CLOSED, h11.MUST_CLOSE):
             # Refused, closed, or after a request that closes the connection
             # (a stray CRLF included): nothing more is read from this client.
-            self._pause_reading()
+            self.pause_reading()
             return
         self.h11.receive_data(data)
         self._handle_events()
@@ -170,14 +174,14 @@ class _Connection(asyncio.Protocol):
             except h11.RemoteProtocolError as exc:
                 if self.request is not None:
                     # Garbage after a complete request: let its response finish, then close.
-                    self._pause_reading()
+                    self.pause_reading()
                     return
                 self._refuse(exc.error_status_hint, f"invalid HTTP request: {exc}")
                 return
             if event is h11.NEED_DATA:
                 return
             if event is h11.PAUSED:  # a pipelined request waits for the current response
-                self._pause_reading()
+                self.pause_reading()
                 return
             if isinstance(event, h11.Request):
                 self._cancel_head_deadline()
@@ -215,7 +219,7 @@ class _Connection(asyncio.Protocol):
             self.send_error(status, detail)
         self.close()
 
-    def _pause_reading(self) -> None:
+    def pause_reading(self) -> None:
         if self.reading and self.transport is not None:
             self.reading = False
             self.transport.pause_reading()
@@ -281,7 +285,7 @@ class _Request:
             "path": unquote(path.decode("ascii", "replace")),
             "raw_path": path,
             "query_string": query,
-            "headers": [(name.lower(), value) for name, value in request.headers],
+            "headers": list(request.headers),  # h11 lowercases the names
             "state": dict(connection.state),
         }
         self.body: list[bytes] = []
@@ -292,7 +296,7 @@ class _Request:
         self.wake = asyncio.Event()
         self.response_started = False
         self.response_complete = False
-        self.task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None  # held while it runs: the loop keeps tasks only weakly
 
     # connection side
 
@@ -301,7 +305,7 @@ class _Request:
             self.body.append(data)
             self.buffered += len(data)
             if self.buffered > BODY_WINDOW_BYTES:
-                self.connection._pause_reading()
+                self.connection.pause_reading()
         self.body_complete = self.body_complete or complete
         self.wake.set()
 

@@ -14,8 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.api.http_guard import MAX_HEADER_BYTES
-from agent.api.http_server import HTTPServer, ListenerLimits
+from agent.api.http_server import MAX_HEAD_BYTES, HTTPServer, ListenerLimits
 from agent.api.peercred import unix_peer_state
 from agent.api.read import create_control_app, create_read_app
 from agent.config import Config
@@ -168,7 +167,7 @@ def _serve_locked(config: Config, stop: threading.Event | None) -> None:
     stop = stop or threading.Event()
 
     # The head deadline also ends idle keep-alive connections.
-    limits = ListenerLimits(head_timeout_s=config.request_timeout_s, max_head_bytes=MAX_HEADER_BYTES)
+    limits = ListenerLimits(head_timeout_s=config.request_timeout_s, max_head_bytes=MAX_HEAD_BYTES)
     servers = [
         (HTTPServer(create_read_app(agent, control_token), tcp_sock, limits), f"the HTTP listener on {host}:{port}"),
         (
